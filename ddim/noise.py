@@ -1,0 +1,116 @@
+"""Reproducible Gaussian noise: one CPU generator per sample, so a batch of 8 equals 8 batches of 1.
+
+Noise is always drawn in float32 on the CPU and then moved/cast, as diffusers pipelines do when
+given one ``torch.Generator("cpu")`` per sample; results therefore do not depend on the device,
+the dtype of x or how samples are grouped into batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["randn", "StepNoise", "check_seeds"]
+
+
+def check_seeds(seeds: object, batch: int) -> list[int]:
+    """Return ``seeds`` as a list of ``batch`` ints, else raise TypeError/ValueError naming ``seeds``."""
+    if isinstance(seeds, torch.Tensor):
+        seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        raise TypeError(f"seeds must be a sequence of ints (one per sample), got {type(seeds).__name__}")
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not hasattr(s, "__index__"):
+            raise TypeError(f"seeds must hold ints, got {s!r}")
+        out.append(int(s))
+    if len(out) != batch:
+        raise ValueError(f"seeds must hold one int per sample: got {len(out)} seeds for batch size {batch}")
+    return out
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1 or any(s < 0 for s in shape):
+        raise ValueError(f"shape must be [B, ...] with non-negative sizes, got {shape}")
+    return shape
+
+
+def randn(
+    shape: Sequence[int],
+    seeds: Sequence[int],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` [B, ...] with sample i drawn from its own seed.
+
+    Sample i is ``torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(seeds[i]))`` in
+    float32 on the CPU; the samples are stacked and then moved to ``device`` (default CPU) and cast to
+    ``dtype`` (default float32). Equals diffusers' ``randn_tensor`` with one CPU generator per sample.
+
+    Raises ValueError naming ``seeds`` when ``len(seeds) != shape[0]``.
+    """
+    shape = _check_shape(shape)
+    seeds = check_seeds(seeds, shape[0])
+    out = torch.empty(shape, dtype=torch.float32)
+    for i, s in enumerate(seeds):
+        torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(s), out=out[i])
+    return out.to(device=device, dtype=dtype)
+
+
+class StepNoise:
+    """Fresh N(0, I) noise of shape [B, ...] for each stochastic step: call it to get the next draw.
+
+    Args:
+        shape: [B, ...], the shape of x.
+        seeds: one int per sample, or None.
+        device, dtype: where the returned noise lives (drawn in float32 on CPU, then moved/cast).
+
+    With ``seeds``, sample i has its own ``torch.Generator("cpu").manual_seed(seeds[i])``. Its first
+    draw is skipped: that draw is x_T when x_T came from :func:`randn` with the same seeds, so step
+    noise continues the stream (never repeats x_T) and matches diffusers pipelines that pass one CPU
+    generator per sample for both the initial latents and the scheduler's noise. Generators are made
+    only when noise is first asked for, so deterministic runs pay nothing.
+
+    With ``seeds=None``, torch's global CPU RNG is used, one draw of shape[1:] per sample per step
+    (reproducible under ``torch.manual_seed``, but dependent on batch layout).
+
+    The returned tensor is reused by the next call: consume it before asking again.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        seeds: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.shape = _check_shape(shape)
+        self.seeds = None if seeds is None else check_seeds(seeds, self.shape[0])
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self._gens: list[torch.Generator] | None = None
+        self._buf: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+        self.draws = 0
+
+    def _draw_into(self, buf: torch.Tensor) -> None:
+        for i in range(self.shape[0]):
+            gen = None if self._gens is None else self._gens[i]
+            torch.randn(self.shape[1:], generator=gen, out=buf[i])
+
+    def __call__(self) -> torch.Tensor:
+        """The next draw: [B, ...] on ``device`` in ``dtype``."""
+        if self._buf is None:
+            self._buf = torch.empty(self.shape, dtype=torch.float32)
+            if self.seeds is not None:
+                self._gens = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
+                self._draw_into(self._buf)  # skip the x_T draw (see class docstring)
+        self._draw_into(self._buf)
+        self.draws += 1
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            return self._buf
+        if self._out is None:
+            self._out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self._out.copy_(self._buf, non_blocking=False)

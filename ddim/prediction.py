@@ -1,0 +1,444 @@
+"""The one model adapter: raw network output -> the canonical pair (x̂₀, ε̂).
+
+Every sampler works on (x̂₀, ε̂) only; what the network predicts ("epsilon", "sample" or
+"v_prediction"), x̂₀ clipping, Imagen's dynamic thresholding and classifier-free guidance are all
+handled here, once. With x_t = √ᾱ x₀ + √(1-ᾱ) ε (Ho et al. 2020) and v = √ᾱ ε - √(1-ᾱ) x₀
+(Salimans & Ho 2022):
+
+- epsilon:      x̂₀ = (x_t - √(1-ᾱ) out) / √ᾱ,      ε̂ = out
+- sample:       x̂₀ = out,                            ε̂ = (x_t - √ᾱ out) / √(1-ᾱ)
+- v_prediction: x̂₀ = √ᾱ x_t - √(1-ᾱ) out,           ε̂ = √ᾱ out + √(1-ᾱ) x_t
+
+Each is linear in (x_t, out), so the coefficients are computed once in float64 (for all steps of a
+run) and applied with two fused tensor ops. At ᾱ = 1 (no noise) ε̂ is not identifiable and is set
+to 0 where a formula would divide by √(1-ᾱ) = 0. At ᾱ = 0 (zero terminal SNR) ε-prediction cannot
+give x̂₀ and is refused with a ValueError; the other two stay finite (v: x̂₀ = -v, ε̂ = x_t).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ddim.schedule import NoiseSchedule
+
+__all__ = [
+    "PREDICTIONS",
+    "Denoiser",
+    "Plan",
+    "check_prediction",
+    "check_zero_snr",
+    "conversion_coefficients",
+    "dynamic_threshold",
+    "to_x0_eps",
+]
+
+#: What a network may predict.
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+Model = Callable[..., Any]
+
+
+def check_prediction(prediction: object) -> str:
+    """Return ``prediction`` if it is one of :data:`PREDICTIONS`, else raise ValueError naming it."""
+    if not isinstance(prediction, str) or prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; valid predictions: {', '.join(PREDICTIONS)}")
+    return prediction
+
+
+def check_zero_snr(prediction: str, alpha_bars: torch.Tensor, timesteps: torch.Tensor | None = None) -> None:
+    """Refuse ε-prediction at any level with ᾱ = 0 (zero terminal SNR), before any network call.
+
+    Args:
+        prediction: one of :data:`PREDICTIONS`.
+        alpha_bars: float64 ᾱ of the levels where the network will be evaluated, any shape.
+        timesteps: the matching timesteps (same shape), only used in the message.
+    """
+    if prediction != "epsilon":
+        return
+    zero = alpha_bars == 0
+    if bool(zero.any()):
+        where = ""
+        if timesteps is not None:
+            where = f" at timestep t={int(torch.as_tensor(timesteps).reshape(-1)[zero.reshape(-1)][0])}"
+        raise ValueError(
+            f"prediction='epsilon' cannot be sampled{where}, where ᾱ_t = 0 (zero terminal SNR): "
+            "x̂₀ = (x_t - √(1-ᾱ_t) ε̂) / √ᾱ_t divides by zero. Use a v-prediction model "
+            "(prediction='v_prediction'), or timesteps that avoid ᾱ_t = 0 (e.g. spacing='leading')."
+        )
+
+
+def conversion_coefficients(alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """Float64 coefficients turning (x_t, out) into (x̂₀, ε̂), shape ``alpha_bar.shape + (6,)``.
+
+    Columns: x̂₀ = c0·x_t + c1·out; ε̂ = c2·x_t + c3·out; and, after x̂₀ was clipped, the consistent
+    ε̂ = c4·x_t + c5·x̂₀ = (x_t - √ᾱ x̂₀)/√(1-ᾱ). ε-prediction at ᾱ = 0 gives inf (callers refuse it
+    first with :func:`check_zero_snr`).
+    """
+    check_prediction(prediction)
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    a, b = ab.sqrt(), (1.0 - ab).clamp(min=0.0).sqrt()
+    zero, one = torch.zeros_like(ab), torch.ones_like(ab)
+    inv_b = torch.where(b > 0, 1.0 / torch.where(b > 0, b, one), zero)  # 0 where ᾱ = 1
+    if prediction == "epsilon":
+        cols = [1.0 / a, -b / a, zero, one]
+    elif prediction == "sample":
+        cols = [zero, one, inv_b, -a * inv_b]
+    else:  # v_prediction
+        cols = [a, -b, b, a]
+    cols += [inv_b, -a * inv_b]
+    return torch.stack(torch.broadcast_tensors(*cols), dim=-1)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022), per sample, out of place.
+
+    s = clamp(quantile(|x̂₀|, ratio), 1, max_value) over all non-batch dims; x̂₀ <- clamp(x̂₀, -s, s) / s.
+    ``x0``: [B, ...]; returns the same shape and dtype (half precision is thresholded in float32).
+    """
+    dtype, B = x0.dtype, x0.shape[0]
+    flat = x0.reshape(B, -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def _convert(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    c: torch.Tensor,
+    prediction: str,
+    clip_range: float | None,
+    threshold: tuple[float, float] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a coefficient row ``c`` (last dim 6, in x's dtype/device). Never modifies x or out."""
+    if prediction == "epsilon":
+        x0, eps = torch.mul(x, c[..., 0]).addcmul_(out, c[..., 1]), out
+    elif prediction == "sample":
+        x0, eps = out, torch.mul(x, c[..., 2]).addcmul_(out, c[..., 3])
+    else:
+        x0, eps = torch.mul(x, c[..., 0]).addcmul_(out, c[..., 1]), torch.mul(x, c[..., 2]).addcmul_(out, c[..., 3])
+    if threshold is not None or clip_range is not None:
+        if threshold is not None:
+            x0 = dynamic_threshold(x0, *threshold)
+        else:
+            x0 = x0.clamp(-clip_range, clip_range)
+        eps = torch.mul(x, c[..., 4]).addcmul_(x0, c[..., 5])  # ε̂ consistent with the clipped x̂₀
+    return x0, eps
+
+
+def _broadcastable_alpha_bar(alpha_bar: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float64).detach().cpu()
+    if ab.ndim == 1 and ab.numel() == x.shape[0] and x.ndim > 1:
+        ab = ab.reshape(-1, *([1] * (x.ndim - 1)))
+    if not torch.isfinite(ab).all() or (ab < 0).any() or (ab > 1).any():
+        raise ValueError(f"alpha_bar must lie in [0, 1], got {ab.flatten()[:8].tolist()}")
+    return ab
+
+
+def _check_threshold_args(
+    clip_sample_range: float, dynamic_thresholding_ratio: float, sample_max_value: float
+) -> tuple[float, float, float]:
+    if not float(clip_sample_range) > 0:
+        raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
+    if not 0 < float(dynamic_thresholding_ratio) <= 1:
+        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
+    if not float(sample_max_value) > 0:
+        raise ValueError(f"sample_max_value must be > 0, got {sample_max_value}")
+    return float(clip_sample_range), float(dynamic_thresholding_ratio), float(sample_max_value)
+
+
+def to_x0_eps(
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_bar: float | torch.Tensor,
+    prediction: str = "epsilon",
+    *,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn one raw network output into (x̂₀, ε̂). Pure; inputs are not modified.
+
+    Args:
+        x_t: [B, ...] floating tensor at noise level ᾱ.
+        model_output: the network's output, same shape as ``x_t``.
+        alpha_bar: ᾱ of x_t: a float, a 0-d tensor, a [B] tensor (one per sample) or any shape
+            broadcastable to x_t (e.g. [B, 1, 1, 1]). Coefficients are computed in float64.
+        prediction: "epsilon" (default), "sample" or "v_prediction".
+        clip_sample: clamp x̂₀ to [-clip_sample_range, clip_sample_range] (default off: clipping
+            ruins latent-space models).
+        thresholding: Imagen dynamic thresholding of x̂₀ (see :func:`dynamic_threshold`); takes
+            precedence over ``clip_sample``.
+        dynamic_thresholding_ratio, sample_max_value: its percentile and upper bound for s.
+
+    After clipping or thresholding ε̂ is recomputed from the clipped x̂₀, ε̂ = (x_t - √ᾱ x̂₀)/√(1-ᾱ)
+    (diffusers' ``use_clipped_model_output=True``), so that (x̂₀, ε̂) again describe x_t exactly.
+
+    Returns:
+        (x̂₀, ε̂), each shaped like x_t in x_t's dtype.
+    """
+    prediction = check_prediction(prediction)
+    clip_range, ratio, max_value = _check_threshold_args(
+        clip_sample_range, dynamic_thresholding_ratio, sample_max_value
+    )
+    if model_output.shape != x_t.shape:
+        raise ValueError(f"model_output shape {tuple(model_output.shape)} differs from x_t shape {tuple(x_t.shape)}")
+    ab = _broadcastable_alpha_bar(alpha_bar, x_t)
+    check_zero_snr(prediction, ab)
+    c = conversion_coefficients(ab, prediction).to(device=x_t.device, dtype=x_t.dtype)
+    return _convert(
+        x_t,
+        model_output,
+        c,
+        prediction,
+        clip_range if clip_sample else None,
+        (ratio, max_value) if thresholding else None,
+    )
+
+
+def _unwrap(out: Any) -> Any:
+    """A diffusers model returns an object with ``.sample`` (or a tuple with return_dict=False)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    return out
+
+
+def _batch_kwargs(cond: Mapping[str, Any], uncond: Mapping[str, Any], B: int) -> dict[str, Any]:
+    """Keyword arguments for one forward over [cond; uncond]: batch-B tensors are concatenated."""
+    if set(cond) != set(uncond):
+        raise ValueError(
+            f"uncond_kwargs must have the same keys as model_kwargs, got {sorted(uncond)} vs {sorted(cond)}"
+        )
+    merged: dict[str, Any] = {}
+    for k, c in cond.items():
+        u = uncond[k]
+        if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
+            if c.ndim >= 1 and u.ndim >= 1 and c.shape[0] == B and u.shape[0] == B:
+                merged[k] = torch.cat([c, u])
+            elif c.shape == u.shape and torch.equal(c, u):
+                merged[k] = c
+            else:
+                raise ValueError(
+                    f"model_kwargs[{k!r}] and uncond_kwargs[{k!r}] must be tensors with batch dim {B} "
+                    f"(to be concatenated) or equal; got shapes {tuple(c.shape)} and {tuple(u.shape)}"
+                )
+        elif isinstance(c, torch.Tensor) or isinstance(u, torch.Tensor):
+            raise ValueError(f"model_kwargs[{k!r}] and uncond_kwargs[{k!r}] must both be tensors or both not")
+        else:
+            same = c is u
+            if not same:
+                try:
+                    same = bool(c == u)
+                except Exception:  # noqa: BLE001 - objects without a usable ==
+                    same = False
+            if not same:
+                raise ValueError(f"non-tensor model_kwargs[{k!r}] and uncond_kwargs[{k!r}] must be equal")
+            merged[k] = c
+    return merged
+
+
+@dataclass
+class Plan:
+    """Everything a sampler's loop needs from the denoiser, built once before the first step.
+
+    Attributes:
+        timesteps: the N timesteps (python ints) the network sees, in call order.
+        t_in: int64 [N, B'] on x's device (B' = 2B with guidance): row i is the network's ``t``.
+        coefs: [N, 6] conversion coefficients (see :func:`conversion_coefficients`) in x's dtype/device.
+        kwargs: the keyword arguments of every forward (batched with guidance).
+        bad: bool [N] on x's device recording non-finite outputs (accelerators only; None on CPU,
+            where the check raises at once).
+    """
+
+    timesteps: list[int]
+    t_in: torch.Tensor
+    coefs: torch.Tensor
+    kwargs: dict[str, Any]
+    bad: torch.Tensor | None
+
+
+class Denoiser:
+    """Wrap any network as a function (x_t, t) -> (x̂₀, ε̂); samplers see nothing else.
+
+    Args:
+        model: a callable ``model(x_t, t, **model_kwargs)`` with x_t [B, ...] and t int64 [B] on x_t's
+            device, returning a tensor shaped like x_t or an object with ``.sample`` (diffusers'
+            UNet2DModel output).
+        schedule: the training schedule (ᾱ_t = ``schedule.alphas_cumprod[t]``).
+        prediction: "epsilon" (default), "sample" or "v_prediction".
+        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value:
+            x̂₀ clipping / dynamic thresholding, see :func:`to_x0_eps` (default: neither).
+        guidance_scale: classifier-free guidance weight s (Ho & Salimans 2022); 1.0 (default) is off.
+            When on, the conditional (``model_kwargs``) and unconditional (``uncond_kwargs``) halves
+            run in ONE forward of batch 2B and are combined on the raw output: out = u + s·(c - u).
+        model_kwargs: extra keyword arguments of the network (default none).
+        uncond_kwargs: the unconditional ones; required when guidance_scale != 1, with the same keys.
+
+    Attributes:
+        nfe: number of network evaluations so far. One guided forward (batch 2B) counts as 1 NFE,
+            so a guided S-step DDIM run reports S, like an unguided one.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        schedule: NoiseSchedule,
+        prediction: str = "epsilon",
+        *,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        guidance_scale: float = 1.0,
+        model_kwargs: Mapping[str, Any] | None = None,
+        uncond_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if not hasattr(schedule, "alphas_cumprod"):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        self.model = model
+        self.schedule = schedule
+        self.prediction = check_prediction(prediction)
+        rng, ratio, max_value = _check_threshold_args(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
+        self.clip_range = rng if clip_sample else None
+        self.threshold = (ratio, max_value) if thresholding else None
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
+        self.guidance_scale = float(guidance_scale)
+        for name, kw in (("model_kwargs", model_kwargs), ("uncond_kwargs", uncond_kwargs)):
+            if kw is not None and not isinstance(kw, Mapping):
+                raise TypeError(f"{name} must be a dict, got {type(kw).__name__}")
+        self.model_kwargs = dict(model_kwargs or {})
+        self.uncond_kwargs = None if uncond_kwargs is None else dict(uncond_kwargs)
+        if self.guided and self.uncond_kwargs is None:
+            raise ValueError("uncond_kwargs is required when guidance_scale != 1 (the unconditional model's kwargs)")
+        self._kwargs_cache: tuple[int, dict[str, Any]] | None = None
+        self.nfe = 0
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance is on (guidance_scale != 1)."""
+        return self.guidance_scale != 1.0
+
+    def _forward_kwargs(self, B: int) -> dict[str, Any]:
+        if not self.guided:
+            return self.model_kwargs
+        if self._kwargs_cache is None or self._kwargs_cache[0] != B:
+            self._kwargs_cache = (B, _batch_kwargs(self.model_kwargs, self.uncond_kwargs or {}, B))
+        return self._kwargs_cache[1]
+
+    # ----------------------------------------------------------------- fast path for samplers
+    def plan(self, timesteps: torch.Tensor, x: torch.Tensor, alpha_bars: torch.Tensor | None = None) -> Plan:
+        """Precompute, once, the per-call tables for evaluating the network at ``timesteps`` (in order).
+
+        Args:
+            timesteps: int64 [N], the network's timestep at call i (repeats allowed).
+            x: a tensor shaped like the samples (gives batch, dtype and device).
+            alpha_bars: float64 [N], the ᾱ used to convert call i's output (default ᾱ of timesteps[i]).
+
+        Raises ValueError (mentioning v-prediction) for ε-prediction at a level with ᾱ = 0.
+        """
+        ts = torch.as_tensor(timesteps, dtype=torch.int64).cpu().reshape(-1)
+        ab = self.schedule.alphas_cumprod[ts] if alpha_bars is None else torch.as_tensor(alpha_bars).double().cpu()
+        check_zero_snr(self.prediction, ab, ts)
+        B = x.shape[0]
+        reps = 2 * B if self.guided else B
+        t_in = ts[:, None].expand(ts.numel(), reps).contiguous().to(x.device)
+        coefs = conversion_coefficients(ab, self.prediction).to(device=x.device, dtype=x.dtype)
+        bad = None if x.device.type == "cpu" else torch.zeros(ts.numel(), dtype=torch.bool, device=x.device)
+        return Plan(ts.tolist(), t_in, coefs, self._forward_kwargs(B), bad)
+
+    def predict(self, x: torch.Tensor, plan: Plan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂₀, ε̂) for call i of ``plan`` at the current sample x [B, ...]. No host sync off CPU."""
+        out = self._forward(x, plan.t_in[i], plan.kwargs, i, plan.timesteps[i], plan.bad)
+        return _convert(x, out, plan.coefs[i], self.prediction, self.clip_range, self.threshold)
+
+    def finish(self, plan: Plan) -> None:
+        """Raise the deferred non-finite-output error of an accelerator run (one sync, after the loop)."""
+        if plan.bad is not None and bool(plan.bad.any()):
+            i = int(plan.bad.nonzero()[0, 0])
+            raise FloatingPointError(_nonfinite_message(i, plan.timesteps[i]))
+
+    # ----------------------------------------------------------------- general entry point
+    def __call__(
+        self,
+        x_t: torch.Tensor,
+        t: int | torch.Tensor,
+        alpha_bar: float | torch.Tensor | None = None,
+        *,
+        step: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂₀, ε̂) at x_t [B, ...] for timestep t.
+
+        Args:
+            x_t: the current sample.
+            t: int, 0-d int tensor, or int64 [B] (one timestep per sample).
+            alpha_bar: the ᾱ that x_t is at (float, [B] or broadcastable); default ᾱ_t from the schedule.
+            step: the sampler's step index, only for error messages.
+
+        Checks shapes and finiteness at once (a host sync on accelerators); samplers use
+        :meth:`plan` / :meth:`predict` instead.
+        """
+        B = x_t.shape[0]
+        t_vec = torch.as_tensor(t, dtype=torch.int64, device=x_t.device)
+        t_vec = t_vec.expand(B) if t_vec.ndim == 0 else t_vec.reshape(-1)
+        if t_vec.numel() != B:
+            raise ValueError(f"t must be an int or hold one timestep per sample ({B}), got shape {tuple(t_vec.shape)}")
+        if alpha_bar is None:
+            alpha_bar = self.schedule.alphas_cumprod[t_vec.cpu()]
+            if bool((alpha_bar == alpha_bar[0]).all()):
+                alpha_bar = alpha_bar[0]
+        ab = _broadcastable_alpha_bar(alpha_bar, x_t)
+        check_zero_snr(self.prediction, ab)
+        t_in = torch.cat([t_vec, t_vec]) if self.guided else t_vec.contiguous()
+        t_desc = t_vec.tolist() if t_vec.numel() > 1 and not bool((t_vec == t_vec[0]).all()) else int(t_vec[0])
+        out = self._forward(x_t, t_in, self._forward_kwargs(B), step, t_desc, None)
+        c = conversion_coefficients(ab, self.prediction).to(device=x_t.device, dtype=x_t.dtype)
+        return _convert(x_t, out, c, self.prediction, self.clip_range, self.threshold)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        t_in: torch.Tensor,
+        kwargs: dict[str, Any],
+        step: int | None,
+        t_desc: Any,
+        bad: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One (possibly guided) network evaluation, checked for shape and NaN/Inf."""
+        x_in = torch.cat([x, x]) if self.guided else x
+        out = _unwrap(self.model(x_in, t_in, **kwargs))
+        self.nfe += 1
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model must return a tensor (or an object with .sample), got {type(out).__name__}")
+        if out.shape != x_in.shape:
+            raise ValueError(
+                f"model output at step {step} (timestep t={t_desc}) has shape {tuple(out.shape)}, "
+                f"expected {tuple(x_in.shape)} (the shape of x_t{' doubled for guidance' if self.guided else ''})"
+            )
+        if bad is None:
+            if not bool(torch.isfinite(out).all()):
+                raise FloatingPointError(_nonfinite_message(step, t_desc))
+        else:
+            bad[step] = ~torch.isfinite(out).all()
+        if self.guided:
+            cond, uncond = out.chunk(2)
+            out = torch.lerp(uncond, cond, self.guidance_scale)  # u + s·(c - u)
+        return out
+
+
+def _nonfinite_message(step: int | None, t: Any) -> str:
+    return f"model output contains NaN or Inf at step i={step} (timestep t={t})"

@@ -1,0 +1,548 @@
+"""DDIM (Song, Meng & Ermon, ICLR 2021) and DDPM ancestral sampling, and DDIM inversion.
+
+Notation: a run visits the listed timesteps t_0 > t_1 > … > t_{N-1} (see :mod:`ddim.timesteps`)
+and then makes one last step to ᾱ_final = 1 (or ᾱ_0 with ``set_alpha_to_one=False``, as latent
+diffusion and diffusers do). Step i goes from level ᾱ_{t_i} to the NEXT LISTED level — never to
+t - T//S — so every spacing and every explicit timestep list is sampled exactly.
+
+Samplers live in :data:`SAMPLERS` (name -> :class:`SamplerSpec`) and share one signature::
+
+    fn(denoise: Denoiser, x: Tensor, levels: Levels, *, eta, variance, noise, callback, progress) -> Tensor
+
+so other modules can add e.g. plms / dpmpp / unipc / heun with :func:`register_sampler`. Each spec
+knows its number of network evaluations in advance (:func:`nfe`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ddim.noise import StepNoise, check_seeds
+from ddim.prediction import Denoiser, Model, check_prediction, check_zero_snr, to_x0_eps
+from ddim.schedule import NoiseSchedule
+from ddim.timesteps import check_spacing, check_timesteps
+from ddim.timesteps import timesteps as make_timesteps
+
+__all__ = [
+    "SAMPLERS",
+    "VARIANCES",
+    "Levels",
+    "SamplerSpec",
+    "ddim_coefficients",
+    "ddim_step",
+    "ddpm_coefficients",
+    "invert",
+    "nfe",
+    "register_sampler",
+    "sample",
+]
+
+#: Noise-scale rules: "eta" = η · Eq. 16's σ; "large" = η · σ̂ with σ̂² = 1 - ᾱ_t/ᾱ_prev.
+VARIANCES = ("eta", "large")
+
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], Any]
+
+
+# ============================================================================ coefficients (float64)
+def _f64(v: float | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float64)
+
+
+def _ratio(ab_t: torch.Tensor, ab_s: torch.Tensor) -> torch.Tensor:
+    """α_{t|s} = ᾱ_t / ᾱ_s (1 where ᾱ_s = 0, i.e. a step between two pure-noise levels)."""
+    return torch.where(ab_s > 0, ab_t / torch.where(ab_s > 0, ab_s, torch.ones_like(ab_s)), torch.ones_like(ab_s))
+
+
+def _noise_ratio(ab_t: torch.Tensor, ab_s: torch.Tensor) -> torch.Tensor:
+    """(1 - ᾱ_s) / (1 - ᾱ_t) (1 where ᾱ_t = 1, which forces ᾱ_s = 1)."""
+    den = 1.0 - ab_t
+    return torch.where(den > 0, (1.0 - ab_s) / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
+
+
+def ddim_coefficients(
+    alpha_bar_t: float | torch.Tensor,
+    alpha_bar_prev: float | torch.Tensor,
+    eta: float | torch.Tensor = 0.0,
+    variance: str = "eta",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coefficients of Eq. 12 of Song et al. (2021): x_prev = c_x0·x̂₀ + c_eps·ε̂ + σ·z.
+
+    Args:
+        alpha_bar_t, alpha_bar_prev: ᾱ of the current and the next (less noisy) level; floats or
+            tensors, broadcast together.
+        eta: η ≥ 0 (float or tensor broadcastable with the ᾱ's).
+        variance: "eta" (default): σ = η·sqrt((1-ᾱ_prev)/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_prev) (Eq. 16; η = 1 is
+            the DDPM posterior, η = 0 deterministic DDIM). "large": σ = η·σ̂ with σ̂ = sqrt(1-ᾱ_t/ᾱ_prev),
+            the paper's "σ̂" row of Table 1 at η = 1.
+
+    Returns:
+        float64 tensors (c_x0, c_eps, σ): c_x0 = √ᾱ_prev and c_eps = sqrt(1-ᾱ_prev-σ²). Where σ² exceeds
+        1-ᾱ_prev ("large", or η > 1) the direction term is clamped at 0: c_eps = 0. All finite for
+        ᾱ in [0, 1], including ᾱ_t = 0 (zero terminal SNR) and ᾱ_t = ᾱ_prev.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
+    ab_t, ab_s, eta_t = _f64(alpha_bar_t), _f64(alpha_bar_prev), _f64(eta)
+    one_minus_ratio = 1.0 - _ratio(ab_t, ab_s)
+    if variance == "eta":
+        sigma2 = eta_t**2 * _noise_ratio(ab_t, ab_s) * one_minus_ratio
+    else:
+        sigma2 = eta_t**2 * one_minus_ratio
+    sigma2 = sigma2.clamp(min=0.0)
+    c_x0 = ab_s.sqrt()
+    c_eps = (1.0 - ab_s - sigma2).clamp(min=0.0).sqrt()
+    c_x0, c_eps, sigma = torch.broadcast_tensors(c_x0, c_eps, sigma2.sqrt())
+    return c_x0, c_eps, sigma
+
+
+def ddpm_coefficients(
+    alpha_bar_t: float | torch.Tensor, alpha_bar_prev: float | torch.Tensor, variance: str = "eta"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ho et al. (2020), Eq. 6–7, between any two levels: q(x_s | x_t, x̂₀) = N(c_x0·x̂₀ + c_xt·x_t, σ²I).
+
+    With α = ᾱ_t/ᾱ_s and β = 1 - α: c_x0 = √ᾱ_s β/(1-ᾱ_t), c_xt = √α (1-ᾱ_s)/(1-ᾱ_t), and σ² = β̃ =
+    β (1-ᾱ_s)/(1-ᾱ_t) (variance="eta": the posterior, identical to DDIM with η = 1) or σ² = β
+    (variance="large": Ho et al.'s σ_t² = β_t). Returns float64 tensors (c_x0, c_xt, σ).
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
+    ab_t, ab_s = _f64(alpha_bar_t), _f64(alpha_bar_prev)
+    alpha = _ratio(ab_t, ab_s)
+    beta = 1.0 - alpha
+    frac = _noise_ratio(ab_t, ab_s)  # (1-ᾱ_s)/(1-ᾱ_t)
+    # β/(1-ᾱ_t) = (1 - frac)/ᾱ_s; written this way it stays finite at ᾱ_t = 1 and ᾱ_t = 0.
+    c_x0 = torch.where(ab_s > 0, (1.0 - frac) / ab_s.clamp(min=1e-300).sqrt(), torch.zeros_like(ab_s))
+    c_xt = alpha.sqrt() * frac
+    sigma2 = beta * frac if variance == "eta" else beta
+    c_x0, c_xt, sigma = torch.broadcast_tensors(c_x0, c_xt, sigma2.clamp(min=0.0).sqrt())
+    return c_x0, c_xt, sigma
+
+
+# ============================================================================ the pure step
+def _check_eta(eta: object) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
+    if not eta >= 0 or eta == float("inf"):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    return float(eta)
+
+
+def ddim_step(
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_bar_t: float | torch.Tensor,
+    alpha_bar_prev: float | torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    prediction: str = "epsilon",
+    variance: str = "eta",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One generalized DDIM step (Song, Meng & Ermon 2021, Eq. 12, σ from Eq. 16). Pure.
+
+    x_prev = √ᾱ_prev · x̂₀ + sqrt(1 - ᾱ_prev - σ²) · ε̂ + σ · noise
+
+    Args:
+        x_t: [B, ...] floating tensor at level ᾱ_t.
+        model_output: the network's raw output at x_t (same shape), interpreted per ``prediction``.
+        alpha_bar_t, alpha_bar_prev: ᾱ of x_t and of the target level (python floats or tensors
+            broadcastable to x_t, e.g. [B, 1, 1, 1]); coefficients are computed in float64.
+        eta: η ≥ 0. 0 (default) is deterministic DDIM; 1 is exactly the DDPM posterior q(x_prev | x_t, x̂₀)
+            (mean and variance); values above 1 are allowed (the direction term is then clamped at 0).
+        noise: z ~ N(0, I) shaped like x_t; required when η > 0.
+        prediction: "epsilon" (default), "sample" or "v_prediction".
+        variance: "eta" (default, Eq. 16) or "large": σ = η·sqrt(1 - ᾱ_t/ᾱ_prev), the DDPM "large
+            variance" σ̂ (η = 1 gives the paper's σ̂). When σ² > 1 - ᾱ_prev the direction coefficient
+            sqrt(1 - ᾱ_prev - σ²) is clamped at 0.
+
+    Returns:
+        (x_prev, x̂₀), both shaped like x_t in its dtype.
+
+    Example (the worked jump): x_t = 0.90, ᾱ_t = 0.36, ᾱ_prev = 0.64, ε̂ = 0.50 gives
+    x̂₀ = (0.90 - 0.8·0.5)/0.6 = 0.8333… and x_prev = 0.8·0.8333… + 0.6·0.5 = 0.9666….
+    """
+    eta = _check_eta(eta)
+    if eta > 0 and noise is None:
+        raise ValueError("noise is required when eta > 0 (pass z ~ N(0, I) shaped like x_t)")
+    if noise is not None and noise.shape != x_t.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_t shape {tuple(x_t.shape)}")
+    x0, eps = to_x0_eps(x_t, model_output, alpha_bar_t, prediction)
+    c_x0, c_eps, sigma = (
+        c.to(device=x_t.device, dtype=x_t.dtype) for c in ddim_coefficients(alpha_bar_t, alpha_bar_prev, eta, variance)
+    )
+    x_prev = torch.mul(x0, c_x0).addcmul_(eps, c_eps)
+    if eta > 0:
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+# ============================================================================ sampler registry
+@dataclass(frozen=True)
+class Levels:
+    """The noise levels of one run.
+
+    Attributes:
+        timesteps: int64 CPU [N], descending: the network is evaluated at t_i at step i.
+        alpha_bars: float64 CPU [N+1]: ᾱ at each listed timestep, then ᾱ_final (1, or ᾱ_0).
+    """
+
+    timesteps: torch.Tensor
+    alpha_bars: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: its function and its number of network evaluations for ``steps`` steps."""
+
+    fn: Callable[..., torch.Tensor]
+    nfe: Callable[[int], int]
+
+
+#: name -> SamplerSpec. Add more with :func:`register_sampler`.
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+
+def register_sampler(
+    name: str, nfe: Callable[[int], int] = lambda steps: steps
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator registering a sampler under ``name``; ``nfe(steps)`` gives its network calls."""
+
+    def add(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        SAMPLERS[name] = SamplerSpec(fn, nfe)
+        return fn
+
+    return add
+
+
+def _check_sampler(sampler: object) -> SamplerSpec:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[sampler]
+
+
+def nfe(sampler: str = "ddim", steps: int = 50) -> int:
+    """Number of network evaluations ``sampler`` makes for ``steps`` listed timesteps (known up front).
+
+    "ddim" and "ddpm": one per step, so ``steps``. A guided forward (cond and uncond in one batch)
+    counts as one.
+    """
+    return _check_sampler(sampler).nfe(steps)
+
+
+def _bar(n: int, progress: bool, desc: str) -> tqdm:
+    return tqdm(total=n, disable=not progress, desc=desc, leave=False)
+
+
+@register_sampler("ddim")
+def sample_ddim(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    levels: Levels,
+    *,
+    eta: float = 0.0,
+    variance: str = "eta",
+    noise: Callable[[], torch.Tensor] | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM, Song, Meng & Ermon (2021), Eq. 12 with σ from Eq. 16, over ``levels``.
+
+    Step i (i < N-1): x_{t_{i+1}} = √ᾱ_{t_{i+1}} x̂₀ + sqrt(1 - ᾱ_{t_{i+1}} - σ_i²) ε̂ + σ_i z_i.
+    Last step: x = √ᾱ_final x̂₀ + sqrt(1 - ᾱ_final) ε̂ (= x̂₀ when ᾱ_final = 1), always noise-free.
+    """
+    ts, ab = levels.timesteps, levels.alpha_bars
+    N = ts.numel()
+    plan = denoise.plan(ts, x)
+    # Per-step (c_x0, c_eps, σ), float64 once, then one cast to x's dtype/device. η = 0 on the last step.
+    etas = torch.full((N,), eta, dtype=torch.float64)
+    etas[-1] = 0.0
+    table = torch.stack(ddim_coefficients(ab[:-1], ab[1:], etas, variance), dim=1).to(device=x.device, dtype=x.dtype)
+    stochastic = eta > 0
+    if stochastic and noise is None:
+        raise ValueError("eta > 0 needs a noise source")
+    with _bar(N, progress, "ddim") as bar:
+        for i in range(N - 1):
+            x0, eps = denoise.predict(x, plan, i)
+            if callback is not None:
+                callback(i, plan.timesteps[i], x, x0)
+            c = table[i]
+            x_next = torch.mul(x0, c[0]).addcmul_(eps, c[1])  # √ᾱ_prev x̂₀ + sqrt(1-ᾱ_prev-σ²) ε̂
+            if stochastic:
+                x_next.addcmul_(noise(), c[2])  # + σ z
+            x = x_next
+            bar.update()
+        # Last step, to ᾱ_final, without noise.
+        x0, eps = denoise.predict(x, plan, N - 1)
+        if callback is not None:
+            callback(N - 1, plan.timesteps[N - 1], x, x0)
+        bar.update()
+    denoise.finish(plan)
+    if float(ab[-1]) == 1.0:
+        return x0
+    c = table[N - 1]
+    return torch.mul(x0, c[0]).addcmul_(eps, c[1])
+
+
+@register_sampler("ddpm")
+def sample_ddpm(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    levels: Levels,
+    *,
+    eta: float = 1.0,
+    variance: str = "eta",
+    noise: Callable[[], torch.Tensor] | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Ancestral sampling, Ho et al. (2020), between the listed levels.
+
+    Step i: x_{t_{i+1}} = c_x0 x̂₀ + c_xt x_t + σ z, the posterior q(x_{t_{i+1}} | x_t, x̂₀) of
+    :func:`ddpm_coefficients` (variance "eta": β̃, the same distribution as DDIM with η = 1;
+    "large": β). With all T timesteps listed this is the original DDPM chain; with fewer it is the
+    respaced chain (as guided-diffusion's respacing). ``eta`` is unused (the posterior fixes the noise).
+    The last step returns the posterior mean without noise (Ho et al. Alg. 2: z = 0 at t = 1).
+    """
+    del eta
+    ts, ab = levels.timesteps, levels.alpha_bars
+    N = ts.numel()
+    if noise is None:
+        raise ValueError("sampler 'ddpm' needs a noise source")
+    plan = denoise.plan(ts, x)
+    table = torch.stack(ddpm_coefficients(ab[:-1], ab[1:], variance), dim=1).to(device=x.device, dtype=x.dtype)
+    with _bar(N, progress, "ddpm") as bar:
+        for i in range(N - 1):
+            x0, _ = denoise.predict(x, plan, i)
+            if callback is not None:
+                callback(i, plan.timesteps[i], x, x0)
+            c = table[i]
+            x = torch.mul(x0, c[0]).addcmul_(x, c[1]).addcmul_(noise(), c[2])  # μ̃(x_t, x̂₀) + σ z
+            bar.update()
+        # Last step, to ᾱ_final: the posterior mean, no noise.
+        x0, _ = denoise.predict(x, plan, N - 1)
+        if callback is not None:
+            callback(N - 1, plan.timesteps[N - 1], x, x0)
+        bar.update()
+    denoise.finish(plan)
+    if float(ab[-1]) == 1.0:
+        return x0
+    c = table[N - 1]
+    return torch.mul(x0, c[0]).addcmul_(x, c[1])
+
+
+# ============================================================================ public entry points
+def _check_x(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"{name} must have a batch dimension [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_bool(v: object, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {v!r}")
+    return v
+
+
+def _resolve_timesteps(
+    schedule: NoiseSchedule, steps: int, spacing: str, timesteps: Sequence[int] | torch.Tensor | None
+) -> torch.Tensor:
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    check_spacing(spacing)
+    if timesteps is not None:
+        return check_timesteps(timesteps, schedule.T)
+    return make_timesteps(schedule, steps, spacing)
+
+
+def sample(
+    model: Model,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = "leading",
+    timesteps: Sequence[int] | torch.Tensor | None = None,
+    prediction: str = "epsilon",
+    clip_sample: bool = False,
+    seeds: Sequence[int] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    sampler: str = "ddim",
+    set_alpha_to_one: bool = True,
+    guidance_scale: float = 1.0,
+    uncond_kwargs: Mapping[str, Any] | None = None,
+    thresholding: bool = False,
+    variance: str = "eta",
+    clip_sample_range: float = 1.0,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+    stats: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Sample x_0 from x_T with DDIM (default) or DDPM ancestral steps.
+
+    Args:
+        model: ``model(x_t, t, **model_kwargs)``; x_t [B, ...], t int64 [B] on x_T's device; returns a
+            tensor shaped like x_t (or an object with ``.sample``).
+        x_T: [B, ...] floating tensor at level ᾱ of the first listed timestep (usually N(0, I), e.g.
+            ``ddim.randn(shape, seeds)``). Output has its shape, dtype and device; x_T is not modified.
+        schedule: the model's training :class:`~ddim.schedule.NoiseSchedule`.
+        steps: number of listed timesteps S in [1, T] (default 50) = number of network evaluations.
+            For sampler="ddpm", steps=T (with any spacing) is the original T-step DDPM chain and fewer
+            steps give the respaced chain. Ignored when ``timesteps`` is given.
+        eta: η ≥ 0 (default 0: deterministic DDIM; 1: DDPM posterior noise). For "ddpm" leave 0 or 1.
+        spacing: "leading" (default), "trailing", "linspace", "quadratic" (see :func:`ddim.timesteps`).
+        timesteps: an explicit strictly descending list of ints in [0, T-1]; overrides steps/spacing.
+        prediction: "epsilon" (default), "sample" or "v_prediction".
+        clip_sample, clip_sample_range: clamp x̂₀ to ±range (default off, range 1.0).
+        thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic thresholding of x̂₀
+            (default off, 0.995, 1.0). After clipping/thresholding ε̂ is recomputed from x̂₀.
+        seeds: one int per sample for the step noise (η > 0 or "ddpm"): sample i's noise comes from
+            ``torch.Generator("cpu").manual_seed(seeds[i])`` (after skipping one draw, the x_T that
+            ``ddim.randn`` makes from the same seed), drawn in float32 on CPU, so a batch of 8 equals 8
+            batches of 1. None (default): torch's global CPU RNG, one draw per sample per step.
+        model_kwargs: extra network kwargs (e.g. class labels), default none.
+        callback: ``callback(i, t, x_t, x0_pred)`` at every step i = 0 … N-1, with t the int timestep,
+            x_t the sample the network saw and x0_pred its x̂₀ (after clipping).
+        progress: show a tqdm bar (default False).
+        sampler: a key of :data:`SAMPLERS`: "ddim" (default) or "ddpm".
+        set_alpha_to_one: the last step lands on ᾱ = 1, returning x̂₀ (default True); False lands on
+            ᾱ_0 = alphas_cumprod[0] (latent diffusion / diffusers' set_alpha_to_one=False).
+        guidance_scale, uncond_kwargs: classifier-free guidance, see :class:`~ddim.prediction.Denoiser`.
+        variance: "eta" (default, Eq. 16) or "large" (DDIM: σ = η·sqrt(1-ᾱ_t/ᾱ_prev) with the direction
+            term clamped at 0; DDPM: σ² = β as in Ho et al.).
+        stats: if a dict is given it is filled with "nfe" (network evaluations made, equal to
+            :func:`nfe` ``(sampler, steps)``), "timesteps" (the listed timesteps) and "sampler".
+
+    Every step goes from one listed timestep to the next listed one; the last step is noise-free.
+    All arguments are validated before the first network call (errors name the argument). ε-prediction
+    with a listed ᾱ_t = 0 (zero terminal SNR) is refused: use v-prediction.
+
+    Returns:
+        x_0, shaped like x_T.
+    """
+    _check_x(x_T, "x_T")
+    spec = _check_sampler(sampler)
+    eta = _check_eta(eta)
+    if sampler == "ddpm" and eta not in (0.0, 1.0):
+        raise ValueError(f"eta is fixed at 1 by sampler='ddpm' (leave it at 0 or pass 1), got {eta}")
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
+    check_prediction(prediction)
+    _check_bool(set_alpha_to_one, "set_alpha_to_one")
+    _check_bool(clip_sample, "clip_sample")
+    _check_bool(thresholding, "thresholding")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    ts = _resolve_timesteps(schedule, steps, spacing, timesteps)
+    if seeds is not None:
+        seeds = check_seeds(seeds, x_T.shape[0])
+    all_ab = schedule.alphas_cumprod
+    check_zero_snr(prediction, all_ab[ts], ts)
+    final = torch.ones(1, dtype=torch.float64) if set_alpha_to_one else all_ab[:1]
+    levels = Levels(ts, torch.cat([all_ab[ts], final]))
+    denoise = Denoiser(
+        model,
+        schedule,
+        prediction,
+        clip_sample=clip_sample,
+        clip_sample_range=clip_sample_range,
+        thresholding=thresholding,
+        dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+        sample_max_value=sample_max_value,
+        guidance_scale=guidance_scale,
+        model_kwargs=model_kwargs,
+        uncond_kwargs=uncond_kwargs,
+    )
+    noise = StepNoise(x_T.shape, seeds, device=x_T.device, dtype=x_T.dtype)
+    x = spec.fn(denoise, x_T, levels, eta=eta, variance=variance, noise=noise, callback=callback, progress=progress)
+    if stats is not None:
+        stats.update(nfe=denoise.nfe, timesteps=ts.tolist(), sampler=sampler)
+    return x
+
+
+def invert(
+    model: Model,
+    x_0: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int = 50,
+    spacing: str = "leading",
+    timesteps: Sequence[int] | torch.Tensor | None = None,
+    prediction: str = "epsilon",
+    model_kwargs: Mapping[str, Any] | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    guidance_scale: float = 1.0,
+    uncond_kwargs: Mapping[str, Any] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """DDIM inversion: run the η = 0 ODE forward, x_0 -> x_T, mirroring :func:`sample` on the same timesteps.
+
+    With the listed timesteps ascending, s_0 < s_1 < … < s_{N-1} (the sampler's list reversed),
+    step k goes from the current level to ᾱ_{s_k}:
+
+        x_{s_k} = √ᾱ_{s_k} x̂₀ + √(1-ᾱ_{s_k}) ε̂
+
+    - k ≥ 1: (x̂₀, ε̂) from the network at the current point x_{s_{k-1}} with its own timestep s_{k-1}
+      (explicit Euler in the ODE's natural variables; the sampler's step s_k -> s_{k-1} uses ε̂ at s_k).
+    - k = 0 starts at ᾱ = 1, where there is no timestep to give the network. x̂₀ = x_0 exactly, and
+      ε̂ = the network's ε̂ at (x_0, s_0), the smallest listed timestep: the closest level the network
+      was trained on, and the very timestep the sampler's last step (s_0 -> ᾱ = 1) evaluates. The error
+      this makes is O(√(1-ᾱ_{s_0})), small and shrinking as s_0 -> 0.
+
+    The output is at level ᾱ_{s_{N-1}} (the largest listed t), ready for ``sample(..., timesteps=same)``;
+    the round trip error falls as steps grow (the ODE is solved to first order).
+
+    Args: as :func:`sample` (x_0 [B, ...] floating; no noise, clipping or eta). ``callback(k, t, x, x0_pred)``
+    gets the timestep t the network saw at step k and the point x it saw. ``stats`` gets "nfe"
+    (= N) and "timesteps" (ascending).
+
+    Returns:
+        x_T shaped like x_0.
+    """
+    _check_x(x_0, "x_0")
+    check_prediction(prediction)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    ts = torch.flip(_resolve_timesteps(schedule, steps, spacing, timesteps), dims=[0])  # ascending
+    N = ts.numel()
+    denoise = Denoiser(
+        model,
+        schedule,
+        prediction,
+        guidance_scale=guidance_scale,
+        model_kwargs=model_kwargs,
+        uncond_kwargs=uncond_kwargs,
+    )
+    ab = schedule.alphas_cumprod[ts]
+    evaluated = torch.cat([ts[:1], ts[:-1]])  # the network's timestep at step k
+    plan = denoise.plan(evaluated, x_0)  # refuses ε-prediction at ᾱ = 0 before any call
+    table = torch.stack([ab.sqrt(), (1.0 - ab).sqrt()], dim=1).to(device=x_0.device, dtype=x_0.dtype)
+    x = x_0
+    with _bar(N, progress, "invert") as bar:
+        # First step, from ᾱ = 1: x̂₀ = x_0 exactly, ε̂ from the network at (x_0, s_0).
+        x0, eps = denoise.predict(x, plan, 0)
+        if callback is not None:
+            callback(0, plan.timesteps[0], x, x0)
+        x = torch.mul(x_0, table[0, 0]).addcmul_(eps, table[0, 1])
+        bar.update()
+        for k in range(1, N):
+            x0, eps = denoise.predict(x, plan, k)
+            if callback is not None:
+                callback(k, plan.timesteps[k], x, x0)
+            x = torch.mul(x0, table[k, 0]).addcmul_(eps, table[k, 1])
+            bar.update()
+    denoise.finish(plan)
+    if stats is not None:
+        stats.update(nfe=denoise.nfe, timesteps=ts.tolist(), sampler="invert")
+    return x
