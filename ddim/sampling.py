@@ -362,6 +362,7 @@ def _resolve_timesteps(
     return make_timesteps(schedule, steps, spacing)
 
 
+@torch.no_grad()
 def sample(
     model: Model,
     x_T: torch.Tensor,
@@ -425,7 +426,10 @@ def sample(
 
     Every step goes from one listed timestep to the next listed one; the last step is noise-free.
     All arguments are validated before the first network call (errors name the argument). ε-prediction
-    with a listed ᾱ_t = 0 (zero terminal SNR) is refused: use v-prediction.
+    with a listed ᾱ_t = 0 (zero terminal SNR) is refused: use v-prediction. A model output with NaN/Inf
+    raises FloatingPointError naming the step i and timestep t (on CPU at once; on accelerators after
+    the loop, so that the loop never waits for the device). Runs under ``torch.no_grad()``; to
+    differentiate through sampling, loop over :func:`ddim_step` yourself.
 
     Returns:
         x_0, shaped like x_T.
@@ -470,6 +474,7 @@ def sample(
     return x
 
 
+@torch.no_grad()
 def invert(
     model: Model,
     x_0: torch.Tensor,
@@ -505,7 +510,7 @@ def invert(
 
     Args: as :func:`sample` (x_0 [B, ...] floating; no noise, clipping or eta). ``callback(k, t, x, x0_pred)``
     gets the timestep t the network saw at step k and the point x it saw. ``stats`` gets "nfe"
-    (= N) and "timesteps" (ascending).
+    (= N) and "timesteps" (ascending). Runs under ``torch.no_grad()``.
 
     Returns:
         x_T shaped like x_0.
