@@ -199,3 +199,18 @@ def test_denoiser_and_slerp_errors(linear):
         ddim.slerp(torch.ones(3), torch.ones(3), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="unknown sampler"):
         ddim.nfe("plms", 10)
+
+
+def test_deferred_nonfinite_report_as_on_accelerators(linear):
+    # Off CPU the check is recorded on the device and raised after the loop; emulate it on CPU.
+    def nan_at_400(x, t):
+        return torch.where(t[:, None] == 400, float("nan"), dummy_model(x, t))
+
+    d = Denoiser(nan_at_400, linear)
+    ts = ddim.timesteps(linear, 5)  # [800, 600, 400, 200, 0]
+    plan = d.plan(ts, X)
+    plan.bad = torch.zeros(5, dtype=torch.bool)
+    for i in range(5):
+        d.predict(X, plan, i)  # no raise inside the loop
+    with pytest.raises(FloatingPointError, match=r"i=2 \(timestep t=400\)"):
+        d.finish(plan)
