@@ -1,0 +1,344 @@
+"""Training with the DDPM "simple" objective (Ho et al. 2020, Eq. 14), ε, x₀ or v targets.
+
+``train(TrainConfig(...))`` trains a :class:`~ddim.unet.UNet` with AdamW, gradient clipping and
+EMA weights, writes a checkpoint every ``checkpoint_every`` steps and resumes exactly: weights,
+EMA, optimizer moments, both random number generators and the step all come back, so a run
+stopped and resumed ends bit-identical to one that never stopped.
+
+Run folder layout::
+
+    model.safetensors, config.json   EMA weights + config: what ``ddim.load(folder)`` samples with
+    state.safetensors                everything needed to resume (raw weights, EMA, AdamW, RNG, step)
+    log.csv                          step, loss, learning rate, images/s, wall seconds
+    samples/step_XXXXXXX.png         a sample grid every ``sample_every`` steps
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ddim.checkpoint import CONFIG, WEIGHTS, atomic_write, save_model
+from ddim.data import ImageData, load_data
+from ddim.schedule import NoiseSchedule
+from ddim.unet import UNet, UNetConfig
+
+__all__ = ["TrainConfig", "train", "make_schedule", "diffusion_loss"]
+
+STATE = "state.safetensors"
+TARGETS = ("epsilon", "sample", "v_prediction")
+SCHEDULES = ("linear", "cosine", "scaled_linear")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved in the run's config.json).
+
+    Attributes:
+        data: data spec for :func:`ddim.data.load_data` ("mnist", "digits", a .npz, a folder).
+        out: run folder.
+        steps: total optimizer steps (a resumed run continues up to this number).
+        batch_size: images per step.
+        lr: AdamW learning rate after a linear warm-up of ``warmup`` steps; constant after.
+        weight_decay, grad_clip: AdamW weight decay; max global gradient norm.
+        ema_decay: EMA decay of the sampling weights (with the usual (1+n)/(10+n) warm-up).
+        prediction: network target: "epsilon", "sample" (x₀) or "v_prediction".
+        schedule: "linear", "cosine" or "scaled_linear"; ``T`` training timesteps.
+        class_cond: condition on labels when the data has them; ``label_dropout`` is the
+            probability of replacing a label by the null class (classifier-free guidance).
+        image_size: size for image folders (other sources keep their size).
+        unet: architecture overrides for :class:`~ddim.unet.UNetConfig`.
+        checkpoint_every, sample_every, log_every: in steps (0 = never, except the final checkpoint).
+        seed: seeds the data order, timesteps, noise, label dropout and the network's dropout.
+        threads: torch CPU threads (0 = torch's default).
+    """
+
+    data: str = "mnist"
+    out: str = "runs/default"
+    steps: int = 10000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    prediction: str = "epsilon"
+    schedule: str = "linear"
+    T: int = 1000
+    class_cond: bool = True
+    label_dropout: float = 0.2
+    image_size: int | None = None
+    unet: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int = 500
+    sample_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    threads: int = 0
+    guidance: float = 2.0
+
+    def validate(self) -> None:
+        if self.prediction not in TARGETS:
+            raise ValueError(f"prediction must be one of {TARGETS}, got {self.prediction!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("steps", "batch_size", "T"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def make_schedule(name: str, T: int) -> NoiseSchedule:
+    """The training schedule by name ("linear", "cosine", "scaled_linear")."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+    return getattr(NoiseSchedule, name)(T)
+
+
+def diffusion_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction: str,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The "simple" loss ‖target − model(x_t, t)‖² averaged over all elements.
+
+    Args:
+        x0: clean images [B, C, H, W]; t: int64 [B]; noise: ε ~ N(0, I) shaped like x0;
+        alphas_cumprod: float64 [T]; prediction: the target ("epsilon", "sample", "v_prediction").
+    """
+    ab = alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    x_t = a * x0 + s * noise
+    target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[prediction]
+    out = model(x_t, t, y) if y is not None else model(x_t, t)
+    return torch.mean((out.float() - target.float()) ** 2)
+
+
+# ------------------------------------------------------------------ state (de)serialisation
+def _state_tensors(model, ema, opt, gen) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().clone().contiguous() for k, v in ema.state_dict().items()})
+    osd = opt.state_dict()
+    scalars: dict[str, Any] = {}
+    for pid, st in osd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"opt.{pid}.{key}"] = val.detach().clone().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = val
+    tensors["rng.data"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"param_groups": osd["param_groups"], "opt_scalars": scalars}
+    return tensors, meta
+
+
+def _restore_state(path: Path, model, ema, opt, gen) -> dict[str, Any]:
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["ddim"])
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, key = k.split(".", 2)
+            state.setdefault(int(pid), {})[key] = v
+    for k, v in meta["opt_scalars"].items():
+        pid, key = k.split(".", 1)
+        state.setdefault(int(pid), {})[key] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    gen.set_state(tensors["rng.data"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta
+
+
+# ------------------------------------------------------------------ the loop
+def _build(cfg: TrainConfig, data: ImageData) -> UNet:
+    c, h = data.images.shape[1], data.images.shape[2]
+    num_classes = data.num_classes if (cfg.class_cond and data.labels is not None) else 0
+    arch = {"image_size": h, "in_channels": c, "num_classes": num_classes, **cfg.unet}
+    return UNet(UNetConfig(**arch))
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(pm, 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
+        be.copy_(bm)
+
+
+def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data: ImageData | None = None) -> Path:
+    """Train (or resume) a run; returns the run folder. See :class:`TrainConfig`.
+
+    With ``resume=True`` and a ``state.safetensors`` in ``cfg.out``, training continues from
+    that exact state up to ``cfg.steps``; the stored config must agree on the architecture,
+    data, schedule and prediction.
+    """
+    cfg.validate()
+    data = data if data is not None else load_data(cfg.data, cfg.image_size)
+    if len(data) == 0:
+        raise ValueError(f"data {cfg.data!r} holds no images")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = _build(cfg, data)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = make_schedule(cfg.schedule, cfg.T)
+    ab = schedule.alphas_cumprod
+    num_classes = model.config.num_classes
+
+    step, wall_before, last_loss = 0, 0.0, float("nan")
+    state_path = out / STATE
+    if resume and state_path.is_file():
+        meta = _restore_state(state_path, model, ema, opt, gen)
+        step, wall_before, last_loss = meta["step"], meta["wall_seconds"], meta["loss"]
+        if meta.get("train") and _identity(meta["train"]) != _identity(asdict(cfg)):
+            raise ValueError(
+                f"cannot resume {out}: its run was trained with different settings "
+                f"({_identity(meta['train'])} vs {_identity(asdict(cfg))})"
+            )
+    n_params = sum(p.numel() for p in model.parameters())
+    images, labels = data.images, data.labels
+    model.train()
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    t_start = time.perf_counter()
+    smooth = None
+    log_rows: list[list[Any]] = []
+    while step < cfg.steps:
+        tic = time.perf_counter()
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
+        x0 = images[idx]
+        t = torch.randint(0, cfg.T, (cfg.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        y = None
+        if num_classes:
+            drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
+            y = torch.where(drop, torch.full_like(labels[idx], num_classes), labels[idx])
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step)
+        loss = diffusion_loss(model, x0, t, noise, ab, cfg.prediction, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        last_loss = float(loss)
+        smooth = last_loss if smooth is None else 0.98 * smooth + 0.02 * last_loss
+        ips = cfg.batch_size / max(time.perf_counter() - tic, 1e-9)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{ips:.0f}", refresh=False)
+        wall = wall_before + time.perf_counter() - t_start
+        if cfg.log_every and step % cfg.log_every == 0:
+            log_rows.append(
+                [step, f"{last_loss:.6f}", f"{smooth:.6f}", f"{_lr_at(cfg, step - 1):.3g}", f"{ips:.1f}", f"{wall:.1f}"]
+            )
+        final = step == cfg.steps
+        if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            _flush_log(out, log_rows)
+            log_rows = []
+            _checkpoint(out, cfg, data, model, ema, opt, gen, schedule, step, wall, smooth, n_params)
+        if cfg.sample_every and (step % cfg.sample_every == 0 or final):
+            _sample_grid(out / "samples" / f"step_{step:07d}.png", ema, schedule, cfg)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _identity(d: dict[str, Any]) -> dict[str, Any]:
+    """Settings that must agree between a run and its resumption."""
+    keys = ("data", "prediction", "schedule", "T", "class_cond", "image_size", "unet", "seed", "batch_size")
+    return {k: d.get(k) for k in keys}
+
+
+def _flush_log(out: Path, rows: list[list[Any]]) -> None:
+    if not rows:
+        return
+    path = out / "log.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", "loss", "loss_smooth", "lr", "images_per_s", "wall_s"])
+        w.writerows(rows)
+
+
+def _checkpoint(out, cfg, data, model, ema, opt, gen, schedule, step, wall, loss, n_params) -> None:
+    extra = {
+        "data": {**data.source, "n": len(data), "class_names": data.class_names},
+        "train": {**asdict(cfg), "step": step, "wall_seconds": round(wall, 1), "loss": loss, "parameters": n_params},
+        "sampling": {"guidance": cfg.guidance, "clip_sample": False},
+    }
+    save_model(out, ema, schedule, cfg.prediction, extra)
+    tensors, meta = _state_tensors(model, ema, opt, gen)
+    meta.update(step=step, wall_seconds=wall, loss=loss if loss is not None else math.nan, train=asdict(cfg))
+    atomic_write(out / STATE, lambda tmp: save_file(tensors, tmp, metadata={"ddim": json.dumps(meta)}))
+
+
+def _sample_grid(path: Path, ema: UNet, schedule: NoiseSchedule, cfg: TrainConfig) -> None:
+    """A grid of DDIM-50 samples from the EMA weights (classes 0..K-1 by row when conditional)."""
+    from ddim.images import save_grid
+    from ddim.sampling import sample
+
+    k = ema.config.num_classes
+    n = 8 * max(k, 1) if k else 64
+    c, s = ema.config.in_channels, ema.config.image_size
+    gen = torch.Generator().manual_seed(1234)
+    x_T = torch.randn((n, c, s, s), generator=gen)
+    kwargs, guidance = {}, 1.0
+    if k:
+        kwargs = {"y": torch.arange(n) // 8 % k}
+        guidance = cfg.guidance
+    with torch.inference_mode():
+        x0 = sample(
+            ema,
+            x_T,
+            schedule,
+            steps=50,
+            prediction=cfg.prediction,
+            model_kwargs=kwargs,
+            guidance_scale=guidance,
+            uncond_kwargs={"y": torch.full((n,), k)} if k else None,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(x0, path, nrow=8)
+
+
+__all__ += ["STATE", "WEIGHTS", "CONFIG"]

@@ -1,0 +1,190 @@
+"""A compact U-Net for small images (MNIST-size and up), fast on CPU.
+
+Ho et al. (2020)'s architecture, shrunk: sinusoidal time embedding, residual blocks with
+GroupNorm and SiLU whose scale/shift come from the time (and class) embedding,
+self-attention at the lowest resolution, and optional class conditioning with a learned
+null class (index ``num_classes``) for classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UNet", "UNetConfig", "timestep_embedding"]
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of :class:`UNet` (stored in checkpoint configs).
+
+    Attributes:
+        image_size: height = width of the images (must be divisible by 2**(len(channel_mults)-1)).
+        in_channels: image channels (1 for MNIST, 3 for RGB).
+        base_channels: channels at full resolution.
+        channel_mults: channel multiplier per resolution level; each level but the last halves H, W.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attention_levels: levels (0 = full resolution) that get self-attention; default the lowest.
+        num_classes: classes for conditioning; 0 = unconditional. Index ``num_classes`` is the null class.
+        dropout: dropout inside residual blocks.
+        num_heads: attention heads.
+    """
+
+    image_size: int = 28
+    in_channels: int = 1
+    base_channels: int = 16
+    channel_mults: tuple[int, ...] = (1, 3, 6)
+    num_res_blocks: int = 1
+    attention_levels: tuple[int, ...] | None = None
+    num_classes: int = 0
+    dropout: float = 0.1
+    num_heads: int = 4
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        if self.attention_levels is None:
+            self.attention_levels = (len(self.channel_mults) - 1,)
+        self.attention_levels = tuple(int(a) for a in self.attention_levels)
+        down = 2 ** (len(self.channel_mults) - 1)
+        if self.image_size % down:
+            raise ValueError(f"image_size={self.image_size} must be divisible by {down} for channel_mults")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mults"] = list(self.channel_mults)
+        d["attention_levels"] = list(self.attention_levels)
+        return d
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (integer or real) timesteps: [B] -> [B, dim] float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, ch), ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = _norm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2 = _norm(cout)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    def __init__(self, ch: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.out = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.out(a.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """ε/x₀/v-prediction U-Net: ``forward(x [B,C,H,W] float, t [B] int64, y [B] int64 | None) -> [B,C,H,W]``.
+
+    ``y`` is the class label in [0, num_classes]; ``num_classes`` (or ``y=None``) is the null
+    class, i.e. unconditional. With ``num_classes == 0`` the model ignores ``y``.
+    """
+
+    def __init__(self, config: UNetConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        self.config = cfg = config or UNetConfig(**kwargs)
+        ch = cfg.base_channels
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes > 0 else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips = [ch]
+        cur = ch
+        n_levels = len(cfg.channel_mults)
+        for level, mult in enumerate(cfg.channel_mults):
+            for _ in range(cfg.num_res_blocks):
+                blocks = nn.ModuleList([ResBlock(cur, ch * mult, emb_dim, cfg.dropout)])
+                cur = ch * mult
+                if level in cfg.attention_levels:
+                    blocks.append(Attention(cur, cfg.num_heads))
+                self.down.append(blocks)
+                skips.append(cur)
+            if level < n_levels - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
+                skips.append(cur)
+
+        self.mid1 = ResBlock(cur, cur, emb_dim, cfg.dropout)
+        self.mid_attn = Attention(cur, cfg.num_heads)
+        self.mid2 = ResBlock(cur, cur, emb_dim, cfg.dropout)
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
+            for i in range(cfg.num_res_blocks + 1):
+                blocks = nn.ModuleList([ResBlock(cur + skips.pop(), ch * mult, emb_dim, cfg.dropout)])
+                cur = ch * mult
+                if level in cfg.attention_levels:
+                    blocks.append(Attention(cur, cfg.num_heads))
+                if level > 0 and i == cfg.num_res_blocks:
+                    blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    blocks.append(nn.Conv2d(cur, cur, 3, padding=1))
+                self.up.append(blocks)
+
+        self.norm_out = _norm(cur)
+        self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.class_emb(y)
+        h = self.conv_in(x)
+        hs = [h]
+        for blocks in self.down:
+            for m in blocks:
+                h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+            hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for blocks in self.up:
+            h = torch.cat([h, hs.pop()], dim=1)
+            for m in blocks:
+                h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
