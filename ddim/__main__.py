@@ -1,0 +1,5 @@
+import sys
+
+from ddim.cli import run
+
+sys.exit(run())
