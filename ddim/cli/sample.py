@@ -1,169 +1,12 @@
-"""The ``ddim`` command line: a thin layer over the library (every command calls public functions)."""
+"""`ddim sample`, `ddim invert`, `ddim interpolate` and `ddim compare`."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from ddim import __version__
-
-
-class UsageError(click.UsageError):
-    """A bad flag value: one line on stderr, exit status 2."""
-
-
-def run(argv: list[str] | None = None) -> int:
-    """Console entry point: runs :func:`main`; a usage error prints ONE line and exits with status 2."""
-    try:
-        rv = main.main(args=argv, prog_name="ddim", standalone_mode=False)
-    except click.UsageError as e:
-        hint = f" (see 'ddim {e.ctx.info_name} --help')" if e.ctx is not None and e.ctx.parent is not None else ""
-        click.echo(f"ddim: error: {e.format_message()}{hint}", err=True)
-        return 2
-    except click.ClickException as e:
-        click.echo(f"ddim: error: {e.format_message()}", err=True)
-        return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("ddim: aborted", err=True)
-        return 130
-    return rv if isinstance(rv, int) else 0
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="ddim")
-def main() -> None:
-    """Sample DDPM-trained diffusion models fast: DDIM and its successors."""
-
-
-@main.command("train")
-@click.option(
-    "--data",
-    default="mnist",
-    show_default=True,
-    help="'mnist' (MNIST-5k less 500 held-out), 'mnist-all', 'digits' (sklearn 8x8), a .npz, or a folder.",
-)
-@click.option("--out", default="runs/default", show_default=True, help="Run folder (checkpoints, log, grids).")
-@click.option("--steps", default=10000, show_default=True, type=click.IntRange(min=1), help="Total optimizer steps.")
-@click.option("--batch", "batch_size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--warmup", default=200, show_default=True, type=click.IntRange(min=0))
-@click.option("--ema", "ema_decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0))
-@click.option(
-    "--prediction",
-    default="epsilon",
-    show_default=True,
-    type=click.Choice(["epsilon", "sample", "v_prediction"]),
-    help="Network target.",
-)
-@click.option(
-    "--schedule", default="linear", show_default=True, type=click.Choice(["linear", "cosine", "scaled_linear"])
-)
-@click.option("--T", "T", default=1000, show_default=True, type=click.IntRange(min=1), help="Training timesteps.")
-@click.option(
-    "--class-cond/--no-class-cond",
-    default=True,
-    show_default=True,
-    help="Condition on labels (when the data has them).",
-)
-@click.option(
-    "--label-dropout",
-    default=0.2,
-    show_default=True,
-    type=click.FloatRange(0, 1, max_open=True),
-    help="Probability of the null class, for classifier-free guidance.",
-)
-@click.option("--image-size", default=None, type=click.IntRange(min=4), help="Size for image folders [64].")
-@click.option("--base-channels", default=None, type=click.IntRange(min=4), help="U-Net width [16].")
-@click.option("--channel-mults", default=None, help="U-Net channel multipliers per level, e.g. 1,3,6.")
-@click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(min=0))
-@click.option("--sample-every", default=1000, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="CPU threads (0 = torch).")
-@click.option("--fresh", is_flag=True, help="Start over even if the run folder holds a resumable state.")
-def train_cmd(fresh: bool, base_channels, channel_mults, **kw) -> None:
-    """Train a U-Net with the DDPM objective; resumes exactly from the run folder's last checkpoint."""
-    from ddim.train import TrainConfig, train
-
-    unet = {}
-    if base_channels:
-        unet["base_channels"] = base_channels
-    if channel_mults:
-        try:
-            unet["channel_mults"] = [int(m) for m in channel_mults.split(",")]
-        except ValueError:
-            raise UsageError(f"--channel-mults must be comma-separated ints, got {channel_mults!r}") from None
-    cfg = TrainConfig(unet=unet, **kw)
-    try:
-        out = train(cfg, resume=not fresh, progress=True)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    click.echo(f"trained {cfg.steps} steps -> {out}")
-
-
-# ------------------------------------------------------------------ shared options
-def _load_model(path: str | None):
-    from ddim.checkpoint import load
-
-    try:
-        return load(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(f"--model: {e}") from None
-
-
-def _sampling_options(f):
-    from ddim.sampling import SAMPLERS
-    from ddim.timesteps import SPACINGS
-
-    opts = [
-        click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default]."),
-        click.option(
-            "--steps",
-            default=50,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Sampling steps S (timesteps listed).",
-        ),
-        click.option(
-            "--eta",
-            default=0.0,
-            show_default=True,
-            type=click.FloatRange(min=0),
-            help="η: 0 deterministic DDIM, 1 DDPM-like.",
-        ),
-        click.option(
-            "--spacing",
-            default="leading",
-            show_default=True,
-            type=click.Choice(sorted(SPACINGS)),
-            help="Which S timesteps.",
-        ),
-        click.option(
-            "--timesteps",
-            "timesteps_list",
-            default=None,
-            help="Explicit descending comma list of timesteps (overrides --steps/--spacing).",
-        ),
-        click.option("--sampler", default="ddim", show_default=True, type=click.Choice(sorted(SAMPLERS))),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _parse_timesteps(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--timesteps must be a comma list of ints, got {text!r}") from None
-
-
-def _guidance(config: dict, guidance: float | None) -> float:
-    return float(config.get("sampling", {}).get("guidance", 1.0)) if guidance is None else guidance
+from ddim.cli.common import UsageError, _guidance, _load_model, _parse_timesteps, _sampling_options, main
 
 
 @main.command("sample")
@@ -220,10 +63,6 @@ def sample_cmd(
         f"{n} images, {result.nfe} network evaluations per image, {result.seconds:.2f} s "
         f"({n / result.seconds:.1f} images/s) -> {where}"
     )
-
-
-def console() -> None:  # pragma: no cover - the installed `ddim` script
-    sys.exit(run())
 
 
 @main.command("invert")

@@ -1,0 +1,44 @@
+"""The ``ddim`` command line: a thin layer over the library (every command calls public functions).
+
+Commands live in one module each under ``ddim/cli/`` and register on the :func:`main` group:
+``train`` (train.py), ``sample``/``invert``/``interpolate``/``compare`` (sample.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ddim.cli.common import UsageError, main
+
+__all__ = ["main", "run", "console", "UsageError"]
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    A usage error (bad flag or value) prints ONE line on stderr and returns 2.
+    """
+    try:
+        rv = main.main(args=argv, prog_name="ddim", standalone_mode=False)
+    except click.UsageError as e:
+        hint = f" (see 'ddim {e.ctx.info_name} --help')" if e.ctx is not None and e.ctx.parent is not None else ""
+        click.echo(f"ddim: error: {e.format_message()}{hint}", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"ddim: error: {e.format_message()}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("ddim: aborted", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+def console() -> None:  # pragma: no cover - the installed `ddim` script
+    sys.exit(run())
+
+
+# Register the commands.
+from ddim.cli import sample as _sample  # noqa: E402,F401
+from ddim.cli import train as _train  # noqa: E402,F401

@@ -1,0 +1,76 @@
+"""`ddim train`."""
+
+from __future__ import annotations
+
+import click
+
+from ddim.cli.common import UsageError, main
+
+
+@main.command("train")
+@click.option(
+    "--data",
+    default="mnist",
+    show_default=True,
+    help="'mnist' (MNIST-5k less 500 held-out), 'mnist-all', 'digits' (sklearn 8x8), a .npz, or a folder.",
+)
+@click.option("--out", default="runs/default", show_default=True, help="Run folder (checkpoints, log, grids).")
+@click.option("--steps", default=10000, show_default=True, type=click.IntRange(min=1), help="Total optimizer steps.")
+@click.option("--batch", "batch_size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--warmup", default=200, show_default=True, type=click.IntRange(min=0))
+@click.option("--ema", "ema_decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0))
+@click.option(
+    "--prediction",
+    default="epsilon",
+    show_default=True,
+    type=click.Choice(["epsilon", "sample", "v_prediction"]),
+    help="Network target.",
+)
+@click.option(
+    "--schedule", default="linear", show_default=True, type=click.Choice(["linear", "cosine", "scaled_linear"])
+)
+@click.option("--T", "T", default=1000, show_default=True, type=click.IntRange(min=1), help="Training timesteps.")
+@click.option(
+    "--class-cond/--no-class-cond",
+    default=True,
+    show_default=True,
+    help="Condition on labels (when the data has them).",
+)
+@click.option(
+    "--label-dropout",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Probability of the null class, for classifier-free guidance.",
+)
+@click.option("--image-size", default=None, type=click.IntRange(min=4), help="Size for image folders [64].")
+@click.option("--base-channels", default=None, type=click.IntRange(min=4), help="U-Net width [16].")
+@click.option("--channel-mults", default=None, help="U-Net channel multipliers per level, e.g. 1,3,6.")
+@click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(min=0))
+@click.option("--sample-every", default=1000, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="CPU threads (0 = torch).")
+@click.option("--fresh", is_flag=True, help="Start over even if the run folder holds a resumable state.")
+def train_cmd(fresh: bool, base_channels, channel_mults, **kw) -> None:
+    """Train a U-Net with the DDPM objective; resumes exactly from the run folder's last checkpoint."""
+    from ddim.train import TrainConfig, train
+
+    unet = {}
+    if base_channels:
+        unet["base_channels"] = base_channels
+    if channel_mults:
+        try:
+            unet["channel_mults"] = [int(m) for m in channel_mults.split(",")]
+        except ValueError:
+            raise UsageError(f"--channel-mults must be comma-separated ints, got {channel_mults!r}") from None
+    cfg = TrainConfig(unet=unet, **kw)
+    try:
+        out = train(cfg, resume=not fresh, progress=True)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo(f"trained {cfg.steps} steps -> {out}")
+
+
+# ------------------------------------------------------------------ shared options
