@@ -115,13 +115,15 @@ def npz_images(path: str | os.PathLike) -> ImageData:
     optional ``labels`` int [N]."""
     path = Path(path)
     try:
-        with np.load(path) as z:
-            if "images" not in z:
-                raise ValueError(f"{path}: no array named 'images' (found: {sorted(z.files)})")
-            images = z["images"]
-            labels = z["labels"] if "labels" in z else None
-    except (OSError, EOFError) as e:
+        z = np.load(path, allow_pickle=False)
+        files = list(z.files)
+    except (OSError, EOFError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: cannot read as .npz ({e})") from e
+    with z:
+        if "images" not in files:
+            raise ValueError(f"{path}: no array named 'images' (found: {sorted(files)})")
+        images = z["images"]
+        labels = z["labels"] if "labels" in files else None
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
@@ -214,4 +216,6 @@ def load_data(spec: str, image_size: int | None = None) -> ImageData:
         return npz_images(p)
     if p.is_dir():
         return image_folder(p, image_size or 64)
+    if not p.exists() and (p.suffix or os.sep in spec):
+        raise ValueError(f"data path {p} does not exist")
     raise ValueError(f"data {spec!r} is not 'mnist', 'mnist-all', 'mnist-holdout', 'digits', a .npz file or a folder")

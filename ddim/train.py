@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
         opt.step()
         step += 1
         _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        last_loss = float(loss)
+        last_loss = float(loss.detach())
         smooth = last_loss if smooth is None else 0.98 * smooth + 0.02 * last_loss
         ips = cfg.batch_size / max(time.perf_counter() - tic, 1e-9)
         if bar is not None:

@@ -1,0 +1,90 @@
+"""ddim train: tiny runs, exact resume, checkpoints that load, bad settings refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ddim
+from ddim.checkpoint import load
+from ddim.data import sklearn_digits
+from ddim.train import TrainConfig, diffusion_loss, train
+
+TINY = {"base_channels": 8, "channel_mults": [1, 2], "num_heads": 2}
+
+
+def cfg(tmp_path, name="run", **kw) -> TrainConfig:
+    base = dict(data="digits", out=str(tmp_path / name), steps=4, batch_size=8, unet=TINY, checkpoint_every=2,
+                sample_every=0, log_every=1, T=100, warmup=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_is_exact(tmp_path):
+    data = sklearn_digits()
+    train(cfg(tmp_path, "straight"), progress=False, data=data)
+    train(cfg(tmp_path, "resumed", steps=2), progress=False, data=data)
+    train(cfg(tmp_path, "resumed", steps=4), progress=False, data=data)
+    a = load_file(tmp_path / "straight" / "state.safetensors")
+    b = load_file(tmp_path / "resumed" / "state.safetensors")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("opt.") for k in a) and "rng.data" in a and "rng.torch" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert load_file(tmp_path / "straight" / "model.safetensors").keys() == load_file(
+        tmp_path / "resumed" / "model.safetensors"
+    ).keys()
+
+
+def test_checkpoint_loads_and_samples(tmp_path):
+    out = train(cfg(tmp_path, steps=2), progress=False)
+    model, schedule, config = load(out)
+    assert config["train"]["step"] == 2 and config["prediction"] == "epsilon"
+    assert config["unet"]["num_classes"] == 10 and len(schedule) == 100
+    x = ddim.sample(model, ddim.randn((2, 1, 8, 8), [0, 1]), schedule, steps=5, model_kwargs={"y": torch.tensor([1, 2])})
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    log = (out / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and len(log) == 3
+
+
+@pytest.mark.parametrize("prediction,schedule", [("sample", "cosine"), ("v_prediction", "linear")])
+def test_targets_and_schedules(tmp_path, prediction, schedule):
+    out = train(cfg(tmp_path, steps=2, prediction=prediction, schedule=schedule, class_cond=False), progress=False)
+    cfgj = json.loads((out / "config.json").read_text())
+    assert cfgj["prediction"] == prediction and cfgj["schedule"]["name"] == schedule
+    assert cfgj["unet"]["num_classes"] == 0
+
+
+def test_sample_grid_written(tmp_path):
+    out = train(cfg(tmp_path, steps=2, sample_every=2), progress=False)
+    assert (out / "samples" / "step_0000002.png").is_file()
+
+
+def test_resume_with_other_settings_refused(tmp_path):
+    train(cfg(tmp_path, steps=2), progress=False)
+    with pytest.raises(ValueError, match="different settings"):
+        train(cfg(tmp_path, steps=4, prediction="v_prediction"), progress=False)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"prediction": "score"}, "prediction"), ({"schedule": "sigmoid"}, "schedule"), ({"steps": 0}, "steps"),
+     ({"label_dropout": 1.0}, "label_dropout"), ({"lr": 0}, "lr")],
+)
+def test_bad_settings(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        train(cfg(tmp_path, **kw), progress=False)
+
+
+def test_loss_targets_are_the_definitions():
+    """With a model that returns the exact target, the loss is zero for each parameterisation."""
+    ab = ddim.NoiseSchedule.linear(10).alphas_cumprod
+    x0, noise, t = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([0, 5, 9])
+    a = ab[t].float().view(-1, 1, 1, 1)
+    targets = {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}
+    for pred, target in targets.items():
+        loss = diffusion_loss(lambda x, tt, target=target: target, x0, t, noise, ab, pred)
+        assert loss.item() < 1e-12
