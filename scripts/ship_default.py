@@ -1,0 +1,24 @@
+"""Copy a trained run's EMA weights into the package as the embedded default model (fp16 storage).
+
+    python scripts/ship_default.py runs/default
+
+Writes ddim/weights/default/model.safetensors (fp16) and config.json (the run's config, with the
+storage dtype noted). `ddim.load()` then loads it as float32.
+"""
+
+import argparse
+
+import torch
+
+from ddim.checkpoint import default_model_path, load, save_model
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--out", default=str(default_model_path()))
+    args = ap.parse_args()
+    model, schedule, config = load(args.run)
+    extra = {k: v for k, v in config.items() if k not in ("format", "unet", "schedule", "prediction")}
+    extra["storage_dtype"] = "float16"
+    save_model(args.out, model, schedule, config["prediction"], extra, dtype=torch.float16)
+    print(f"shipped {args.run} (step {config['train']['step']}) -> {args.out}")
