@@ -6,6 +6,7 @@ the module of the same name is reached with ``from ddim.timesteps import ...`` o
 ``sys.modules["ddim.timesteps"]``.
 """
 
+from ddim.checkpoint import load, save_model
 from ddim.interpolate import slerp
 from ddim.noise import StepNoise, randn
 from ddim.prediction import PREDICTIONS, Denoiser, conversion_coefficients, dynamic_threshold, to_x0_eps
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NoiseSchedule",
+    "load",
+    "save_model",
     "PREDICTIONS",
     "SAMPLERS",
     "SPACINGS",
