@@ -7,6 +7,7 @@ the dtype of x or how samples are grouped into batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -66,18 +67,29 @@ class StepNoise:
         shape: [B, ...], the shape of x.
         seeds: one int per sample, or None.
         device, dtype: where the returned noise lives (drawn in float32 on CPU, then moved/cast).
+        block: with ``seeds``, how many steps' noise to draw at once (default 1). ``sample`` passes its
+            number of steps, so the whole run's noise is drawn before the loop needs it: one
+            ``torch.randn`` call per sample and one copy to the device per block, instead of B calls and
+            one copy per step. The values are the same as drawing step by step (see below). Blocks are
+            capped at about 64 MiB.
 
     With ``seeds``, sample i has its own ``torch.Generator("cpu").manual_seed(seeds[i])``. Its first
     draw is skipped: that draw is x_T when x_T came from :func:`randn` with the same seeds, so step
     noise continues the stream (never repeats x_T) and matches diffusers pipelines that pass one CPU
     generator per sample for both the initial latents and the scheduler's noise. Generators are made
-    only when noise is first asked for, so deterministic runs pay nothing.
+    only when noise is first asked for, so deterministic runs pay nothing. Drawing k steps of one
+    sample in one call gives exactly the k successive draws when the sample's size is a multiple of 16
+    (torch's CPU normal sampler works in blocks of 16 values); other sizes are drawn one step at a
+    time (still ahead of the loop).
 
-    With ``seeds=None``, torch's global CPU RNG is used, one draw of shape[1:] per sample per step
-    (reproducible under ``torch.manual_seed``, but dependent on batch layout).
+    With ``seeds=None``, torch's global CPU RNG is used, one draw of shape[1:] per sample per step, at
+    the time of the call (reproducible under ``torch.manual_seed``, but dependent on batch layout).
 
-    The returned tensor is reused by the next call: consume it before asking again.
+    The returned tensor may be reused by a later call: consume it before asking again.
     """
+
+    #: Upper bound on the float32 bytes of one block of pre-drawn noise.
+    BLOCK_BYTES = 64 * 2**20
 
     def __init__(
         self,
@@ -85,14 +97,20 @@ class StepNoise:
         seeds: Sequence[int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        block: int = 1,
     ) -> None:
         self.shape = _check_shape(shape)
         self.seeds = None if seeds is None else check_seeds(seeds, self.shape[0])
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"block must be a positive int, got {block!r}")
+        per_draw = 4 * max(1, math.prod(self.shape))
+        self.block = max(1, min(block, self.BLOCK_BYTES // per_draw))
         self._gens: list[torch.Generator] | None = None
         self._buf: torch.Tensor | None = None
         self._out: torch.Tensor | None = None
+        self._ready: list[torch.Tensor] = []
         self.draws = 0
 
     def _draw_into(self, buf: torch.Tensor) -> None:
@@ -100,15 +118,38 @@ class StepNoise:
             gen = None if self._gens is None else self._gens[i]
             torch.randn(self.shape[1:], generator=gen, out=buf[i])
 
+    def _start(self) -> None:
+        self._gens = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
+        skip = torch.empty(self.shape[1:], dtype=torch.float32)
+        for g in self._gens:
+            torch.randn(self.shape[1:], generator=g, out=skip)  # skip the x_T draw (see class docstring)
+
+    def _fill(self) -> None:
+        """Draw the next ``block`` steps of every sample (seeded path)."""
+        if self._gens is None:
+            self._start()
+        k, per = self.block, math.prod(self.shape[1:])
+        buf = torch.empty((k, *self.shape), dtype=torch.float32)
+        for i, g in enumerate(self._gens):
+            if k > 1 and per >= 16 and per % 16 == 0:
+                buf[:, i] = torch.randn((k, *self.shape[1:]), generator=g)  # = k successive draws
+            else:
+                for j in range(k):
+                    torch.randn(self.shape[1:], generator=g, out=buf[j, i])
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            buf = buf.to(device=self.device, dtype=self.dtype)
+        self._ready = list(reversed(buf.unbind(0)))
+
     def __call__(self) -> torch.Tensor:
         """The next draw: [B, ...] on ``device`` in ``dtype``."""
+        self.draws += 1
+        if self.seeds is not None:
+            if not self._ready:
+                self._fill()
+            return self._ready.pop()
         if self._buf is None:
             self._buf = torch.empty(self.shape, dtype=torch.float32)
-            if self.seeds is not None:
-                self._gens = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
-                self._draw_into(self._buf)  # skip the x_T draw (see class docstring)
         self._draw_into(self._buf)
-        self.draws += 1
         if self.device.type == "cpu" and self.dtype == torch.float32:
             return self._buf
         if self._out is None:

@@ -15,6 +15,7 @@ knows its number of network evaluations in advance (:func:`nfe`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +24,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ddim.noise import StepNoise, check_seeds
-from ddim.prediction import Denoiser, Model, check_prediction, check_zero_snr, to_x0_eps
+from ddim.prediction import (
+    Denoiser,
+    Model,
+    Plan,
+    check_prediction,
+    check_zero_snr,
+    memo,
+    scalar_rows,
+    tensor_key,
+    to_x0_eps,
+)
 from ddim.schedule import NoiseSchedule
-from ddim.timesteps import check_spacing, check_timesteps
+from ddim.timesteps import SPACINGS, check_spacing, check_timesteps
 from ddim.timesteps import timesteps as make_timesteps
 
 __all__ = [
@@ -233,8 +244,64 @@ def nfe(sampler: str = "ddim", steps: int = 50) -> int:
     return _check_sampler(sampler).nfe(steps)
 
 
-def _bar(n: int, progress: bool, desc: str) -> tqdm:
-    return tqdm(total=n, disable=not progress, desc=desc, leave=False)
+class _NoBar:
+    """What :func:`_bar` returns when progress is off: a do-nothing context with ``update``."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
+def _bar(n: int, progress: bool, desc: str) -> tqdm | _NoBar:
+    return tqdm(total=n, desc=desc, leave=False) if progress else _NoBar()
+
+
+def _table_key(name: str, levels: Levels, denoise: Denoiser, x: torch.Tensor, *extra: object) -> tuple:
+    """Cache key of a sampler's per-run table: what it is computed from, and where it is applied."""
+    return (name, tensor_key(levels.alpha_bars), denoise.prediction, denoise.linear, x.device, x.dtype, *extra)
+
+
+def _noise_free_last(sigma: torch.Tensor) -> torch.Tensor:
+    """σ with its last entry set to 0 (the last step never adds noise)."""
+    sigma = sigma.clone()
+    sigma[-1] = 0.0
+    return sigma
+
+
+def _linear_loop(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    plan: Plan,
+    table: torch.Tensor | list[tuple[torch.Tensor, ...]],
+    noise: Callable[[], torch.Tensor] | None,
+    callback: Callback | None,
+    bar: tqdm,
+) -> torch.Tensor:
+    """The fused loop shared by samplers whose step is linear in (x_t, out): x ← A_i x + B_i out + σ_i z_i.
+
+    ``table`` is float64 [N, 3] with columns (A, B, σ) (see :meth:`Plan.fuse`), or the same already
+    cast and split by :func:`~ddim.prediction.scalar_rows` into 0-d tensors on x's device. Each step is
+    one network call, one finiteness check and two fused tensor ops (three with noise): no allocation
+    beyond the new sample, no tensor indexing, no host synchronisation off CPU. With ``noise``, one draw
+    is taken at every step but the last (noise-free).
+    """
+    rows = table if isinstance(table, list) else scalar_rows(table, x)
+    last = len(rows) - 1
+    for i, (a, b, sigma) in enumerate(rows):
+        out = denoise.output(x, plan, i)
+        if callback is not None:
+            callback(i, plan.timesteps[i], x, denoise.x0(x, out, plan, i))
+        x_next = torch.mul(x, a).addcmul_(out, b)
+        if noise is not None and i < last:
+            x_next.addcmul_(noise(), sigma)
+        x = x_next
+        bar.update()
+    return x
 
 
 @register_sampler("ddim")
@@ -253,38 +320,47 @@ def sample_ddim(
 
     Step i (i < N-1): x_{t_{i+1}} = √ᾱ_{t_{i+1}} x̂₀ + sqrt(1 - ᾱ_{t_{i+1}} - σ_i²) ε̂ + σ_i z_i.
     Last step: x = √ᾱ_final x̂₀ + sqrt(1 - ᾱ_final) ε̂ (= x̂₀ when ᾱ_final = 1), always noise-free.
+
+    Without clipping/thresholding (x̂₀, ε̂) are linear in (x_t, out), so the step is folded, in float64,
+    into x ← A_i x_t + B_i out (+ σ_i z_i): two fused ops per step, the floor for a DDIM update.
     """
     ts, ab = levels.timesteps, levels.alpha_bars
     N = ts.numel()
-    plan = denoise.plan(ts, x)
-    # Per-step (c_x0, c_eps, σ), float64 once, then one cast to x's dtype/device. η = 0 on the last step.
-    etas = torch.full((N,), eta, dtype=torch.float64)
-    etas[-1] = 0.0
-    table = torch.stack(ddim_coefficients(ab[:-1], ab[1:], etas, variance), dim=1).to(device=x.device, dtype=x.dtype)
     stochastic = eta > 0
     if stochastic and noise is None:
         raise ValueError("eta > 0 needs a noise source")
+    plan = denoise.plan(ts, x)
+
+    def build() -> list[tuple[torch.Tensor, ...]]:
+        # Per-step (c_x0, c_eps, σ) in float64, once per (levels, η, ...). η = 0 on the last step.
+        etas = torch.full((N,), eta, dtype=torch.float64)
+        etas[-1] = 0.0
+        c_x0, c_eps, sigma = ddim_coefficients(ab[:-1], ab[1:], etas, variance)
+        if denoise.linear:  # fold x̂₀/ε̂ in: x ← A x + B out + σ z
+            return scalar_rows(torch.stack([*plan.fuse(c_x0, c_eps), sigma], dim=1), x)
+        return scalar_rows(torch.stack([c_x0, c_eps, sigma], dim=1), x)
+
+    rows = memo(_table_key("ddim", levels, denoise, x, eta, variance), build)
     with _bar(N, progress, "ddim") as bar:
-        for i in range(N - 1):
+        if denoise.linear:
+            x = _linear_loop(denoise, x, plan, rows, noise if stochastic else None, callback, bar)
+            denoise.finish(plan)
+            return x
+        final_is_x0 = float(ab[-1]) == 1.0
+        for i in range(N):
             x0, eps = denoise.predict(x, plan, i)
             if callback is not None:
                 callback(i, plan.timesteps[i], x, x0)
-            c = table[i]
-            x_next = torch.mul(x0, c[0]).addcmul_(eps, c[1])  # √ᾱ_prev x̂₀ + sqrt(1-ᾱ_prev-σ²) ε̂
-            if stochastic:
-                x_next.addcmul_(noise(), c[2])  # + σ z
-            x = x_next
+            c = rows[i]
+            if i == N - 1 and final_is_x0:
+                x = x0  # ᾱ_final = 1: the result is x̂₀ itself
+            else:
+                x = torch.mul(x0, c[0]).addcmul_(eps, c[1])  # √ᾱ_prev x̂₀ + sqrt(1-ᾱ_prev-σ²) ε̂
+                if stochastic and i < N - 1:
+                    x.addcmul_(noise(), c[2])  # + σ z
             bar.update()
-        # Last step, to ᾱ_final, without noise.
-        x0, eps = denoise.predict(x, plan, N - 1)
-        if callback is not None:
-            callback(N - 1, plan.timesteps[N - 1], x, x0)
-        bar.update()
     denoise.finish(plan)
-    if float(ab[-1]) == 1.0:
-        return x0
-    c = table[N - 1]
-    return torch.mul(x0, c[0]).addcmul_(eps, c[1])
+    return x
 
 
 @register_sampler("ddpm")
@@ -313,25 +389,35 @@ def sample_ddpm(
     if noise is None:
         raise ValueError("sampler 'ddpm' needs a noise source")
     plan = denoise.plan(ts, x)
-    table = torch.stack(ddpm_coefficients(ab[:-1], ab[1:], variance), dim=1).to(device=x.device, dtype=x.dtype)
+
+    def build() -> list[tuple[torch.Tensor, ...]]:
+        c_x0, c_xt, sigma = ddpm_coefficients(ab[:-1], ab[1:], variance)
+        sigma = _noise_free_last(sigma)
+        if denoise.linear:  # fold x̂₀ in: x ← A x + B out + σ z
+            return scalar_rows(torch.stack([*plan.fuse(c_x0, 0.0, c_xt), sigma], dim=1), x)
+        return scalar_rows(torch.stack([c_x0, c_xt, sigma], dim=1), x)
+
+    rows = memo(_table_key("ddpm", levels, denoise, x, variance), build)
     with _bar(N, progress, "ddpm") as bar:
-        for i in range(N - 1):
+        if denoise.linear:
+            x = _linear_loop(denoise, x, plan, rows, noise, callback, bar)
+            denoise.finish(plan)
+            return x
+        final_is_x0 = float(ab[-1]) == 1.0
+        for i in range(N):
             x0, _ = denoise.predict(x, plan, i)
             if callback is not None:
                 callback(i, plan.timesteps[i], x, x0)
-            c = table[i]
-            x = torch.mul(x0, c[0]).addcmul_(x, c[1]).addcmul_(noise(), c[2])  # μ̃(x_t, x̂₀) + σ z
+            c = rows[i]
+            if i == N - 1 and final_is_x0:
+                x = x0
+            else:
+                x = torch.mul(x0, c[0]).addcmul_(x, c[1])  # μ̃(x_t, x̂₀)
+                if i < N - 1:
+                    x.addcmul_(noise(), c[2])  # + σ z
             bar.update()
-        # Last step, to ᾱ_final: the posterior mean, no noise.
-        x0, _ = denoise.predict(x, plan, N - 1)
-        if callback is not None:
-            callback(N - 1, plan.timesteps[N - 1], x, x0)
-        bar.update()
     denoise.finish(plan)
-    if float(ab[-1]) == 1.0:
-        return x0
-    c = table[N - 1]
-    return torch.mul(x0, c[0]).addcmul_(x, c[1])
+    return x
 
 
 # ============================================================================ public entry points
@@ -359,7 +445,14 @@ def _resolve_timesteps(
     check_spacing(spacing)
     if timesteps is not None:
         return check_timesteps(timesteps, schedule.T)
-    return make_timesteps(schedule, steps, spacing)
+    # A spacing is a pure function of (schedule, steps): computed once per schedule object and rule.
+    # (The weak reference tells a new schedule at a recycled id apart.)
+    _, ts = memo(
+        ("timesteps", id(schedule), steps, spacing, SPACINGS[spacing]),
+        lambda: (weakref.ref(schedule), make_timesteps(schedule, steps, spacing)),
+        valid=lambda v: v[0]() is schedule,
+    )
+    return ts
 
 
 @torch.no_grad()
@@ -467,7 +560,7 @@ def sample(
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
     )
-    noise = StepNoise(x_T.shape, seeds, device=x_T.device, dtype=x_T.dtype)
+    noise = StepNoise(x_T.shape, seeds, device=x_T.device, dtype=x_T.dtype, block=ts.numel())
     x = spec.fn(denoise, x_T, levels, eta=eta, variance=variance, noise=noise, callback=callback, progress=progress)
     if stats is not None:
         stats.update(nfe=denoise.nfe, timesteps=ts.tolist(), sampler=sampler)
@@ -532,21 +625,28 @@ def invert(
     ab = schedule.alphas_cumprod[ts]
     evaluated = torch.cat([ts[:1], ts[:-1]])  # the network's timestep at step k
     plan = denoise.plan(evaluated, x_0)  # refuses ε-prediction at ᾱ = 0 before any call
-    table = torch.stack([ab.sqrt(), (1.0 - ab).sqrt()], dim=1).to(device=x_0.device, dtype=x_0.dtype)
+    a, b = ab.sqrt(), (1.0 - ab).sqrt()  # x_{s_k} = a_k x̂₀ + b_k ε̂
     x = x_0
     with _bar(N, progress, "invert") as bar:
-        # First step, from ᾱ = 1: x̂₀ = x_0 exactly, ε̂ from the network at (x_0, s_0).
-        x0, eps = denoise.predict(x, plan, 0)
-        if callback is not None:
-            callback(0, plan.timesteps[0], x, x0)
-        x = torch.mul(x_0, table[0, 0]).addcmul_(eps, table[0, 1])
-        bar.update()
-        for k in range(1, N):
-            x0, eps = denoise.predict(x, plan, k)
-            if callback is not None:
-                callback(k, plan.timesteps[k], x, x0)
-            x = torch.mul(x0, table[k, 0]).addcmul_(eps, table[k, 1])
-            bar.update()
+        if denoise.linear:
+            # Step 0 uses x̂₀ = x_0 = the network's input exactly; steps k >= 1 the network's x̂₀. Folded:
+            # x ← A_k x + B_k out.
+            a_x0, a_x = a.clone(), torch.zeros_like(a)
+            a_x0[0], a_x[0] = 0.0, a[0]
+            rows = memo(
+                ("invert", tensor_key(ab), denoise.prediction, x_0.device, x_0.dtype),
+                lambda: scalar_rows(torch.stack([*plan.fuse(a_x0, b, a_x), torch.zeros_like(a)], dim=1), x_0),
+            )
+            x = _linear_loop(denoise, x, plan, rows, None, callback, bar)
+        else:
+            rows = scalar_rows(torch.stack([a, b], dim=1), x_0)
+            for k in range(N):
+                x0, eps = denoise.predict(x, plan, k)
+                if callback is not None:
+                    callback(k, plan.timesteps[k], x, x0)
+                # Step 0 starts at ᾱ = 1, where x̂₀ = x_0 exactly; ε̂ comes from the network at (x_0, s_0).
+                x = torch.mul(x_0 if k == 0 else x0, rows[k][0]).addcmul_(eps, rows[k][1])
+                bar.update()
     denoise.finish(plan)
     if stats is not None:
         stats.update(nfe=denoise.nfe, timesteps=ts.tolist(), sampler="invert")

@@ -1,0 +1,126 @@
+"""The sampling loop's fast path: fused updates, cached tables, pre-drawn noise, no host sync.
+
+Speed itself is measured by ``ddim bench``, never asserted here.
+"""
+
+import pytest
+import torch
+from conftest import GaussianData, dummy_model
+
+import ddim
+from ddim import Denoiser, StepNoise
+from ddim.prediction import PREDICTIONS, conversion_coefficients
+
+
+def _reference_ddim(model, x, schedule, steps, prediction, eta=0.0, seeds=None, spacing="leading"):
+    """DDIM by hand with the public pure step (unfused: x̂₀ and ε̂ first, then Eq. 12)."""
+    ts = ddim.timesteps(schedule, steps, spacing).tolist()
+    ab = schedule.alphas_cumprod
+    noise = StepNoise(x.shape, seeds, dtype=x.dtype)
+    for i, t in enumerate(ts):
+        ab_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        out = model(x, torch.full((x.shape[0],), t))
+        last = i + 1 == len(ts)
+        z = None if last or eta == 0 else noise()
+        x, _ = ddim.ddim_step(x, out, float(ab[t]), ab_prev, 0.0 if last else eta, z, prediction)
+    return x
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_fused_loop_equals_unfused_steps(linear, prediction, eta):
+    x = ddim.randn((3, 2, 16), [1, 2, 3], dtype=torch.float64)
+    kw = dict(steps=12, prediction=prediction, eta=eta, seeds=[1, 2, 3])
+    got = ddim.sample(dummy_model, x, linear, **kw)
+    ref = _reference_ddim(dummy_model, x, linear, 12, prediction, eta, [1, 2, 3])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_plan_fuse_is_the_same_linear_map(linear, prediction):
+    d = Denoiser(dummy_model, linear, prediction)
+    ts = ddim.timesteps(linear, 7, "trailing")[1:]  # avoid ᾱ near 0 for ε at t = 999
+    x = torch.randn(2, 5, dtype=torch.float64)
+    plan = d.plan(ts, x)
+    a_x0, a_eps, a_x = torch.rand(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64), torch.rand(6).double()
+    A, B = plan.fuse(a_x0, a_eps, a_x)
+    for i in range(6):
+        out = d.output(x, plan, i)
+        x0, eps = d.predict(x, plan, i)
+        torch.testing.assert_close(A[i] * x + B[i] * out, a_x0[i] * x0 + a_eps[i] * eps + a_x[i] * x)
+    assert torch.equal(plan.conv, conversion_coefficients(linear.alphas_cumprod[ts], prediction))
+
+
+def test_callback_sees_x0_on_the_fused_path(linear):
+    seen = []
+    x = torch.randn(2, 6, dtype=torch.float64)
+    out = ddim.sample(dummy_model, x, linear, steps=5, callback=lambda i, t, x_t, x0: seen.append((t, x_t, x0)))
+    for t, x_t, x0 in seen:  # the callback's x̂₀ is the prediction at the x_t it was given
+        ref, _ = ddim.to_x0_eps(x_t, dummy_model(x_t, torch.full((2,), t)), linear.alphas_cumprod[t])
+        torch.testing.assert_close(x0, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(seen[-1][2], out, rtol=0, atol=0)  # ᾱ_final = 1: the result is the last x̂₀
+
+
+def test_repeated_runs_hit_the_table_cache_and_agree(linear):
+    from ddim import prediction as P
+
+    x = torch.randn(4, 8)
+    first = ddim.sample(dummy_model, x, linear, steps=9, spacing="trailing")
+    size = len(P._MEMO)
+    again = ddim.sample(dummy_model, x, linear, steps=9, spacing="trailing")
+    assert len(P._MEMO) == size and torch.equal(first, again)
+    # A new schedule object (even at a recycled id) gets its own timesteps.
+    other = ddim.NoiseSchedule.cosine(500)
+    got = ddim.sample(dummy_model, x, other, steps=9, spacing="trailing", stats=(stats := {}))
+    assert max(stats["timesteps"]) == 499 and got.shape == x.shape
+
+
+@pytest.mark.parametrize("per_sample", [(3, 16), (1, 5, 7), (784,)])
+@pytest.mark.parametrize("block", [1, 4, 50])
+def test_predrawn_noise_equals_step_by_step_draws(per_sample, block):
+    seeds = [7, 0, 123]
+    noise = StepNoise((3, *per_sample), seeds, dtype=torch.float64, block=block)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    for g in gens:
+        torch.randn(per_sample, generator=g)  # x_T's draw is skipped
+    for _ in range(9):
+        expected = torch.stack([torch.randn(per_sample, generator=g) for g in gens]).double()
+        assert torch.equal(noise(), expected)
+
+
+def test_global_rng_noise_is_drawn_at_call_time():
+    torch.manual_seed(5)
+    a = StepNoise((2, 3), None, block=10)()
+    torch.manual_seed(5)
+    assert torch.equal(a, torch.stack([torch.randn(3), torch.randn(3)]))
+
+
+def test_stochastic_batch_invariance_with_predrawn_noise(linear):
+    g = GaussianData(linear)
+    seeds = [4, 8, 15]
+    x_T = ddim.randn((3, 1, 4, 4), seeds)  # 16 values per sample: drawn in one call per sample
+    batched = ddim.sample(g.eps, x_T, linear, steps=20, eta=1.0, seeds=seeds)
+    for i, s in enumerate(seeds):
+        one = ddim.sample(g.eps, ddim.randn((1, 1, 4, 4), [s]), linear, steps=20, eta=1.0, seeds=[s])
+        assert torch.equal(batched[i : i + 1], one)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(eta=1.0, seeds=[0, 1]),
+        dict(sampler="ddpm", seeds=[0, 1]),
+        dict(clip_sample=True, eta=0.5, seeds=[0, 1]),
+        dict(prediction="v_prediction", guidance_scale=3.0, model_kwargs={"y": 1}, uncond_kwargs={"y": 1}),
+    ],
+)
+def test_loop_never_reads_a_device_value(linear, kw, monkeypatch):
+    # On the meta device tensors have no data: .item(), bool(), float() or .tolist() of a device tensor
+    # would raise, so a loop that runs there has no host synchronisation (CUDA-graph / compile friendly).
+    monkeypatch.setattr(Denoiser, "finish", lambda self, plan: None)  # the one sync, after the loop
+    x = torch.empty(2, 1, 4, 4, device="meta")
+    out = ddim.sample(lambda x, t, **_: x * 0.5, x, linear, steps=6, **kw)
+    assert out.device.type == "meta" and out.shape == x.shape
+    z = torch.empty(2, 1, 4, 4, device="meta")
+    assert ddim.invert(lambda x, t: x * 0.5, z, linear, steps=4).device.type == "meta"
