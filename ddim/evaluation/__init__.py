@@ -1,0 +1,48 @@
+"""The DDIM paper's evidence measured on any model: Table 1 (sample quality against steps S and η),
+Table 2 (inversion error against S), consistency of x_T across S (§5.2), interpolation (§5.3), and
+an HTML report of all four. ``ddim eval ...`` and ``ddim report`` call these functions.
+
+Modules: :mod:`~ddim.evaluation.extractors` (feature extractors: the digit classifier, FID's
+Inception-V3, any module), :mod:`~ddim.evaluation.inception`, :mod:`~ddim.evaluation.metrics`
+(Fréchet distance, KID, precision/recall, cached reference features), :mod:`~ddim.evaluation.common`
+(sampling setup, cached cells), :mod:`~ddim.evaluation.sources` (which data and features by
+default), :mod:`~ddim.evaluation.table1`, :mod:`~ddim.evaluation.table2`,
+:mod:`~ddim.evaluation.consistency`, :mod:`~ddim.evaluation.interpolation`,
+:mod:`~ddim.evaluation.report`.
+"""
+
+from ddim.evaluation.common import EvalSetup
+from ddim.evaluation.consistency import run_consistency
+from ddim.evaluation.extractors import (
+    FeatureExtractor,
+    classifier_extractor,
+    inception_extractor,
+    load_extractor,
+    module_extractor,
+)
+from ddim.evaluation.interpolation import run_interpolation
+from ddim.evaluation.metrics import Reference, fid, kid, precision_recall, quality_metrics, reference_features
+from ddim.evaluation.report import ReportSettings, build_report
+from ddim.evaluation.table1 import run_table1
+from ddim.evaluation.table2 import run_table2
+
+__all__ = [
+    "EvalSetup",
+    "FeatureExtractor",
+    "Reference",
+    "ReportSettings",
+    "build_report",
+    "classifier_extractor",
+    "fid",
+    "inception_extractor",
+    "kid",
+    "load_extractor",
+    "module_extractor",
+    "precision_recall",
+    "quality_metrics",
+    "reference_features",
+    "run_consistency",
+    "run_interpolation",
+    "run_table1",
+    "run_table2",
+]
