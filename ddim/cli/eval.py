@@ -1,0 +1,399 @@
+"""`ddim eval table1|table2|consistency|interpolation` and `ddim report`: the paper's tables and
+figures measured on a model (the embedded default unless --model is given)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ddim.cli.common import UsageError, _load_model, main
+
+
+def _common(f):
+    """--model, --class, --guidance, --spacing, --seed, --batch, --progress."""
+    from ddim.timesteps import SPACINGS
+
+    opts = [
+        click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default]."),
+        click.option(
+            "--class",
+            "class_spec",
+            default="default",
+            show_default=True,
+            help="Classes as in `ddim sample` (int, comma list, 'all'), or 'none' for unconditional. "
+            "default: 'all' for class-conditional models.",
+        ),
+        click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default]."),
+        click.option("--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS))),
+        click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed K+i."),
+        click.option(
+            "--batch",
+            default=50,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Images per batch (and per resume point).",
+        ),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+        _device_option,
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+_device_option = click.option(
+    "--device", default="cpu", show_default=True, help="Where the model and feature extractor run (cpu, cuda, ...)."
+)
+
+
+def _features(f):
+    opts = [
+        click.option(
+            "--features",
+            default=None,
+            help="Feature extractor: 'classifier' (shipped digit classifier), 'inception' (FID Inception-V3), "
+            "a TorchScript file, or 'package.module:factory'. [classifier for 1-channel models, else inception]",
+        ),
+        click.option(
+            "--inception-weights",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID weights) [$DDIM_INCEPTION_WEIGHTS "
+            "or ~/.cache/ddim/]. Never downloaded.",
+        ),
+        click.option(
+            "--data",
+            default=None,
+            help="Reference images: 'mnist-all', 'digits', a .npz or an image folder [MNIST-5k for MNIST models].",
+        ),
+        click.option(
+            "--cache",
+            default=None,
+            type=click.Path(file_okay=False),
+            help="Folder for cached reference features [$DDIM_CACHE or ~/.cache/ddim].",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _ints(text: str, name: str) -> list[int]:
+    from ddim.evaluation.common import parse_list
+
+    try:
+        values = parse_list(text, int, name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if any(v < 1 for v in values):
+        raise UsageError(f"{name} must be positive, got {text!r}")
+    return values
+
+
+def _floats(text: str, name: str) -> list[float]:
+    from ddim.evaluation.common import parse_list
+
+    try:
+        values = parse_list(text, float, name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if any(v < 0 for v in values):
+        raise UsageError(f"{name} must be non-negative, got {text!r}")
+    return values
+
+
+def _setup(model_path, class_spec, guidance, spacing, seed, batch, device="cpu"):
+    import torch
+
+    from ddim.evaluation.common import EvalSetup
+
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise UsageError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    model, schedule, config = _load_model(model_path)
+    model.to(dev)
+    try:
+        setup = EvalSetup.from_loaded(
+            model,
+            schedule,
+            config,
+            class_spec=class_spec,
+            guidance=guidance,
+            spacing=spacing,
+            seed=seed,
+            batch=batch,
+            model_name=str(model_path) if model_path else "embedded default",
+            device=str(dev),
+        )
+        setup.labels(1)  # refuse a bad class spec now
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--class: {e}") from None
+    return setup, config
+
+
+def _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress):
+    """The feature extractor (on the setup's device) and the reference set's cached features."""
+    from ddim.evaluation.metrics import reference_features
+    from ddim.evaluation.sources import extractor_for, reference_data
+
+    try:
+        extractor = extractor_for(setup.model, features, inception_weights).to(setup.device)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--features: {e}") from None
+    try:
+        ref_data, name = reference_data(setup.model, config, data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--data: {e}") from None
+    reference = reference_features(ref_data.images, extractor, name=name, cache_dir=cache, progress=progress)
+    return extractor, reference
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """The DDIM paper's tables and figures, measured on a model: table1, table2, consistency, interpolation."""
+
+
+@eval_group.command("table1")
+@_common
+@_features
+@click.option("--steps", "steps_list", default="10,20,50,100,1000", show_default=True, help="Step counts S.")
+@click.option("--eta", "eta_list", default="0,0.2,0.5,1", show_default=True, help="η values (DDIM).")
+@click.option("--sampler", "sampler_list", default="ddim", show_default=True, help="Comma list of samplers.")
+@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
+@click.option("--floor/--no-floor", default=True, show_default=True, help="Add a row for n real images.")
+@click.option("--out", default="eval/table1", show_default=True, help="Output folder (resumes what it holds).")
+def table1_cmd(
+    model_path,
+    class_spec,
+    guidance,
+    spacing,
+    seed,
+    batch,
+    progress,
+    device,
+    features,
+    inception_weights,
+    data,
+    cache,
+    steps_list,
+    eta_list,
+    sampler_list,
+    n,
+    floor,
+    out,
+) -> None:
+    """Table 1: sample quality (Fréchet distance, KID, precision, recall) for each S and η.
+
+    Writes OUT/table1.csv, table1.md, table1.png and the cached samples (OUT/cells); a killed run
+    resumes where it stopped.
+    """
+    from ddim.evaluation.table1 import run_table1
+    from ddim.sampling import SAMPLERS
+
+    steps = _ints(steps_list, "--steps")
+    etas = _floats(eta_list, "--eta")
+    samplers = [s.strip() for s in sampler_list.split(",") if s.strip()]
+    bad = [s for s in samplers if s not in SAMPLERS]
+    if bad or not samplers:
+        raise UsageError(f"--sampler: unknown {bad or sampler_list!r}; valid: {', '.join(sorted(SAMPLERS))}")
+    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
+    try:
+        run_table1(
+            setup,
+            out,
+            extractor,
+            reference,
+            steps=steps,
+            etas=etas,
+            samplers=samplers,
+            n=n,
+            floor=floor,
+            progress=progress,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "table1.md").read_text())
+    click.echo(f"-> {out}/table1.csv, table1.md, table1.png")
+
+
+@eval_group.command("table2")
+@click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
+@click.option("--steps", "steps_list", default="10,20,50,100", show_default=True, help="Step counts S.")
+@click.option("--n", default=500, show_default=True, type=click.IntRange(min=1), help="Images (the first n).")
+@click.option(
+    "--data",
+    default=None,
+    help="Real images the model did not train on (a load_data spec) [the 500 held-out MNIST-5k digits].",
+)
+@click.option(
+    "--labels/--no-labels",
+    default=False,
+    show_default=True,
+    help="Condition on the data's classes (default: the null class, unconditional as in the paper).",
+)
+@click.option("--spacing", default="leading", show_default=True)
+@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", default="eval/table2", show_default=True, help="Output folder (resumes what it holds).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_device_option
+def table2_cmd(model_path, steps_list, n, data, labels, spacing, batch, out, progress, device) -> None:
+    """Table 2: DDIM inversion then decoding; per-dimension MSE on [0, 1] against S, with an example figure."""
+    from ddim.evaluation.sources import heldout_data
+    from ddim.evaluation.table2 import run_table2
+
+    steps = _ints(steps_list, "--steps")
+    setup, config = _setup(model_path, "none", None, spacing, 0, batch, device)
+    try:
+        d, name = heldout_data(setup.model, config, data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--data: {e}") from None
+    n = min(n, len(d))
+    y = None
+    if labels:
+        if d.labels is None or not setup.num_classes:
+            raise UsageError("--labels needs labelled data and a class-conditional model")
+        y = d.labels[:n]
+        if int(y.max()) >= setup.num_classes:
+            raise UsageError(
+                f"--labels: the data has class {int(y.max())}; the model has classes 0..{setup.num_classes - 1}"
+            )
+    try:
+        run_table2(setup, d.images[:n], out, steps=steps, labels=y, data_name=name, progress=progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "table2.md").read_text())
+    click.echo(f"-> {out}/table2.csv, table2.md, table2.png, table2_examples.png")
+
+
+@eval_group.command("consistency")
+@_common
+@click.option("--steps", "steps_list", default="10,20,50,100,200,500,1000", show_default=True, help="Step counts S.")
+@click.option("--n", default=20, show_default=True, type=click.IntRange(min=2), help="Noises x_T.")
+@click.option("--columns", default=8, show_default=True, type=click.IntRange(min=1), help="x_T shown in the grid.")
+@click.option("--out", default="eval/consistency", show_default=True)
+def consistency_cmd(
+    model_path, class_spec, guidance, spacing, seed, batch, progress, device, steps_list, n, columns, out
+) -> None:
+    """§5.2: one x_T decoded at each S; distance to the largest-S image against independent x_T."""
+    from ddim.evaluation.consistency import run_consistency
+
+    steps = _ints(steps_list, "--steps")
+    setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    try:
+        run_consistency(setup, out, steps=steps, n=n, columns=columns, progress=progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "consistency.md").read_text())
+    click.echo(f"-> {out}/consistency.png, consistency.csv, consistency.md")
+
+
+@eval_group.command("interpolation")
+@_common
+@click.option("--pairs", default=4, show_default=True, type=click.IntRange(min=1), help="Strips (seed pairs).")
+@click.option("--frames", default=9, show_default=True, type=click.IntRange(min=3))
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", default="eval/interpolation", show_default=True)
+def interpolation_cmd(
+    model_path, class_spec, guidance, spacing, seed, batch, progress, device, pairs, frames, steps, out
+) -> None:
+    """§5.3: slerp strips between noises, and how even their steps are (largest / mean)."""
+    from ddim.evaluation.interpolation import run_interpolation
+
+    setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    try:
+        run_interpolation(setup, out, pairs=pairs, frames=frames, steps=steps, progress=progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "interpolation.md").read_text())
+    click.echo(f"-> {out}/interpolation.png, interpolation.csv, interpolation.md")
+
+
+@main.command("report")
+@_common
+@_features
+@click.option("--out", default="report.html", show_default=True, help="The HTML page (self-contained).")
+@click.option("--work", default=None, help="Folder for results and caches [OUT without .html + '_files'].")
+@click.option("--steps", "steps_list", default="10,20,50,100", show_default=True, help="Table 1 and 2 step counts.")
+@click.option("--eta", "eta_list", default="0,1", show_default=True, help="Table 1 η values.")
+@click.option("--n", default=100, show_default=True, type=click.IntRange(min=4), help="Table 1 samples per cell.")
+@click.option("--table2-n", default=50, show_default=True, type=click.IntRange(min=1), help="Table 2 images.")
+@click.option("--heldout-data", default=None, help="Table 2 images (load_data spec) [MNIST-5k held-out digits].")
+@click.option("--consistency-steps", default="10,20,50,100,1000", show_default=True, help="Consistency step counts.")
+@click.option("--consistency-n", default=10, show_default=True, type=click.IntRange(min=2), help="Consistency x_T.")
+@click.option("--pairs", default=4, show_default=True, type=click.IntRange(min=1), help="Interpolation strips.")
+@click.option("--frames", default=9, show_default=True, type=click.IntRange(min=3), help="Frames per strip.")
+def report_cmd(
+    model_path,
+    class_spec,
+    guidance,
+    spacing,
+    seed,
+    batch,
+    progress,
+    device,
+    features,
+    inception_weights,
+    data,
+    cache,
+    out,
+    work,
+    steps_list,
+    eta_list,
+    n,
+    table2_n,
+    heldout_data,
+    consistency_steps,
+    consistency_n,
+    pairs,
+    frames,
+) -> None:
+    """One self-contained HTML page with Table 1, Table 2, consistency and interpolation for a model.
+
+    Defaults are small (a few minutes on a CPU for the default model); raise --n and friends to scale
+    up. Results are cached in --work, so a second run (or a killed one) only does what is missing.
+    """
+    from ddim.evaluation.report import ReportSettings, build_report
+    from ddim.evaluation.sources import heldout_data as heldout
+
+    settings = ReportSettings(
+        steps=_ints(steps_list, "--steps"),
+        etas=_floats(eta_list, "--eta"),
+        n=n,
+        table2_n=table2_n,
+        consistency_steps=_ints(consistency_steps, "--consistency-steps"),
+        consistency_n=consistency_n,
+        pairs=pairs,
+        frames=frames,
+    )
+    if len(set(settings.consistency_steps)) < 2:
+        raise UsageError("--consistency-steps needs at least two step counts")
+    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
+    try:
+        held, held_name = heldout(setup.model, config, heldout_data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--heldout-data: {e}") from None
+    out_path = Path(out)
+    work_dir = Path(work) if work else out_path.with_name(out_path.stem + "_files")
+    try:
+        build_report(
+            setup,
+            config,
+            out_path,
+            work_dir,
+            extractor,
+            reference,
+            held.images,
+            held_name,
+            settings,
+            progress=progress,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo(f"-> {out_path} (results in {work_dir}/)")
