@@ -228,3 +228,22 @@ def test_errors_are_one_line(tmp_path, capsys, tiny, digits):
     fails(t2, capsys, "--labels: the data has class 9")
     fails(["eval", "consistency", "--model", tiny, "--steps", "5"], capsys, "two step counts")
     fails(["eval", "table1", "--model", str(tmp_path / "missing")], capsys, "--model")
+
+
+# ------------------------------------------------------------------ beside the paper
+def test_trend_checks_against_the_paper():
+    from ddim.evaluation.paper import PAPER_TABLE1, PAPER_TABLE2, compare_with_paper, trend_checks
+
+    # The paper's own numbers agree with every trend it shows.
+    checks = trend_checks(PAPER_TABLE1, PAPER_TABLE2)
+    assert checks and all(c["agree"] for c in checks)
+    # Numbers where η = 1 beats η = 0 and the MSE does not fall: those trends differ.
+    ours = {0.0: {10: 30.0, 20: 20.0}, 1.0: {10: 25.0, 20: 22.0}}
+    checks = {c["trend"]: c["agree"] for c in trend_checks(ours, {10: 0.01, 20: 0.02})}
+    assert checks["η = 0: FID falls as S grows (10, 20)"] is True
+    assert checks["S = 10: FID rises with η (0, 1)"] is False
+    assert checks["inversion MSE falls as S grows (10, 20)"] is False
+    rows1 = [{"sampler": "ddim", "eta": e, "steps": s, "fd": v} for e, d in ours.items() for s, v in d.items()]
+    rows1.append({"sampler": "data", "eta": None, "steps": None, "fd": 1.5})
+    text = compare_with_paper(rows1, [{"steps": 10, "mse": 0.01}, {"steps": 20, "mse": 0.02}])
+    assert "| ours η = 0 | 30 | 20 |" in text and "floor): 1.5" in text and "differs" in text

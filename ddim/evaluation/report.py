@@ -25,21 +25,11 @@ from ddim.evaluation.consistency import run_consistency
 from ddim.evaluation.extractors import FeatureExtractor
 from ddim.evaluation.interpolation import run_interpolation
 from ddim.evaluation.metrics import Reference
+from ddim.evaluation.paper import PAPER_TABLE1, PAPER_TABLE2, trend_checks
 from ddim.evaluation.table1 import METRIC_LABELS, metric_names, plot_table1, run_table1
 from ddim.evaluation.table2 import plot_table2, run_table2
 
-__all__ = ["ReportSettings", "build_report", "render_report", "PAPER"]
-
-#: Song, Meng & Ermon (ICLR 2021), CIFAR-10: Table 1 (FID, quadratic timesteps) and Table 2 (MSE).
-PAPER = {
-    "table1": {
-        0.0: {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16, 1000: 4.04},
-        0.2: {10: 14.04, 20: 7.11, 50: 4.77, 100: 4.25, 1000: 4.09},
-        0.5: {10: 16.66, 20: 8.35, 50: 5.25, 100: 4.46, 1000: 4.29},
-        1.0: {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78, 1000: 4.73},
-    },
-    "table2": {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004, 500: 0.0001, 1000: 0.0001},
-}
+__all__ = ["ReportSettings", "build_report", "render_report"]
 
 
 @dataclass
@@ -318,12 +308,12 @@ def render_report(
     head, body = _pivot(cells, "images_per_s", None)
     parts.append(f"<h3>Images per second (sampling only, this machine)</h3>{_table(head, body, 3)}")
     parts.append(_img(_samples_figure(table1, work / "table1"), "samples per cell", "900px"))
-    steps_p = sorted(PAPER["table1"][0.0])
+    steps_p = sorted(PAPER_TABLE1[0.0])
     parts.append(
         "<h3 class='paper'>For comparison: the paper, CIFAR-10 FID (Inception), same DDPM weights</h3>"
         + _table(
             ["", *[f"S = {x}" for x in steps_p]],
-            [[f"η = {e:g}"] + [PAPER["table1"][e][x] for x in steps_p] for e in PAPER["table1"]],
+            [[f"η = {e:g}"] + [PAPER_TABLE1[e][x] for x in steps_p] for e in PAPER_TABLE1],
             cls="paper",
         )
         + "<p class='note'>Different data, model and feature space: compare trends (how the numbers move with S "
@@ -342,7 +332,7 @@ def render_report(
             [[r["steps"], r["nfe"], r["mse"], r["mse_sem"], r["mse_median"], r["images_per_s"]] for r in table2],
         )
     )
-    paper2 = PAPER["table2"]
+    paper2 = PAPER_TABLE2
     parts.append(
         "<p class='paper'>The paper (CIFAR-10 test set): "
         + ", ".join(f"S = {k}: {v:g}" for k, v in paper2.items())
@@ -350,6 +340,22 @@ def render_report(
     )
     parts.append("<div class='flex'>" + _img(plot_table2(table2), "MSE against S", "460px"))
     parts.append(_file_img(work / "table2" / "table2_examples.png", "inversion examples", "560px") + "</div>")
+    # Trends beside the paper's
+    t1 = {}
+    for r in cells:
+        if r["sampler"] == "ddim" and r["eta"] is not None:
+            t1.setdefault(float(r["eta"]), {})[int(r["steps"])] = r["fd"]
+    checks = trend_checks(t1, {int(r["steps"]): r["mse"] for r in table2})
+    if checks:
+        verdict = {True: "agrees", False: "differs", None: "n/a"}
+        parts.append("<h3>The paper's trends, checked on this model</h3>")
+        parts.append(
+            _table(
+                ["trend in the paper", "paper", "this model", ""],
+                [[c["trend"], c["paper"], c["ours"], verdict[c["agree"]]] for c in checks],
+                cls="meta",
+            )
+        )
     # Consistency
     ref = consistency["reference_steps"]
     parts.append("<h2>Consistency: the same x_T across S (§5.2)</h2>")
