@@ -24,6 +24,7 @@ from ddim.sampling import (
     sample,
 )
 from ddim.schedule import NoiseSchedule
+from ddim.solvers import GaussianMixture  # registers plms, dpmpp_*, unipc, euler, heun
 from ddim.timesteps import SPACINGS, check_timesteps, register_spacing, timesteps
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "SPACINGS",
     "VARIANCES",
     "Denoiser",
+    "GaussianMixture",
     "Levels",
     "SamplerSpec",
     "StepNoise",

@@ -70,6 +70,54 @@ def _quadratic(schedule: NoiseSchedule, steps: int) -> Sequence[int]:
     return out
 
 
+def _distinct_ints(t: np.ndarray, T: int) -> list[int]:
+    """Round ascending real timesteps to as many distinct ints in [0, T-1]: a repeat is moved up to the
+    next free integer, and values pushed past T-1 are moved back down (len(t) <= T always fits)."""
+    out = np.clip(np.round(t), 0, T - 1).astype(np.int64)
+    for k in range(1, out.size):
+        out[k] = max(out[k], out[k - 1] + 1)
+    for k in range(out.size - 1, -1, -1):
+        out[k] = min(out[k], T - 1 if k == out.size - 1 else out[k + 1] - 1)
+    return out.tolist()
+
+
+def _even_in(values: np.ndarray, grid: np.ndarray, T: int) -> list[int]:
+    """Timesteps whose ``values`` (a table over t, non-decreasing in t) are the targets ``grid``.
+
+    Linear interpolation of t over the finite part of the table, rounded to distinct ints; the noisiest
+    target always maps to T-1 (where an infinite value, e.g. zero terminal SNR, cannot be interpolated).
+    """
+    t = np.arange(T, dtype=np.float64)
+    ok = np.isfinite(values)
+    real = np.interp(grid, values[ok], t[ok])
+    real[np.argmax(grid)] = T - 1
+    return _distinct_ints(np.sort(real), T)
+
+
+@register_spacing("logsnr")
+def _logsnr(schedule: NoiseSchedule, steps: int) -> Sequence[int]:
+    # Uniform in log-SNR λ_t = log(ᾱ_t / (1 - ᾱ_t)) from λ_{T-1} to λ_0 (DPM-Solver's "logSNR" steps,
+    # Lu et al. 2022), mapped to t by interpolating -λ (increasing in t).
+    neg_lam = -schedule.log_snr().numpy()
+    ok = np.isfinite(neg_lam)
+    lo, hi = neg_lam[ok].min(), neg_lam[ok].max()
+    return _even_in(neg_lam, np.linspace(hi, lo, steps), schedule.T)
+
+
+@register_spacing("karras")
+def _karras(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> Sequence[int]:
+    # Karras et al. (2022), Eq. 5 with ρ = 7: σ_i = (σ_max^(1/ρ) + i/(S-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ
+    # between σ_{T-1} and σ_0, σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), mapped to t by interpolating log σ.
+    ab = schedule.alphas_cumprod.numpy()
+    with np.errstate(divide="ignore"):
+        log_sigma = 0.5 * (np.log1p(-ab) - np.log(ab))
+    ok = np.isfinite(log_sigma)
+    s_min, s_max = np.exp(log_sigma[ok].min()), np.exp(log_sigma[ok].max())
+    ramp = np.linspace(0.0, 1.0, steps)
+    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    return _even_in(log_sigma, np.log(sigmas), schedule.T)
+
+
 def _check_steps(steps: object, T: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
@@ -99,6 +147,10 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> 
             - ``"linspace"``: round(linspace(0, T-1, S)), contains both 0 and T-1.
             - ``"quadratic"``: int(linspace(0, √(0.8T), S)²) with repeats bumped up to the next free
               integer (Song et al. 2021, used for CIFAR-10).
+            - ``"logsnr"``: uniform in log-SNR λ_t from λ_{T-1} to λ_0 (DPM-Solver's steps), contains T-1
+              and 0; where rounding repeats a timestep (near t = 0) the repeat moves to the next free one.
+            - ``"karras"``: Karras et al. (2022) ρ = 7 steps in σ_t = sqrt((1-ᾱ_t)/ᾱ_t) from σ_{T-1} to
+              σ_0, contains T-1 and 0, repeats moved likewise.
 
     Returns:
         int64 CPU tensor of shape [S]: S distinct values in [0, T-1], strictly descending.

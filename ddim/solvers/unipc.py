@@ -1,0 +1,161 @@
+"""UniPC (Zhao, Bai, Rao, Zhou & Lu, NeurIPS 2023, "UniPC: A Unified Predictor-Corrector Framework for
+Fast Sampling of Diffusion Models", arXiv 2302.04867), data prediction, B(h) = e^{h} - 1 ("bh2"): "unipc".
+
+Each listed level i gets one network call, m_i = x̂₀(x_i, t_i), used twice:
+
+1. UniC (Alg. 1, corrector): it corrects x_i, the predictor's guess, with the step from level i-1 that
+   produced it, now also using m_i: x_i^c. No extra call, and the order rises by one.
+2. UniP (Alg. 2, predictor): from x_i^c to level i+1 with m_i, m_{i-1}, … (order p ≤ 2 here).
+
+Both are x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) m_s - α_t B(h) Σ_k ρ_k D_k with h = λ_t - λ_s,
+D_k = (m_{s_k} - m_s) / r_k, r_k = (λ_{s_k} - λ_s) / h, and ρ solving the order conditions R ρ = b
+(Eq. 7–8; :func:`_rhos`). All weights are built once in float64 by :func:`unipc_coefficients`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ddim.prediction import Denoiser
+from ddim.sampling import Callback, Levels, _bar, register_sampler
+from ddim.solvers.base import LevelTable, cached, check_ode_args, combine, level_table, multistep_orders, to_rows
+
+__all__ = ["unipc_coefficients", "sample_unipc"]
+
+#: Highest predictor order of "unipc" (UniPC-2; with the corrector the method is of order 3).
+UNIPC_ORDER = 2
+
+
+def _rhos(rks: list[float], hh: float, corrector: bool) -> list[float]:
+    """ρ of UniP (predictor) or UniC (corrector), B(h) = e^{hh} - 1 with hh = -h (data prediction).
+
+    b_k = k! φ_{k+1}(hh)·hh / B(h), R_{kj} = r_j^{k-1}, k = 1 … p (rks ends with r = 1 for the new point).
+    The predictor solves the first p-1 conditions on the old points (ρ = 1/2 for p = 2); the corrector
+    solves all p including the new point (ρ = 1/2 for p = 1).
+    """
+    p = len(rks)
+    h_phi_1 = math.expm1(hh)  # h φ_1(h)
+    B_h = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b, factorial = [], 1
+    for k in range(1, p + 1):
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R = np.array([[r ** (k - 1) for r in rks] for k in range(1, p + 1)])
+    if corrector:
+        return [0.5] if p == 1 else np.linalg.solve(R, np.array(b)).tolist()
+    if p == 1:
+        return []
+    return [0.5] if p == 2 else np.linalg.solve(R[:-1, :-1], np.array(b[:-1])).tolist()
+
+
+def _update(lv: LevelTable, s: int, t: int, order: int, corrector: bool) -> list[float]:
+    """Weights of x_t on (x_s, m_s, m_{s-1}, …, m_{s-order+1}[, m_t]) for a UniP (or UniC) step s -> t."""
+    h = lv.lam[t] - lv.lam[s]
+    hh = -h
+    alpha_t = lv.alpha[t]
+    h_phi_1 = math.expm1(hh)  # e^{-h} - 1
+    w_x = lv.sigma[t] / lv.sigma[s]
+    w_m = [-alpha_t * h_phi_1] + [0.0] * (order - 1)  # x_t' = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) m_s
+    old = [s - k for k in range(1, order)]
+    if not corrector and order == 1:
+        return [w_x, *w_m]
+    if corrector and not math.isfinite(h):
+        rhos, B_h, rks = [0.5], -1.0, [1.0]  # from ᾱ = 0: e^{-h} - 1 = -1
+    else:
+        rks = [(lv.lam[j] - lv.lam[s]) / h for j in old] + [1.0]
+        rhos = _rhos(rks, hh, corrector)
+        B_h = math.expm1(hh)
+    # - α_t B(h) Σ_k ρ_k (m_{s_k} - m_s) / r_k
+    for k, rho in enumerate(rhos[: len(old)]):
+        w = -alpha_t * B_h * rho / rks[k]
+        w_m[k + 1] += w
+        w_m[0] -= w
+    if not corrector:
+        return [w_x, *w_m]
+    # UniC: - α_t B(h) ρ_last (m_t - m_s)
+    w_new = -alpha_t * B_h * rhos[-1]
+    w_m[0] -= w_new
+    return [w_x, w_new, *w_m]
+
+
+def unipc_coefficients(levels: Levels, order: int = 2) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Float64 tables of a UniPC-bh2 run.
+
+    Returns:
+        (pred [N, order+1], corr [N, order+2], orders). Predictor step i: x_{i+1} = pred[i] · (x_i^c, m_i,
+        m_{i-1}, …). Corrector at level i ≥ 1 (row 0 unused): x_i^c = corr[i] · (x_{i-1}^c, m_i, m_{i-1}, …),
+        of the order of the predictor step that produced x_i. Predictor orders ramp up 1, 2, … and fall
+        to N - i near the end (UniPC's lower-order final steps); into ᾱ = 1 the last step is x = m_{N-1}.
+    """
+    lv = level_table(levels)
+    orders = multistep_orders(lv, order, lower_order_final=True)
+    pred = torch.zeros(lv.N, order + 1, dtype=torch.float64)
+    corr = torch.zeros(lv.N, order + 2, dtype=torch.float64)
+    for i, p in enumerate(orders):
+        row = _update(lv, i, i + 1, p, corrector=False)
+        pred[i, : len(row)] = torch.tensor(row, dtype=torch.float64)
+        if i > 0:
+            row = _update(lv, i - 1, i, orders[i - 1], corrector=True)
+            corr[i, : len(row)] = torch.tensor(row, dtype=torch.float64)
+    return pred, corr, orders
+
+
+@register_sampler("unipc")
+def sample_unipc(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    levels: Levels,
+    *,
+    eta: float = 0.0,
+    variance: str = "eta",
+    noise: Callable[[], torch.Tensor] | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """UniPC with B(h) = e^h - 1 (Zhao et al. 2023, Alg. 1–3): UniC corrector + UniP predictor, data prediction.
+
+    At level i: m_i = x̂₀(x_i, t_i); x_i^c = UniC(x_{i-1}^c, m_i, m_{i-1}, …) for i ≥ 1; x_{i+1} =
+    UniP(x_i^c, m_i, m_{i-1}, …) of order up to :data:`UNIPC_ORDER`. The last step, to ᾱ_final, is first
+    order (to ᾱ = 1: x = m_{N-1}) and is not corrected (that would need another call). One network call
+    per step. Deterministic: ``eta`` must be 0.
+    """
+    check_ode_args("unipc", eta, variance)
+    order = UNIPC_ORDER
+
+    def build() -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]], list[int]]:
+        pred, corr, orders = unipc_coefficients(levels, order)
+        return to_rows(pred, x), to_rows(corr, x), orders
+
+    pred, corr, orders = cached("unipc", levels, x, build, order)
+    N = len(orders)
+    plan = denoise.plan(levels.timesteps, x)
+    m: list[torch.Tensor] = []  # x̂₀ of the latest calls, newest first
+    x_prev = x  # x_{i-1}^c, the point the last predictor step started from
+    with _bar(N, progress, "unipc") as bar:
+        for i in range(N - 1):
+            x0, _ = denoise.predict(x, plan, i)
+            if callback is not None:
+                callback(i, plan.timesteps[i], x, x0)
+            if i > 0:
+                x = combine(x_prev, corr[i], [x0, *m], orders[i - 1] + 1)  # UniC: x_i -> x_i^c
+            m = [x0, *m[: order - 1]]
+            x_prev = x
+            x = combine(x, pred[i], m, orders[i])  # UniP: x_i^c -> x_{i+1}
+            bar.update()
+        # Last step, to ᾱ_final: correct x_{N-1}, then one first-order predictor step.
+        x0, _ = denoise.predict(x, plan, N - 1)
+        if callback is not None:
+            callback(N - 1, plan.timesteps[N - 1], x, x0)
+        bar.update()
+    denoise.finish(plan)
+    if float(levels.alpha_bars[-1]) == 1.0:
+        return x0
+    if N > 1:
+        x = combine(x_prev, corr[N - 1], [x0, *m], orders[N - 2] + 1)
+    return combine(x, pred[N - 1], [x0], 1)
