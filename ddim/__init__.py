@@ -9,6 +9,7 @@ the module of the same name is reached with ``from ddim.timesteps import ...`` o
 from ddim.checkpoint import load, save_model
 from ddim.interpolate import slerp
 from ddim.noise import StepNoise, randn
+from ddim.optimize import optimize_timesteps
 from ddim.prediction import PREDICTIONS, Denoiser, conversion_coefficients, dynamic_threshold, to_x0_eps
 from ddim.sampling import (
     SAMPLERS,
@@ -50,6 +51,7 @@ __all__ = [
     "dynamic_threshold",
     "invert",
     "nfe",
+    "optimize_timesteps",
     "randn",
     "register_sampler",
     "register_spacing",

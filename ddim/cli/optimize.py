@@ -1,0 +1,132 @@
+"""`ddim optimize-timesteps`: adaptive step selection for a sampler and a step count."""
+
+from __future__ import annotations
+
+import click
+
+from ddim.cli.common import UsageError, _guidance, _load_model, main
+from ddim.sampling import SAMPLERS
+from ddim.solvers import STOCHASTIC_SAMPLERS
+
+_DETERMINISTIC = sorted(s for s in SAMPLERS if s not in STOCHASTIC_SAMPLERS)
+
+
+@main.command("optimize-timesteps")
+@click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timesteps to choose (S).")
+@click.option("--sampler", default="ddim", show_default=True, type=click.Choice(_DETERMINISTIC))
+@click.option("--n", default=16, show_default=True, type=click.IntRange(min=1), help="Training noises (seeds K…K+n-1).")
+@click.option("--seed", default=0, show_default=True, type=int, help="First seed K.")
+@click.option(
+    "--class",
+    "class_spec",
+    default="all",
+    show_default=True,
+    help="Classes of the training noises as in `ddim sample` ('all', an int, a comma list), or 'none'.",
+)
+@click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default].")
+@click.option(
+    "--reference-sampler",
+    default="dpmpp_3m",
+    show_default=True,
+    type=click.Choice(_DETERMINISTIC),
+    help="Sampler of the fine reference (log-SNR steps).",
+)
+@click.option("--reference-steps", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-evals",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Search budget in sampler runs (each costs the sampler's NFE on the n noises).",
+)
+@click.option(
+    "--validate",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Also compare with the starting spacing on this many unseen noises (seeds after the training ones).",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def optimize_cmd(
+    model_path,
+    steps,
+    sampler,
+    n,
+    seed,
+    class_spec,
+    guidance,
+    reference_sampler,
+    reference_steps,
+    max_evals,
+    validate,
+    progress,
+) -> None:
+    """Choose STEPS timesteps for SAMPLER that bring its samples closest to a fine reference solution.
+
+    Prints the list last, ready for `ddim sample --sampler SAMPLER --timesteps LIST`.
+    """
+    import torch
+
+    from ddim.generate import parse_classes
+    from ddim.noise import randn
+    from ddim.optimize import optimize_timesteps, trajectory_error
+    from ddim.sampling import sample
+
+    model, schedule, config = _load_model(model_path)
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    weight = _guidance(config, guidance)
+    k = cfg.num_classes
+
+    def settings(count: int, first: int) -> tuple[torch.Tensor, dict]:
+        spec = None if class_spec.strip().lower() == "none" else class_spec
+        labels = parse_classes(spec, count, k) if k else torch.full((count,), -1, dtype=torch.long)
+        kw: dict = {"prediction": config["prediction"]}
+        kw["clip_sample"] = config.get("sampling", {}).get("clip_sample", False)
+        if k:
+            y = torch.where(labels < 0, torch.full_like(labels, k), labels)
+            kw["model_kwargs"] = {"y": y}
+            if weight != 1.0 and bool((labels >= 0).any()):
+                kw.update(guidance_scale=weight, uncond_kwargs={"y": torch.full_like(y, k)})
+        return randn((count, *shape), range(first, first + count)), kw
+
+    try:
+        x_T, kw = settings(n, seed)
+        stats: dict = {}
+        with torch.inference_mode():
+            ts = optimize_timesteps(
+                model,
+                schedule,
+                steps,
+                x_T,
+                sampler=sampler,
+                reference_sampler=reference_sampler,
+                reference_steps=reference_steps,
+                max_evals=max_evals,
+                progress=progress,
+                stats=stats,
+                **kw,
+            )
+            held_out = None
+            if validate:
+                x_v, kw_v = settings(validate, seed + n)
+                ref = sample(
+                    model, x_v, schedule, steps=reference_steps, spacing="logsnr", sampler=reference_sampler, **kw_v
+                )
+                opt = sample(model, x_v, schedule, timesteps=ts, sampler=sampler, **kw_v)
+                start = stats["start_spacing"]
+                fixed = sample(model, x_v, schedule, steps=steps, spacing=start, sampler=sampler, **kw_v)
+                held_out = (trajectory_error(fixed, ref), trajectory_error(opt, ref))
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    errors = ", ".join(f"{name} {err:.4f}" for name, err in stats["errors"].items())
+    click.echo(f"RMS distance to {reference_sampler} at {reference_steps} steps on {n} noises: {errors}")
+    click.echo(
+        f"optimized from {stats['start_spacing']}: {stats['start_error']:.4f} -> {stats['error']:.4f} "
+        f"({stats['evals']} runs, {stats['nfe']} network calls)"
+    )
+    if held_out is not None:
+        start = stats["start_spacing"]
+        click.echo(f"on {validate} unseen noises: {start} {held_out[0]:.4f} -> optimized {held_out[1]:.4f}")
+    click.echo(",".join(str(t) for t in ts))
