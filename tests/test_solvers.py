@@ -306,3 +306,15 @@ def test_float32_in_float32_out_and_clipping(linear, sampler):
     assert torch.isfinite(clipped).all()
     if sampler != "plms":  # the others end on the (clipped) x̂₀ of their last call; PLMS on x̂₀' of ε'
         assert clipped.abs().max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("sampler", NEW)
+def test_equal_levels_give_no_division_by_zero(sampler):
+    # β_t = 0 for t in 400..599: listed timesteps there share one ᾱ (a step of length h = 0).
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    betas[400:600] = 0.0
+    sched = NoiseSchedule.from_betas(betas)
+    ts = [999, 800, 590, 500, 410, 300, 100, 0]
+    for one in (True, False):
+        out = ddim.sample(dummy_model, _x(), sched, timesteps=ts, sampler=sampler, seeds=range(4), set_alpha_to_one=one)
+        assert torch.isfinite(out).all()

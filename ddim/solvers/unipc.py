@@ -31,16 +31,16 @@ UNIPC_ORDER = 2
 
 
 def _rhos(rks: list[float], hh: float, corrector: bool) -> list[float]:
-    """ρ of UniP (predictor) or UniC (corrector), B(h) = e^{hh} - 1 with hh = -h (data prediction).
+    """ρ of UniP (predictor) or UniC (corrector) from the order conditions R ρ = b (Zhao et al., Eq. 8).
 
-    b_k = k! φ_{k+1}(hh)·hh / B(h), R_{kj} = r_j^{k-1}, k = 1 … p (rks ends with r = 1 for the new point).
-    The predictor solves the first p-1 conditions on the old points (ρ = 1/2 for p = 2); the corrector
-    solves all p including the new point (ρ = 1/2 for p = 1).
+    With hh = -h (data prediction) and B(h) = e^{hh} - 1 (bh2): b_k = k!·hh·φ_{k+1}(hh) / B(h) and
+    R_{kj} = r_j^{k-1}, k = 1 … p, where rks ends with r = 1 for the newest point. The predictor solves
+    the first p-1 conditions on its old points (ρ = 1/2 for p = 2); the corrector all p, including the
+    new point (ρ = 1/2 for p = 1).
     """
     p = len(rks)
-    h_phi_1 = math.expm1(hh)  # h φ_1(h)
     B_h = math.expm1(hh)
-    h_phi_k = h_phi_1 / hh - 1
+    h_phi_k = math.expm1(hh) / hh - 1  # hh φ_2(hh), then hh φ_{k+1}(hh) by φ_{k+1} = (φ_k - 1/k!)/hh
     b, factorial = [], 1
     for k in range(1, p + 1):
         b.append(h_phi_k * factorial / B_h)
@@ -54,17 +54,18 @@ def _rhos(rks: list[float], hh: float, corrector: bool) -> list[float]:
     return [0.5] if p == 2 else np.linalg.solve(R[:-1, :-1], np.array(b[:-1])).tolist()
 
 
-def _update(lv: LevelTable, s: int, t: int, order: int, corrector: bool) -> list[float]:
-    """Weights of x_t on (x_s, m_s, m_{s-1}, …, m_{s-order+1}[, m_t]) for a UniP (or UniC) step s -> t."""
-    h = lv.lam[t] - lv.lam[s]
+def _update(lv: LevelTable, s: int, order: int, corrector: bool) -> list[float]:
+    """Weights of x_t on (x_s[, m_t], m_s, m_{s-1}, …, m_{s-order+1}) for the UniP (UniC) step s -> t = s+1."""
+    t = s + 1
+    h = lv.h(s)
     hh = -h
     alpha_t = lv.alpha[t]
     h_phi_1 = math.expm1(hh)  # e^{-h} - 1
     w_x = lv.sigma[t] / lv.sigma[s]
     w_m = [-alpha_t * h_phi_1] + [0.0] * (order - 1)  # x_t' = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) m_s
     old = [s - k for k in range(1, order)]
-    if not corrector and order == 1:
-        return [w_x, *w_m]
+    if (not corrector and order == 1) or h == 0:
+        return [w_x, *w_m] if not corrector else [w_x, 0.0, *w_m]  # (h = 0: x_t = x_s, nothing to correct)
     if corrector and not math.isfinite(h):
         rhos, B_h, rks = [0.5], -1.0, [1.0]  # from ᾱ = 0: e^{-h} - 1 = -1
     else:
@@ -98,10 +99,10 @@ def unipc_coefficients(levels: Levels, order: int = 2) -> tuple[torch.Tensor, to
     pred = torch.zeros(lv.N, order + 1, dtype=torch.float64)
     corr = torch.zeros(lv.N, order + 2, dtype=torch.float64)
     for i, p in enumerate(orders):
-        row = _update(lv, i, i + 1, p, corrector=False)
+        row = _update(lv, i, p, corrector=False)
         pred[i, : len(row)] = torch.tensor(row, dtype=torch.float64)
         if i > 0:
-            row = _update(lv, i - 1, i, orders[i - 1], corrector=True)
+            row = _update(lv, i - 1, orders[i - 1], corrector=True)
             corr[i, : len(row)] = torch.tensor(row, dtype=torch.float64)
     return pred, corr, orders
 
