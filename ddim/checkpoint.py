@@ -130,13 +130,19 @@ def load(
 
     Args:
         path: a model folder (``model.safetensors`` + ``config.json``), a ``.safetensors``
-            file with its ``.json`` beside it, or ``None`` for the embedded default model.
+            file with its ``.json`` beside it, a diffusers pipeline folder (``model_index.json``,
+            ``unet/``, ``scheduler/``; see :mod:`ddim.diffusers_io`, needs diffusers), or ``None`` for
+            the embedded default model.
         device, dtype: where and in which precision to put the weights (default CPU float32).
 
     Raises:
         FileNotFoundError: a file is missing. ValueError: a corrupt file, or weights that do
         not match the architecture in the config (the message names the first mismatches).
     """
+    from ddim.diffusers_io import is_pipeline_folder, load_pipeline
+
+    if is_pipeline_folder(path):
+        return load_pipeline(path, device, dtype)
     weights_path, _ = _resolve(path)
     config = read_config(path)
     if not weights_path.is_file():

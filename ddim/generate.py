@@ -117,6 +117,7 @@ def generate(
     progress: bool = False,
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
     device: str | torch.device = "cpu",
+    sample_kwargs: dict[str, Any] | None = None,
 ) -> SampleResult:
     """Sample ``n`` images, image i from seed ``seed + i``, in chunks of ``batch``.
 
@@ -129,6 +130,9 @@ def generate(
         batch: images per network batch (memory bound); results do not depend on it.
         image_shape: [C, H, W]; default from ``model.config``.
         on_batch: called as ``on_batch(first_index, images_chunk)`` after each chunk (for streaming).
+        sample_kwargs: further :func:`ddim.sample` arguments (e.g. ``set_alpha_to_one``,
+            ``clip_sample_range``, thresholding: what :func:`ddim.diffusers_io.sampling_kwargs` reads
+            from a model's config).
 
     Returns:
         A :class:`SampleResult` (images on the CPU, float32).
@@ -179,6 +183,7 @@ def generate(
                     model_kwargs=kwargs,
                     guidance_scale=guidance if guided else 1.0,
                     uncond_kwargs=uncond if guided else None,
+                    **(sample_kwargs or {}),
                 )
                 .float()
                 .cpu()

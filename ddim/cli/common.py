@@ -17,13 +17,74 @@ def main() -> None:
     """Sample DDPM-trained diffusion models fast: DDIM and its successors."""
 
 
-def _load_model(path: str | None):
+def _load_model(path: str | None, device: str = "cpu"):
     from ddim.checkpoint import load
 
     try:
-        return load(path)
-    except (FileNotFoundError, ValueError) as e:
+        return load(path, device=_check_device(device))
+    except (FileNotFoundError, ValueError, ImportError) as e:
         raise UsageError(f"--model: {e}") from None
+
+
+# ----------------------------------------------------------------- runtime (speed) options
+#: Runtime options that change how fast images come, not which images (kept out of folder settings).
+RUNTIME_ONLY = frozenset({"device", "compile_model", "channels_last", "threads"})
+
+
+def _runtime_options(f):
+    """--device, --dtype, --compile, --channels-last, --threads (see :mod:`ddim.perf`)."""
+    opts = [
+        click.option("--device", default="cpu", show_default=True, help="Where to run: cpu, cuda, cuda:1, mps."),
+        click.option(
+            "--dtype",
+            "precision",
+            default="fp32",
+            show_default=True,
+            type=click.Choice(["fp32", "fp16", "bf16"]),
+            help="Network precision (the sampler's state stays fp32); fp16 needs an accelerator.",
+        ),
+        click.option(
+            "--compile/--no-compile",
+            "compile_model",
+            default=False,
+            show_default=True,
+            help="torch.compile the network (CUDA graphs on CUDA); compiling takes minutes on a small CPU.",
+        ),
+        click.option(
+            "--channels-last/--no-channels-last", default=None, help="Channels-last memory format [on for conv nets]."
+        ),
+        click.option(
+            "--threads", default=None, type=click.IntRange(min=1), help="CPU threads [$OMP_NUM_THREADS, else all]."
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available") from None
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available") from None
+    return device
+
+
+def _prepare_model(model, device: str, precision: str, compile_model: bool, channels_last: bool | None, threads):
+    """The loaded model made fast for ``device`` (threads, precision, channels-last, compile)."""
+    from ddim.perf import prepare, set_threads
+
+    set_threads(threads)
+    try:
+        return prepare(model, device=device, dtype=precision, channels_last=channels_last, compile=compile_model)
+    except ValueError as e:
+        raise UsageError(f"--dtype: {e}") from None
 
 
 def _sampling_options(f):
