@@ -26,7 +26,7 @@ X = torch.zeros(2, 3)
         ({"steps": 2.5}, TypeError, "steps"),
         ({"spacing": "cubic"}, ValueError, "spacing"),
         ({"prediction": "score"}, ValueError, "prediction"),
-        ({"sampler": "euler"}, ValueError, "sampler"),
+        ({"sampler": "euler_ancestral_magic"}, ValueError, "sampler"),
         ({"eta": -0.1}, ValueError, "eta"),
         ({"eta": float("nan")}, ValueError, "eta"),
         ({"sampler": "ddpm", "eta": 0.5}, ValueError, "eta"),
@@ -198,7 +198,7 @@ def test_denoiser_and_slerp_errors(linear):
     with pytest.raises(ValueError, match="alpha"):
         ddim.slerp(torch.ones(3), torch.ones(3), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="unknown sampler"):
-        ddim.nfe("plms", 10)
+        ddim.nfe("lms", 10)
 
 
 def test_deferred_nonfinite_report_as_on_accelerators(linear):
