@@ -33,6 +33,7 @@ __all__ = [
     "invert_images",
     "interpolate_seeds",
     "write_images",
+    "write_uint8",
     "save_npz",
     "load_images",
 ]
@@ -122,7 +123,8 @@ def generate(
     """Sample ``n`` images, image i from seed ``seed + i``, in chunks of ``batch``.
 
     Args:
-        seeds: explicit seeds, one per image (overrides ``n`` and ``seed``).
+        seeds: explicit seeds, one per image (overrides ``n`` and ``seed``); an empty list gives an
+            empty result (a rank with nothing left to do).
         model: a :class:`~ddim.unet.UNet` (or any model callable ``model(x, t, y=...)``).
         labels: int64 [n] class per image, -1 = unconditional (the null class); None = all -1.
         guidance: classifier-free guidance weight (1 = none) for the conditional images.
@@ -139,7 +141,7 @@ def generate(
     """
     if seeds is not None:
         n = len(seeds)
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or n < (0 if seeds is not None else 1):
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
@@ -196,7 +198,7 @@ def generate(
     if bar is not None:
         bar.close()
     return SampleResult(
-        torch.cat(chunks),
+        torch.cat(chunks) if chunks else torch.empty((0, *image_shape)),
         labels,
         seeds,
         calls,
@@ -222,8 +224,14 @@ def write_images(result: SampleResult, out: str | os.PathLike, nrow: int | None 
     """Write images by the form of ``out``: ``*.png`` one grid; ``*.npz`` arrays ``images`` (uint8
     [N, H, W, C]) and ``labels`` (int64, -1 = unconditional) and ``seeds``; otherwise a folder with one
     PNG per image named by its seed (``seed_000042.png``). Returns the paths written."""
+    return write_uint8(to_uint8(result.images), result.labels, result.seeds, out, nrow)
+
+
+def write_uint8(
+    u8: np.ndarray, labels: torch.Tensor, seeds: Sequence[int], out: str | os.PathLike, nrow: int | None = None
+) -> list[Path]:
+    """:func:`write_images` for images already in uint8 [N, H, W, C] (e.g. gathered from several ranks)."""
     out = Path(out)
-    u8 = to_uint8(result.images)
     if out.suffix.lower() == ".png":
         n = u8.shape[0]
         save_png(make_grid(u8, nrow=nrow or int(np.ceil(np.sqrt(n)))), out)
@@ -232,15 +240,15 @@ def write_images(result: SampleResult, out: str | os.PathLike, nrow: int | None 
         save_npz(
             out,
             images=u8,
-            labels=result.labels.numpy().astype(np.int64),
-            seeds=np.asarray(result.seeds, dtype=np.int64),
+            labels=torch.as_tensor(labels).numpy().astype(np.int64),
+            seeds=np.asarray(seeds, dtype=np.int64),
         )
         return [out]
     if out.suffix:
         raise ValueError(f"out must end in .png or .npz, or be a folder; got {str(out)!r}")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for img, s in zip(u8, result.seeds, strict=True):
+    for img, s in zip(u8, seeds, strict=True):
         p = out / f"seed_{s:06d}.png"
         save_png(img, p)
         paths.append(p)

@@ -70,7 +70,7 @@ def test_batch_and_seed_invariance(tmp_path, capsys, tiny):
 def test_sample_folder_named_by_seed(tmp_path, capsys, tiny):
     d = tmp_path / "imgs"
     ok(["sample", "--model", tiny, "--n", "3", "--seed", "7", "--steps", "3", "--out", str(d), "--no-progress"], capsys)
-    assert sorted(p.name for p in d.iterdir()) == ["seed_000007.png", "seed_000008.png", "seed_000009.png"]
+    assert sorted(p.name for p in d.glob("*.png")) == ["seed_000007.png", "seed_000008.png", "seed_000009.png"]
 
 
 def test_uint8_rule(tmp_path, capsys, tiny):

@@ -11,7 +11,14 @@ from ddim.cli.common import UsageError, _guidance, _load_model, _parse_timesteps
 
 @main.command("sample")
 @_sampling_options
-@click.option("--n", default=16, show_default=True, type=click.IntRange(min=1), help="Number of images.")
+@click.option(
+    "--n",
+    "-n",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Number of images (write -n under torchrun, whose parser takes --n for its own options).",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed K+i.")
 @click.option(
     "--class",
@@ -32,18 +39,23 @@ def sample_cmd(
     model_path, steps, eta, spacing, timesteps_list, sampler, n, seed, class_spec, guidance, batch, out, progress
 ) -> None:
     """Sample images (DDIM by default) from a model: the embedded MNIST model unless --model is given."""
-    from ddim.generate import generate, parse_classes, write_images
+    from ddim.distributed import RankError
+    from ddim.generate import generate, parse_classes
+    from ddim.shard import SampleJob
 
     ts = _parse_timesteps(timesteps_list)
     model, schedule, config = _load_model(model_path)
     try:
         labels = parse_classes(class_spec, n, model.config.num_classes)
+        # under torchrun: this rank's share; a folder: only the seeds not yet written
+        job = SampleJob.plan(
+            out, n=n, seed=seed, labels=labels, model=model, settings=click.get_current_context().params
+        )
         result = generate(
             model,
             schedule,
-            n=n,
-            seed=seed,
-            labels=labels,
+            seeds=job.seeds,
+            labels=job.labels,
             guidance=_guidance(config, guidance),
             steps=steps,
             eta=eta,
@@ -53,16 +65,16 @@ def sample_cmd(
             prediction=config["prediction"],
             clip_sample=config.get("sampling", {}).get("clip_sample", False),
             batch=batch,
-            progress=progress,
+            progress=progress and job.progress,
+            on_batch=job.on_batch,
         )
-        paths = write_images(result, out)
+        summary = job.finish(result)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    where = out if len(paths) == 1 else f"{out}/ ({len(paths)} files)"
-    click.echo(
-        f"{n} images, {result.nfe} network evaluations per image, {result.seconds:.2f} s "
-        f"({n / result.seconds:.1f} images/s) -> {where}"
-    )
+    except (RankError, OSError) as e:  # another rank failed; an image could not be written
+        raise click.ClickException(str(e)) from None
+    if summary:
+        click.echo(summary)
 
 
 @main.command("invert")

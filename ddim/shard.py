@@ -1,0 +1,438 @@
+"""Sampling split across ranks, resumable folder output, and statistics over a folder of images.
+
+``ddim sample --out DIR/`` writes one PNG per image, ``DIR/seed_XXXXXX.png``, each atomically
+(temporary file, then rename) as soon as its batch is done. A run started again on the same
+folder lists the images already there and generates only the missing seeds, so a killed run loses
+at most the batches in flight and never duplicates an image. ``DIR/ddim-sample.json`` records the
+settings the images were made with (model weights digest, sampler, steps, guidance, classes, first
+seed, ...); a later run with other settings is refused instead of mixing two kinds of images.
+
+Under ``torchrun`` the missing seeds are dealt out to the ranks (position i to rank i mod N).
+Image i depends only on its seed (its noise is drawn per seed, never per batch), so the files are
+byte-identical to a single-process run. For ``--out x.npz`` or ``x.png`` each rank samples its
+share and rank 0 gathers them and writes the one file, identical to a single-process run.
+
+For evaluation, :func:`sharded_feature_stats` and :func:`map_images` spread a folder's images over
+the ranks and gather the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddim import distributed as ddist
+from ddim.checkpoint import write_json
+from ddim.images import save_png, to_uint8
+
+__all__ = [
+    "MANIFEST",
+    "SampleJob",
+    "seed_filename",
+    "existing_seeds",
+    "remove_stale",
+    "image_files",
+    "map_images",
+    "sharded_feature_stats",
+    "model_digest",
+]
+
+#: The settings file of a folder output.
+MANIFEST = "ddim-sample.json"
+_SEED_FILE = re.compile(r"^seed_(-?\d+)\.png$")
+_STALE_TMP = re.compile(r"^\.seed_-?\d+\.png\..*\.tmp$")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# `ddim sample` options that do not change any image (or are recorded otherwise).
+_NOT_SETTINGS = frozenset({"n", "out", "batch", "progress", "model_path"})
+
+
+def seed_filename(seed: int) -> str:
+    """``seed_000042.png``: the file of the image of ``seed`` in a folder output."""
+    return f"seed_{seed:06d}.png"
+
+
+def existing_seeds(folder: str | os.PathLike) -> set[int]:
+    """Seeds whose ``seed_XXXXXX.png`` is in ``folder`` (complete files: they are written atomically)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return set()
+    seeds = set()
+    for entry in os.scandir(folder):
+        m = _SEED_FILE.match(entry.name)
+        if m and entry.is_file():
+            seeds.add(int(m.group(1)))
+    return seeds
+
+
+def remove_stale(folder: str | os.PathLike) -> int:
+    """Delete temporary files a killed run left behind (``.seed_XXXXXX.png.*.tmp``); returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    count = 0
+    for entry in os.scandir(folder):
+        if _STALE_TMP.match(entry.name):
+            try:
+                os.unlink(entry.path)
+                count += 1
+            except FileNotFoundError:  # another rank got there first
+                pass
+    return count
+
+
+def model_digest(model: Any) -> str | None:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes); None for a non-module."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _manifest_error(folder: Path, manifest: dict[str, Any], has_images: bool) -> str | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        if has_images:
+            return (
+                f"--out {folder} already holds seed_*.png images but no {MANIFEST}, so they may come from "
+                "other settings; use a new folder or remove them"
+            )
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"--out {folder}: cannot read {MANIFEST}: {e}"
+    old = stored.get("settings", {})
+    new = manifest["settings"]
+    diff = [
+        f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    if diff:
+        return (
+            f"--out {folder} holds images sampled with other settings ({'; '.join(diff[:3])}); "
+            "use a new folder, or the same settings to resume it"
+        )
+    return None
+
+
+@dataclass
+class SampleJob:
+    """This rank's part of a sampling request for ``--out``; see the module docstring.
+
+    Use: ``job = SampleJob.plan(out, n=..., seed=..., labels=..., model=model, settings=...)``, then
+    ``result = generate(..., seeds=job.seeds, labels=job.labels, on_batch=job.on_batch,
+    progress=job.progress and ...)`` and ``line = job.finish(result)`` (the summary, on rank 0; None
+    elsewhere). Single-process the same calls do what ``write_images`` did, plus folder resumption.
+    """
+
+    out: Path
+    kind: str  # "folder", "npz" or "png"
+    n: int
+    first_seed: int
+    all_labels: torch.Tensor
+    positions: list[int]  # positions (0..n-1) in the request of this rank's images
+    skipped: int = 0
+    ctx: ddist.Context = field(default_factory=ddist.Context)
+    nrow: int | None = None
+    written: int = 0
+
+    @property
+    def seeds(self) -> list[int]:
+        """Seeds this rank generates (may be empty)."""
+        return [self.first_seed + i for i in self.positions]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Their labels (int64, -1 = unconditional)."""
+        return self.all_labels[torch.as_tensor(self.positions, dtype=torch.long)]
+
+    @property
+    def progress(self) -> bool:
+        """Whether this rank should show a progress bar (rank 0 only)."""
+        return self.ctx.is_main
+
+    @classmethod
+    def plan(
+        cls,
+        out: str | os.PathLike,
+        *,
+        n: int,
+        seed: int = 0,
+        labels: torch.Tensor | None = None,
+        model: Any = None,
+        settings: dict[str, Any] | None = None,
+        nrow: int | None = None,
+    ) -> SampleJob:
+        """Join the process group (under torchrun) and work out what this rank samples.
+
+        Args:
+            out: ``*.png`` (one grid), ``*.npz``, or a folder (resumable, one PNG per seed).
+            n, seed: the request: image i has seed ``seed + i``.
+            labels: int64 [n]; None = all unconditional.
+            model: its weights digest goes into a folder's settings file.
+            settings: everything else that changes the images (sampler, steps, guidance, classes,
+                dtype, ...), recorded in a folder's settings file; ``n``, ``out``, ``batch``,
+                ``progress`` and ``model_path`` are left out (they do not change an image).
+
+        Raises:
+            ValueError: a bad ``out``, or a folder holding images made with other settings (on every
+            rank when any rank found it so).
+        """
+        out = Path(out)
+        suffix = out.suffix.lower()
+        if suffix not in ("", ".png", ".npz"):
+            raise ValueError(f"out must end in .png or .npz, or be a folder; got {str(out)!r}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        labels = torch.full((n,), -1, dtype=torch.long) if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape [{n}], got {tuple(labels.shape)}")
+        ctx = ddist.init(_module_device(model))
+        kind = "folder" if suffix == "" else suffix[1:]
+        positions = list(range(n))
+        skipped = 0
+        if kind == "folder":
+            manifest = {
+                "format": "ddim-sample-folder",
+                "settings": _jsonable(
+                    {
+                        **{k: v for k, v in (settings or {}).items() if k not in _NOT_SETTINGS},
+                        "seed": seed,
+                        "model": model_digest(model),
+                    }
+                ),
+            }
+            error = None
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                remove_stale(out)
+                have = existing_seeds(out)
+                error = _manifest_error(out, manifest, bool(have))
+            except OSError as e:
+                error, have = ValueError(f"--out {out}: {e}"), set()
+            try:
+                ddist.check(ValueError(error) if isinstance(error, str) else error, ctx)
+            except ddist.RankError as e:
+                raise ValueError(str(e)) from None
+            # every rank has looked; the settings file goes in before any image (the gather below
+            # waits for it), so a run killed at any point can be resumed
+            if ctx.local_rank == 0 and not (out / MANIFEST).is_file():
+                write_json(out / MANIFEST, manifest)
+            have = set().union(*ddist.all_gather_objects(have, ctx))
+            missing = [i for i in range(n) if seed + i not in have]
+            skipped = n - len(missing)
+            positions = ddist.shard(missing, ctx)
+        else:
+            positions = ddist.shard(positions, ctx)
+        return cls(out, kind, n, seed, labels, positions, skipped, ctx, nrow)
+
+    def on_batch(self, first: int, images: torch.Tensor) -> None:
+        """``generate``'s streaming hook: a folder output writes each finished image at once."""
+        if self.kind != "folder":
+            return
+        u8 = to_uint8(images)
+        seeds = self.seeds
+        for j in range(u8.shape[0]):
+            save_png(u8[j], self.out / seed_filename(seeds[first + j]))
+        self.written += u8.shape[0]
+
+    def finish(self, result: Any) -> str | None:
+        """Write the merged ``.npz``/``.png`` (rank 0) and return the summary line (rank 0; else None)."""
+        from ddim.generate import write_images, write_uint8
+
+        tic = time.perf_counter()
+        made = len(self.positions)
+        if self.kind == "folder":
+            if self.written != made:  # a caller that did not pass on_batch
+                self.written = 0
+                self.on_batch(0, result.images)
+        elif not self.ctx.distributed:
+            write_images(result, self.out, nrow=self.nrow)
+        else:
+            parts = ddist.gather_objects((self.positions, to_uint8(result.images)), ctx=self.ctx)
+            error = None
+            if parts is not None:
+                try:
+                    shape = next(u8.shape[1:] for _, u8 in parts if len(u8))
+                    merged = np.empty((self.n, *shape), dtype=np.uint8)
+                    for pos, u8 in parts:
+                        merged[pos] = u8
+                    write_uint8(
+                        merged, self.all_labels, [self.first_seed + i for i in range(self.n)], self.out, self.nrow
+                    )
+                except (OSError, ValueError) as e:
+                    error = e
+            ddist.check(error, self.ctx)
+        seconds = float(result.seconds) + (time.perf_counter() - tic if self.kind == "folder" else 0.0)
+        stats = ddist.gather_objects((made, seconds), ctx=self.ctx)
+        if stats is None:
+            return None
+        total = sum(m for m, _ in stats)
+        wall = max(s for _, s in stats)
+        rate = total / wall if wall > 0 else 0.0
+        procs = f" on {self.ctx.world_size} processes" if self.ctx.distributed else ""
+        if self.kind == "folder":
+            where = f"{self.out}/ ({self.n} files"
+            where += f", {self.skipped} of them already there)" if self.skipped else ")"
+        else:
+            where = str(self.out)
+        return (
+            f"{total} images{procs}, {result.nfe} network evaluations per image, {wall:.2f} s "
+            f"({rate:.1f} images/s) -> {where}"
+        )
+
+
+def _module_device(model: Any) -> torch.device | None:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return None
+
+
+# ------------------------------------------------------------------ evaluation over a folder
+def image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The images of a folder (``seed_*.png`` in seed order, then other images by name) or a list of paths."""
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder of images")
+        seeded, other = [], []
+        for p in folder.iterdir():
+            if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            m = _SEED_FILE.match(p.name)
+            (seeded if m else other).append((int(m.group(1)) if m else 0, p.name, p))
+        files = [p for *_, p in sorted(seeded)] + [p for *_, p in sorted(other)]
+        if not files:
+            raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return files
+    return [Path(p) for p in source]
+
+
+def _image_format(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return (1 if im.mode in ("L", "1", "I", "I;16", "F") else 3), im.size[0]
+
+
+def map_images(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch: int = 256,
+    channels: int | None = None,
+    size: int | None = None,
+) -> torch.Tensor:
+    """``fn`` over every image of ``source``, split across the ranks; the outputs of all images in
+    :func:`image_files` order, on every rank.
+
+    ``fn`` takes float32 [B, C, H, W] in [-1, 1] and returns a tensor [B, ...] (features, predicted
+    classes, ...). ``channels``/``size`` default to the first image's (images are converted and
+    resized to them).
+    """
+    from ddim.generate import load_images
+
+    files = image_files(source)
+    if channels is None or size is None:
+        c, s = _image_format(files[0])
+        channels, size = channels or c, size or s
+    ctx = ddist.init()
+    mine = ddist.shard(range(len(files)), ctx)
+    outs = []
+    for start in range(0, len(mine), batch):
+        idx = mine[start : start + batch]
+        x = load_images([files[i] for i in idx], channels, size)
+        with torch.inference_mode():
+            outs.append(fn(x).detach().cpu())
+    local = torch.cat(outs) if outs else None
+    parts = ddist.all_gather_objects((mine, local), ctx)
+    ref = next(t for _, t in parts if t is not None)
+    result = torch.empty((len(files), *ref.shape[1:]), dtype=ref.dtype)
+    for idx, t in parts:
+        if t is not None:
+            result[torch.as_tensor(idx, dtype=torch.long)] = t
+    return result
+
+
+class _Moments:
+    """Count, mean and centred second moment of feature rows, merged exactly (Chan et al.)."""
+
+    def __init__(self, dim: int) -> None:
+        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def add(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        if n == 0:
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + np.outer(delta, delta) * (self.n * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.n = total
+
+    def add_rows(self, f: np.ndarray) -> None:
+        mean = f.mean(0)
+        c = f - mean
+        self.add(len(f), mean, c.T @ c)
+
+
+def sharded_feature_stats(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    features: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch: int = 256,
+    channels: int | None = None,
+    size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] (float64, unbiased) of ``features`` over a folder's images.
+
+    The drop-in for :func:`ddim.metrics.feature_stats` on a (sharded) sample folder: under torchrun
+    each rank reads and featurises its share of the files and the per-rank moments are merged
+    exactly on every rank, so only statistics, not features, cross the network. ``features`` takes
+    float32 [B, C, H, W] in [-1, 1] and returns [B, D]; see :func:`map_images` for the other arguments.
+    """
+    from ddim.generate import load_images
+
+    files = image_files(source)
+    if channels is None or size is None:
+        c, s = _image_format(files[0])
+        channels, size = channels or c, size or s
+    ctx = ddist.init()
+    mine = ddist.shard(range(len(files)), ctx)
+    local: _Moments | None = None
+    for start in range(0, len(mine), batch):
+        x = load_images([files[i] for i in mine[start : start + batch]], channels, size)
+        with torch.inference_mode():
+            f = np.asarray(features(x).detach().cpu(), dtype=np.float64)
+        if f.ndim != 2:
+            raise ValueError(f"features must return [B, D], got {f.shape}")
+        local = local or _Moments(f.shape[1])
+        local.add_rows(f)
+    parts = ddist.all_gather_objects(None if local is None else (local.n, local.mean, local.m2), ctx)
+    dims = [p[1].shape[0] for p in parts if p is not None]
+    total = _Moments(dims[0])
+    for p in parts:
+        if p is not None:
+            total.add(*p)
+    if total.n < 2:
+        raise ValueError(f"need at least 2 images for a covariance, got {total.n}")
+    return total.mean, total.m2 / (total.n - 1)
