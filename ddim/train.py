@@ -11,6 +11,13 @@ Run folder layout::
     state.safetensors                everything needed to resume (raw weights, EMA, AdamW, RNG, step)
     log.csv                          step, loss, learning rate, images/s, wall seconds
     samples/step_XXXXXXX.png         a sample grid every ``sample_every`` steps
+
+Under ``torchrun`` the model is wrapped in DistributedDataParallel: each of the N ranks draws its
+own ``batch_size`` images (so the effective batch is ``batch_size`` × N), gradients are averaged,
+and rank 0 alone writes checkpoints, grids and the log. Rank 0's random streams are those of a
+single-process run; rank r > 0 seeds its own from ``(seed, r)``. The state file keeps every rank's
+generators (``rng.data``/``rng.torch`` for rank 0, ``rng.data.R``/``rng.torch.R`` for rank R), so
+a run resumed on the same number of processes ends bit-identical to one that never stopped.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
+from ddim import distributed as ddist
 from ddim.checkpoint import CONFIG, WEIGHTS, atomic_write, save_model
 from ddim.data import ImageData, load_data
 from ddim.schedule import NoiseSchedule
@@ -132,7 +140,7 @@ def diffusion_loss(
 
 
 # ------------------------------------------------------------------ state (de)serialisation
-def _state_tensors(model, ema, opt, gen) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _state_tensors(model, ema, opt, rngs) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().clone().contiguous() for k, v in ema.state_dict().items()})
     osd = opt.state_dict()
@@ -143,18 +151,22 @@ def _state_tensors(model, ema, opt, gen) -> tuple[dict[str, torch.Tensor], dict[
                 tensors[f"opt.{pid}.{key}"] = val.detach().clone().contiguous()
             else:
                 scalars[f"{pid}.{key}"] = val
-    tensors["rng.data"] = gen.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"param_groups": osd["param_groups"], "opt_scalars": scalars}
+    for rank, (data_state, torch_state) in enumerate(rngs):  # [(gen state, torch state)] per rank
+        suffix = f".{rank}" if rank else ""
+        tensors[f"rng.data{suffix}"] = data_state
+        tensors[f"rng.torch{suffix}"] = torch_state
+    meta = {"param_groups": osd["param_groups"], "opt_scalars": scalars, "world_size": len(rngs)}
     return tensors, meta
 
 
-def _restore_state(path: Path, model, ema, opt, gen) -> dict[str, Any]:
-    tensors = load_file(path)
-    from safetensors import safe_open
+def _read_state(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and the "ddim" metadata of a state file's bytes."""
+    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+    return load(blob), json.loads(header["__metadata__"]["ddim"])
 
-    with safe_open(path, "pt") as f:
-        meta = json.loads(f.metadata()["ddim"])
+
+def _restore_state(blob: bytes, model, ema, opt, gen, rank: int = 0) -> dict[str, Any]:
+    tensors, meta = _read_state(blob)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     state: dict[int, dict[str, Any]] = {}
@@ -166,9 +178,19 @@ def _restore_state(path: Path, model, ema, opt, gen) -> dict[str, Any]:
         pid, key = k.split(".", 1)
         state.setdefault(int(pid), {})[key] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    gen.set_state(tensors["rng.data"])
-    torch.set_rng_state(tensors["rng.torch"])
+    suffix = f".{rank}" if rank else ""
+    gen.set_state(tensors[f"rng.data{suffix}"])
+    torch.set_rng_state(tensors[f"rng.torch{suffix}"])
     return meta
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random streams (rank 0: ``seed`` itself, as single-process)."""
+    if rank == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed % 2**63, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ------------------------------------------------------------------ the loop
@@ -199,6 +221,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
     data, schedule and prediction.
     """
     cfg.validate()
+    ctx = ddist.init()
+    world = ctx.world_size
     data = data if data is not None else load_data(cfg.data, cfg.image_size)
     if len(data) == 0:
         raise ValueError(f"data {cfg.data!r} holds no images")
@@ -208,7 +232,10 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = _build(cfg, data)
+    model = _build(cfg, data)  # the same initial weights on every rank
+    if ctx.rank:
+        gen.manual_seed(_rank_seed(cfg.seed, ctx.rank))
+        torch.manual_seed(_rank_seed(cfg.seed, ctx.rank))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = make_schedule(cfg.schedule, cfg.T)
@@ -217,8 +244,18 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
 
     step, wall_before, last_loss = 0, 0.0, float("nan")
     state_path = out / STATE
-    if resume and state_path.is_file():
-        meta = _restore_state(state_path, model, ema, opt, gen)
+    # rank 0 reads the state and hands it to the others (their disks need not hold it)
+    blob = state_path.read_bytes() if resume and ctx.is_main and state_path.is_file() else None
+    blob = ddist.broadcast_object(blob, ctx=ctx)
+    if blob is not None:
+        _, meta = _read_state(blob)
+        if meta.get("world_size", 1) != world:
+            raise ValueError(
+                f"cannot resume {out}: it was trained on {meta.get('world_size', 1)} processes and this run has "
+                f"{world}; resume it with torchrun --nproc_per_node={meta.get('world_size', 1)} "
+                "(each rank has its own random streams) or start over (ddim train --fresh)"
+            )
+        meta = _restore_state(blob, model, ema, opt, gen, ctx.rank)
         step, wall_before, last_loss = meta["step"], meta["wall_seconds"], meta["loss"]
         if meta.get("train") and _identity(meta["train"]) != _identity(asdict(cfg)):
             raise ValueError(
@@ -228,9 +265,14 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
     n_params = sum(p.numel() for p in model.parameters())
     images, labels = data.images, data.labels
     model.train()
+    net = model
+    if ctx.distributed:  # averages the gradients over the ranks in backward()
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
 
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
@@ -249,9 +291,14 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
             y = torch.where(drop, torch.full_like(labels[idx], num_classes), labels[idx])
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
-        loss = diffusion_loss(model, x0, t, noise, ab, cfg.prediction, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
+        loss = diffusion_loss(net, x0, t, noise, ab, cfg.prediction, y)
+        loss_value = loss.detach()
+        if ctx.distributed:  # the mean over all ranks: logged, and checked by every rank alike
+            loss_value = ddist.all_reduce_sum(loss_value, ctx) / world
+        if not torch.isfinite(loss_value):
+            raise FloatingPointError(
+                f"training loss became {loss_value.item()} at step {step}; lower the learning rate"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -259,9 +306,9 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
         opt.step()
         step += 1
         _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        last_loss = float(loss.detach())
+        last_loss = float(loss_value)
         smooth = last_loss if smooth is None else 0.98 * smooth + 0.02 * last_loss
-        ips = cfg.batch_size / max(time.perf_counter() - tic, 1e-9)
+        ips = cfg.batch_size * world / max(time.perf_counter() - tic, 1e-9)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{ips:.0f}", refresh=False)
@@ -272,10 +319,17 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
             )
         final = step == cfg.steps
         if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            _flush_log(out, log_rows)
-            log_rows = []
-            _checkpoint(out, cfg, data, model, ema, opt, gen, schedule, step, wall, smooth, n_params)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or final):
+            rngs = ddist.gather_objects((gen.get_state(), torch.get_rng_state()), ctx=ctx)
+            error = None
+            if ctx.is_main:
+                try:
+                    _flush_log(out, log_rows)
+                    log_rows = []
+                    _checkpoint(out, cfg, data, model, ema, opt, rngs, schedule, step, wall, smooth, n_params)
+                except OSError as e:
+                    error = e
+            ddist.check(error, ctx)  # a checkpoint that could not be written stops every rank
+        if cfg.sample_every and (step % cfg.sample_every == 0 or final) and ctx.is_main:
             _sample_grid(out / "samples" / f"step_{step:07d}.png", ema, schedule, cfg)
     if bar is not None:
         bar.close()
@@ -300,14 +354,17 @@ def _flush_log(out: Path, rows: list[list[Any]]) -> None:
         w.writerows(rows)
 
 
-def _checkpoint(out, cfg, data, model, ema, opt, gen, schedule, step, wall, loss, n_params) -> None:
+def _checkpoint(out, cfg, data, model, ema, opt, rngs, schedule, step, wall, loss, n_params) -> None:
+    train_info = {**asdict(cfg), "step": step, "wall_seconds": round(wall, 1), "loss": loss, "parameters": n_params}
+    if len(rngs) > 1:
+        train_info.update(world_size=len(rngs), effective_batch_size=cfg.batch_size * len(rngs))
     extra = {
         "data": {**data.source, "n": len(data), "class_names": data.class_names},
-        "train": {**asdict(cfg), "step": step, "wall_seconds": round(wall, 1), "loss": loss, "parameters": n_params},
+        "train": train_info,
         "sampling": {"guidance": cfg.guidance, "clip_sample": False},
     }
     save_model(out, ema, schedule, cfg.prediction, extra)
-    tensors, meta = _state_tensors(model, ema, opt, gen)
+    tensors, meta = _state_tensors(model, ema, opt, rngs)
     meta.update(step=step, wall_seconds=wall, loss=loss if loss is not None else math.nan, train=asdict(cfg))
     atomic_write(out / STATE, lambda tmp: save_file(tensors, tmp, metadata={"ddim": json.dumps(meta)}))
 

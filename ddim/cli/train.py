@@ -54,7 +54,11 @@ from ddim.cli.common import UsageError, main
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="CPU threads (0 = torch).")
 @click.option("--fresh", is_flag=True, help="Start over even if the run folder holds a resumable state.")
 def train_cmd(fresh: bool, base_channels, channel_mults, **kw) -> None:
-    """Train a U-Net with the DDPM objective; resumes exactly from the run folder's last checkpoint."""
+    """Train a U-Net with the DDPM objective; resumes exactly from the run folder's last checkpoint.
+
+    Under torchrun (DistributedDataParallel) each process draws --batch images: the effective batch
+    is --batch times the number of processes."""
+    from ddim import distributed as ddist
     from ddim.train import TrainConfig, train
 
     unet = {}
@@ -67,10 +71,19 @@ def train_cmd(fresh: bool, base_channels, channel_mults, **kw) -> None:
             raise UsageError(f"--channel-mults must be comma-separated ints, got {channel_mults!r}") from None
     cfg = TrainConfig(unet=unet, **kw)
     try:
+        ctx = ddist.init()
+        if ctx.distributed and ctx.is_main:
+            click.echo(
+                f"DistributedDataParallel on {ctx.world_size} processes ({ctx.backend}): batch {cfg.batch_size} "
+                f"per process, effective batch {cfg.batch_size * ctx.world_size}"
+            )
         out = train(cfg, resume=not fresh, progress=True)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    click.echo(f"trained {cfg.steps} steps -> {out}")
+    except ddist.RankError as e:
+        raise click.ClickException(str(e)) from None
+    if ctx.is_main:
+        click.echo(f"trained {cfg.steps} steps -> {out}")
 
 
 # ------------------------------------------------------------------ shared options
