@@ -129,6 +129,10 @@ def init(device: str | torch.device | None = None, backend: str | None = None) -
     """
     global _CTX
     if dist.is_available() and dist.is_initialized():
+        if _CTX.world_size != dist.get_world_size():  # a process group someone else started
+            backend = dist.get_backend()
+            comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            _CTX = Context(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), backend, comm)
         return _CTX
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)

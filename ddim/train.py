@@ -324,10 +324,10 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
             if ctx.is_main:
                 try:
                     _flush_log(out, log_rows)
-                    log_rows = []
                     _checkpoint(out, cfg, data, model, ema, opt, rngs, schedule, step, wall, smooth, n_params)
                 except OSError as e:
                     error = e
+            log_rows = []
             ddist.check(error, ctx)  # a checkpoint that could not be written stops every rank
         if cfg.sample_every and (step % cfg.sample_every == 0 or final) and ctx.is_main:
             _sample_grid(out / "samples" / f"step_{step:07d}.png", ema, schedule, cfg)
