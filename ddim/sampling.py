@@ -444,6 +444,9 @@ def _resolve_timesteps(
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     check_spacing(spacing)
     if timesteps is not None:
+        if isinstance(timesteps, (list, tuple)) and all(type(t) is int for t in timesteps):
+            # an explicit list, validated once (a checked list is a pure function of its values and T)
+            return memo(("explicit", schedule.T, tuple(timesteps)), lambda: check_timesteps(timesteps, schedule.T))
         return check_timesteps(timesteps, schedule.T)
     # A spacing is a pure function of (schedule, steps): computed once per schedule object and rule.
     # (The weak reference tells a new schedule at a recycled id apart.)
@@ -453,6 +456,18 @@ def _resolve_timesteps(
         valid=lambda v: v[0]() is schedule,
     )
     return ts
+
+
+def _levels(schedule: NoiseSchedule, ts: torch.Tensor, set_alpha_to_one: bool) -> Levels:
+    """The run's :class:`Levels` (cached per schedule object, timesteps and final level)."""
+
+    def build() -> tuple[weakref.ref, Levels]:
+        all_ab = schedule.alphas_cumprod
+        final = torch.ones(1, dtype=torch.float64) if set_alpha_to_one else all_ab[:1]
+        return weakref.ref(schedule), Levels(ts, torch.cat([all_ab[ts], final]))
+
+    key = ("levels", id(schedule), tensor_key(ts), set_alpha_to_one)
+    return memo(key, build, valid=lambda v: v[0]() is schedule)[1]
 
 
 @torch.no_grad()
@@ -543,10 +558,9 @@ def sample(
     ts = _resolve_timesteps(schedule, steps, spacing, timesteps)
     if seeds is not None:
         seeds = check_seeds(seeds, x_T.shape[0])
-    all_ab = schedule.alphas_cumprod
-    check_zero_snr(prediction, all_ab[ts], ts)
-    final = torch.ones(1, dtype=torch.float64) if set_alpha_to_one else all_ab[:1]
-    levels = Levels(ts, torch.cat([all_ab[ts], final]))
+    levels = _levels(schedule, ts, set_alpha_to_one)
+    if prediction == "epsilon" and float(schedule.alphas_cumprod[-1]) == 0.0:  # ᾱ is non-increasing
+        check_zero_snr(prediction, levels.alpha_bars[:-1], ts)
     denoise = Denoiser(
         model,
         schedule,

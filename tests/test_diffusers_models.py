@@ -66,6 +66,13 @@ def _library_uint8(folder, n, steps, eta) -> np.ndarray:
     return to_uint8(res.images)
 
 
+def _cli_uint8(folder, tmp_path, n, steps, *extra) -> np.ndarray:
+    out = tmp_path / "ours.npz"
+    args = ["sample", "--model", str(folder), "--n", str(n), "--steps", str(steps), "--out", str(out)]
+    assert run([*args, "--no-progress", *extra]) == 0
+    return np.load(out)["images"]
+
+
 CASES = [
     (dict(steps_offset=1, set_alpha_to_one=False), 0.0, {}),  # leading + offset, ends on ᾱ_0
     (dict(timestep_spacing="trailing"), 1.0, {}),  # stochastic: step noise from the same generators
@@ -77,6 +84,14 @@ def _check_same_images(ours: np.ndarray, ref: np.ndarray, n: int) -> None:
     assert ours.shape == ref.shape == (n, 8, 8, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
     assert (ours != ref).mean() < 0.01  # and almost all pixels exactly equal (all, on this machine)
+
+
+@pytest.mark.parametrize("scheduler, eta, call", CASES)
+def test_cli_sample_of_a_pipeline_folder_equals_ddim_pipeline(tmp_path, scheduler, eta, call):
+    folder, pipe = _pipeline_folder(tmp_path, **scheduler)
+    n, steps = 3, 10  # 10 divides T, where diffusers' "previous timestep" t - T//S is the next listed one
+    ref = _pipeline_uint8(pipe, n, steps, eta, **call)
+    _check_same_images(_cli_uint8(folder, tmp_path, n, steps, "--eta", str(eta)), ref, n)
 
 
 @pytest.mark.parametrize("scheduler, eta, call", CASES)

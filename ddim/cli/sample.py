@@ -6,11 +6,22 @@ from pathlib import Path
 
 import click
 
-from ddim.cli.common import UsageError, _guidance, _load_model, _parse_timesteps, _sampling_options, main
+from ddim.cli.common import (
+    RUNTIME_ONLY,
+    UsageError,
+    _guidance,
+    _load_model,
+    _parse_timesteps,
+    _prepare_model,
+    _runtime_options,
+    _sampling_options,
+    main,
+)
 
 
 @main.command("sample")
 @_sampling_options
+@_runtime_options
 @click.option(
     "--n",
     "-n",
@@ -36,37 +47,62 @@ from ddim.cli.common import UsageError, _guidance, _load_model, _parse_timesteps
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def sample_cmd(
-    model_path, steps, eta, spacing, timesteps_list, sampler, n, seed, class_spec, guidance, batch, out, progress
+    model_path,
+    steps,
+    eta,
+    spacing,
+    timesteps_list,
+    sampler,
+    device,
+    precision,
+    compile_model,
+    channels_last,
+    threads,
+    n,
+    seed,
+    class_spec,
+    guidance,
+    batch,
+    out,
+    progress,
 ) -> None:
     """Sample images (DDIM by default) from a model: the embedded MNIST model unless --model is given."""
-    from ddim.distributed import RankError
+    from ddim.diffusers_io import sampling_kwargs
+    from ddim.distributed import RankError, local_device
     from ddim.generate import generate, parse_classes
     from ddim.shard import SampleJob
 
     ts = _parse_timesteps(timesteps_list)
-    model, schedule, config = _load_model(model_path)
+    ctx = click.get_current_context()
+    device = local_device(device)  # under torchrun, "cuda" is this rank's GPU (LOCAL_RANK)
+    model, schedule, config = _load_model(model_path, device)
     try:
         labels = parse_classes(class_spec, n, model.config.num_classes)
+        # --spacing if given, else the model's (a diffusers scheduler's spacing, offset, clipping...)
+        given = ctx.get_parameter_source("spacing") is not click.core.ParameterSource.DEFAULT
+        skw = sampling_kwargs(config, schedule, steps, spacing if given else None, ts)
         # under torchrun: this rank's share; a folder: only the seeds not yet written
-        job = SampleJob.plan(
-            out, n=n, seed=seed, labels=labels, model=model, settings=click.get_current_context().params
-        )
+        settings = {k: v for k, v in ctx.params.items() if k not in RUNTIME_ONLY}
+        job = SampleJob.plan(out, n=n, seed=seed, labels=labels, model=model, settings=settings)
+        fast = _prepare_model(model, device, precision, compile_model, channels_last, threads)
         result = generate(
-            model,
+            fast,
             schedule,
             seeds=job.seeds,
             labels=job.labels,
             guidance=_guidance(config, guidance),
             steps=steps,
             eta=eta,
-            spacing=spacing,
+            spacing=skw.pop("spacing"),
             sampler=sampler,
-            timesteps=ts,
+            timesteps=skw.pop("timesteps"),
             prediction=config["prediction"],
-            clip_sample=config.get("sampling", {}).get("clip_sample", False),
+            clip_sample=skw.pop("clip_sample"),
             batch=batch,
             progress=progress and job.progress,
             on_batch=job.on_batch,
+            device=device,
+            sample_kwargs=skw,
         )
         summary = job.finish(result)
     except (ValueError, TypeError) as e:
