@@ -12,10 +12,11 @@ the loop loses its asynchrony). Then, per run:
 - overhead per step = (wall time - time in the network) / network calls;
 - total = wall time; images/s = batch / total.
 
-The table gives medians over the repeats (runs of the two loops interleaved, after one warm-up run of
-each loop with a one-op network, so caches are warm as in any second call), their ratios (diffusers ÷
-ours: how many times less overhead / time ours takes), and the floor: two fused tensor ops on the
-batch, the least a DDIM update can cost. ``max |Δ|`` is the largest difference between the two loops'
+The table gives medians over the repeats (runs of the two loops interleaved, the first one
+alternating, after one warm-up run of each loop with a one-op network, so caches are warm as in any
+second call), their ratios (diffusers ÷ ours: how many times less overhead / time ours takes), the
+network's time per call, and the floor: two fused tensor ops on the batch (best of 7), the least a
+DDIM update can cost. ``max |Δ|`` is the largest difference between the two loops'
 final samples: it shows that both did the same work (the DPM-Solver++ row gives ours diffusers'
 timesteps for that reason).
 
@@ -119,19 +120,20 @@ class BenchRow:
 
 
 def _floor(x: torch.Tensor, n: int = 200) -> float:
-    """Seconds of one DDIM update at its floor: two fused ops with 0-d coefficients (median of 5 × n)."""
+    """Seconds of one DDIM update at its floor: two fused ops with 0-d coefficients (best of 7 × n:
+    the least it can cost, whatever else shares the machine)."""
     out = x * 0.5
     a, b = torch.tensor(0.9, dtype=x.dtype, device=x.device), torch.tensor(0.1, dtype=x.dtype, device=x.device)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     runs = []
-    for _ in range(5):
+    for _ in range(7):
         sync()
         tic = time.perf_counter()
         for _ in range(n):
             torch.mul(x, a).addcmul_(out, b)
         sync()
         runs.append((time.perf_counter() - tic) / n)
-    return statistics.median(runs)
+    return min(runs)
 
 
 def _diffusers_scheduler(name: str, schedule: NoiseSchedule, prediction: str) -> Any:
@@ -211,7 +213,8 @@ def bench_rows(
     name: str,
     batches: Sequence[int] = (1, 64),
     algorithms: Sequence[str] = tuple(ALGORITHMS),
-    repeats: int = 5,
+    repeats: int = 15,
+    budget: float | None = None,
     prediction: str = "epsilon",
     guidance: float = 1.0,
     device: str | torch.device = "cpu",
@@ -226,6 +229,8 @@ def bench_rows(
         name: the model's name in the table.
         batches, algorithms: rows to run (algorithms are keys of :data:`ALGORITHMS`).
         repeats: timed runs of each loop (median reported), after one warm-up run each.
+        budget: seconds a row may take: fewer repeats are made when the next would overrun it
+            (at least one is always made). None: no limit.
         device: where x_T and the network live.
         log: called with a line after each row (progress).
 
@@ -266,12 +271,17 @@ def bench_rows(
                     loop(_Timed(trivial, device))
                 runs: dict[str, list[tuple[float, float, int]]] = {"ours": [], "diffusers": []}
                 finals: dict[str, torch.Tensor] = {}
-                for _ in range(repeats):
-                    for key, loop in (("ours", ours), ("diffusers", theirs)):
+                start = time.perf_counter()
+                for k in range(repeats):
+                    order = (("ours", ours), ("diffusers", theirs))
+                    for key, loop in order if k % 2 == 0 else order[::-1]:  # alternate who goes first
                         m = _Timed(model, device)
                         tic = time.perf_counter()
                         finals[key] = loop(m)
                         runs[key].append((time.perf_counter() - tic, m.seconds, m.calls))
+                    spent = time.perf_counter() - start
+                    if budget is not None and spent * (k + 2) / (k + 1) > budget:
+                        break  # another repeat would overrun the row's time budget
             timings = {
                 k: Timing(statistics.median(r[0] for r in v), statistics.median(r[1] for r in v), v[0][2], B)
                 for k, v in runs.items()
@@ -285,9 +295,10 @@ def bench_rows(
 
 # ----------------------------------------------------------------- output
 HEADER = (
-    "| model | sampler | batch | NFE | overhead/step ours | overhead/step diffusers | ratio | total ours | "
-    "total diffusers | ratio | images/s ours | images/s diffusers | floor (2 ops) | ours ÷ floor | max abs Δ |\n"
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| model | sampler | batch | NFE | network/call | overhead/step ours | overhead/step diffusers | ratio | "
+    "total ours | total diffusers | ratio | images/s ours | images/s diffusers | floor (2 ops) | ours ÷ floor "
+    "| max abs Δ |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -296,16 +307,19 @@ def _us(s: float) -> str:
 
 
 def _secs(s: float) -> str:
+    if s < 1e-3:
+        return _us(s)
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
 def format_row(r: BenchRow) -> str:
     """One Markdown table row."""
     if r.ours is None or r.diffusers is None:
-        return f"| {r.model} | {r.algorithm} | {r.batch} | | {r.note} | | | | | | | | {_us(r.floor)} | | |"
+        return f"| {r.model} | {r.algorithm} | {r.batch} | | | {r.note} | | | | | | | | {_us(r.floor)} | | |"
     o, d = r.ours, r.diffusers
+    net = (o.network + d.network) / (o.calls + d.calls)
     return (
-        f"| {r.model} | {r.algorithm} | {r.batch} | {o.calls} | {_us(o.overhead_per_step)} | "
+        f"| {r.model} | {r.algorithm} | {r.batch} | {o.calls} | {_secs(net)} | {_us(o.overhead_per_step)} | "
         f"{_us(d.overhead_per_step)} | {d.overhead_per_step / max(o.overhead_per_step, 1e-12):.1f}× | "
         f"{_secs(o.total)} | {_secs(d.total)} | {d.total / o.total:.2f}× | {o.images_per_s:.1f} | "
         f"{d.images_per_s:.1f} | {_us(r.floor)} | {o.overhead_per_step / r.floor:.1f}× | {r.max_diff:.1e} |"
@@ -335,8 +349,9 @@ def run_bench(
     model_path: str | None = None,
     batches: Sequence[int] = (1, 64),
     algorithms: Sequence[str] = tuple(ALGORITHMS),
-    repeats: int = 5,
-    model_repeats: int = 1,
+    repeats: int = 15,
+    model_repeats: int = 5,
+    model_budget: float = 30.0,
     guidance: float = 1.0,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
@@ -345,7 +360,9 @@ def run_bench(
 
     The shipped model is :func:`ddim.load` ``()`` (or ``model_path``), prepared by
     :func:`ddim.perf.prepare` (eval, frozen, channels-last): the settings ``ddim sample`` uses. It is
-    sampled without guidance by default (``guidance``: the model's classes, doubling the batch).
+    sampled without guidance by default (``guidance``: the model's classes, doubling the batch), with
+    up to ``model_repeats`` repeats within ``model_budget`` seconds per row (a DDIM-50 run at batch 64
+    takes ~10-20 s on one CPU core, so that row gets one).
 
     Returns ``(rows, notes)``; notes say which model was used or why rows were skipped.
     """
@@ -377,7 +394,7 @@ def run_bench(
         fast = prepare(model, device=device)
         rows += bench_rows(
             fast, schedule, name=label, batches=batches, algorithms=algorithms, repeats=model_repeats,
-            prediction=config["prediction"], guidance=guidance, device=device, log=log,
+            budget=model_budget, prediction=config["prediction"], guidance=guidance, device=device, log=log,
         )  # fmt: skip
     for r in rows:
         if r.note and r.note not in notes:

@@ -30,6 +30,7 @@ def test_rows_for_both_loops_do_the_same_work():
     assert len(table) == 2 + len(rows)
     assert len({len(_cells(line)) for line in table}) == 1  # a well-formed Markdown table
     assert _cells(table[2])[:4] == ["trivial", "DDIM-50", "1", "50"]
+    assert "not registered" not in "".join(table)
 
 
 def test_an_unregistered_sampler_is_skipped_with_a_note(monkeypatch):

@@ -35,19 +35,28 @@ def _int_list(text: str, flag: str) -> list[int]:
     help="Comma list of rows: DDIM-50 (our 'ddim'), DPM-Solver++-10 (our 'dpmpp_2m').",
 )
 @click.option(
-    "--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed runs per loop (trivial)."
+    "--repeats", default=15, show_default=True, type=click.IntRange(min=1), help="Timed runs per loop (trivial)."
 )
 @click.option(
     "--model-repeats",
-    default=1,
+    default=5,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Timed runs per loop with the shipped model (each DDIM-50 run at batch 64 takes ~1 min on 1 CPU core).",
+    help="Most timed runs per loop with the shipped model, within --model-budget seconds per row.",
+)
+@click.option(
+    "--model-budget",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds a shipped-model row may take (at least one run of each loop is always made).",
 )
 @click.option("--guidance", default=1.0, show_default=True, type=float, help="Guidance weight (shipped model).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [$OMP_NUM_THREADS, else all].")
-def bench_cmd(models, model_path, batches, algorithms, repeats, model_repeats, guidance, device, threads) -> None:
+def bench_cmd(
+    models, model_path, batches, algorithms, repeats, model_repeats, model_budget, guidance, device, threads
+) -> None:
     """Time our sampling loop against diffusers' scheduler loop on the same network and inputs.
 
     Prints a Markdown table: per-step overhead (time outside the network), total time and images/s
@@ -78,6 +87,7 @@ def bench_cmd(models, model_path, batches, algorithms, repeats, model_repeats, g
         algorithms=algo_list,
         repeats=repeats,
         model_repeats=model_repeats,
+        model_budget=model_budget,
         guidance=guidance,
         device=_check_device(device),
         log=lambda line: click.echo(line, err=True),
