@@ -124,3 +124,62 @@ def test_loop_never_reads_a_device_value(linear, kw, monkeypatch):
     assert out.device.type == "meta" and out.shape == x.shape
     z = torch.empty(2, 1, 4, 4, device="meta")
     assert ddim.invert(lambda x, t: x * 0.5, z, linear, steps=4).device.type == "meta"
+
+
+# ----------------------------------------------------------------- end-to-end settings (ddim.perf, CLI)
+def test_prepare_keeps_the_model_and_its_attributes():
+    from ddim.perf import Precision, prepare
+    from ddim.unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), num_classes=3).eval()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = model(x, t, y=y)
+        fast = prepare(model, channels_last=True)
+        torch.testing.assert_close(fast(x, t, y=y), ref, rtol=1e-4, atol=1e-5)
+        assert fast.config.num_classes == 3 and not any(p.requires_grad for p in fast.parameters())
+        half = prepare(model, dtype="bf16", channels_last=False)
+        assert isinstance(half, Precision) and half.config.image_size == 8
+        out = half(x, t, y=y)
+        assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1  # bf16 network, fp32 state
+
+
+def test_resolve_dtype_and_threads():
+    from ddim.perf import resolve_dtype, set_threads
+
+    assert resolve_dtype(None) == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="accelerator"):
+        resolve_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8")
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_runtime_options(tmp_path, capsys):
+    from ddim.checkpoint import save_model
+    from ddim.cli import run
+    from ddim.unet import UNet
+
+    torch.manual_seed(0)
+    save_model(
+        tmp_path / "m",
+        UNet(image_size=8, base_channels=8, channel_mults=(1, 2)),
+        ddim.NoiseSchedule.linear(),
+        "epsilon",
+    )
+    base = ["sample", "--model", str(tmp_path / "m"), "-n", "2", "--steps", "3", "--no-progress"]
+    folder = str(tmp_path / "imgs")
+    assert run([*base, "--out", folder, "--channels-last", "--threads", "1"]) == 0
+    # speed-only options are not image settings: the folder resumes under other ones
+    assert run([*base, "-n", "3", "--out", folder, "--no-channels-last"]) == 0
+    assert sorted(p.name for p in (tmp_path / "imgs").glob("seed_*.png")) == [f"seed_00000{i}.png" for i in range(3)]
+    assert run([*base, "--out", str(tmp_path / "b.npz"), "--dtype", "bf16"]) == 0
+    assert run([*base, "--out", str(tmp_path / "c.npz"), "--dtype", "fp16"]) == 2
+    if not torch.cuda.is_available():
+        assert run([*base, "--out", str(tmp_path / "d.npz"), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err or torch.cuda.is_available()
