@@ -148,12 +148,14 @@ def test_table2_files_and_numbers(tmp_path, capsys, tiny, digits):
 
 
 def test_table2_defaults_to_the_mnist_heldout_digits():
-    from ddim.evaluation.sources import heldout_data, reference_data
+    from ddim.evaluation.sources import heldout_data, heldout_subset, reference_data
 
     model = UNet(UNetConfig(image_size=28, base_channels=8, channel_mults=(1, 2), num_heads=2, num_classes=10))
     config = {"data": {"name": "mnist5k", "subset": "train"}}
     held, name = heldout_data(model, config)
     assert len(held) == 500 and "held-out" in name
+    few = heldout_subset(held, 50)  # the file is sorted by class: an even spread covers all of them
+    assert len(few) == 50 and sorted(few.labels.unique().tolist()) == list(range(10))
     ref, name = reference_data(model, config)
     assert len(ref) == 5000 and name == "mnist5k"
     with pytest.raises(ValueError, match="did not train on"):

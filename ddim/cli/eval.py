@@ -225,7 +225,9 @@ def table1_cmd(
 @eval_group.command("table2")
 @click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
 @click.option("--steps", "steps_list", default="10,20,50,100", show_default=True, help="Step counts S.")
-@click.option("--n", default=500, show_default=True, type=click.IntRange(min=1), help="Images (the first n).")
+@click.option(
+    "--n", default=500, show_default=True, type=click.IntRange(min=1), help="Images (spread evenly over the data)."
+)
 @click.option(
     "--data",
     default=None,
@@ -244,7 +246,7 @@ def table1_cmd(
 @_device_option
 def table2_cmd(model_path, steps_list, n, data, labels, spacing, batch, out, progress, device) -> None:
     """Table 2: DDIM inversion then decoding; per-dimension MSE on [0, 1] against S, with an example figure."""
-    from ddim.evaluation.sources import heldout_data
+    from ddim.evaluation.sources import heldout_data, heldout_subset
     from ddim.evaluation.table2 import run_table2
 
     steps = _ints(steps_list, "--steps")
@@ -253,7 +255,8 @@ def table2_cmd(model_path, steps_list, n, data, labels, spacing, batch, out, pro
         d, name = heldout_data(setup.model, config, data)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--data: {e}") from None
-    n = min(n, len(d))
+    d = heldout_subset(d, n)
+    n = len(d)
     y = None
     if labels:
         if d.labels is None or not setup.num_classes:
@@ -264,7 +267,7 @@ def table2_cmd(model_path, steps_list, n, data, labels, spacing, batch, out, pro
                 f"--labels: the data has class {int(y.max())}; the model has classes 0..{setup.num_classes - 1}"
             )
     try:
-        run_table2(setup, d.images[:n], out, steps=steps, labels=y, data_name=name, progress=progress)
+        run_table2(setup, d.images, out, steps=steps, labels=y, data_name=name, progress=progress)
     except ValueError as e:
         raise UsageError(str(e)) from None
     click.echo((Path(out) / "table2.md").read_text())
@@ -360,6 +363,7 @@ def report_cmd(
     """
     from ddim.evaluation.report import ReportSettings, build_report
     from ddim.evaluation.sources import heldout_data as heldout
+    from ddim.evaluation.sources import heldout_subset
 
     settings = ReportSettings(
         steps=_ints(steps_list, "--steps"),
@@ -377,6 +381,7 @@ def report_cmd(
     extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
     try:
         held, held_name = heldout(setup.model, config, heldout_data)
+        held = heldout_subset(held, table2_n)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--heldout-data: {e}") from None
     out_path = Path(out)

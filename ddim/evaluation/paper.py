@@ -115,7 +115,7 @@ def trend_checks(table1: dict[float, dict[int, float]], table2: dict[int, float]
         ps, os_ = _slope({s: PAPER_TABLE2[s] for s in steps2}), _slope({s: table2[s] for s in steps2})
         if ps is not None and os_ is not None:
             add(
-                "MSE ∝ S^k with k ≈ the paper's (log-log slope)",
+                "MSE ∝ S^k, k within 0.5 of the paper's (log-log slope)",
                 f"k = {ps:.2f}",
                 f"k = {os_:.2f}",
                 abs(os_ - ps) < 0.5,

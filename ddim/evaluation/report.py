@@ -63,7 +63,7 @@ def build_report(
     """Run (or resume) every part into ``work`` and write the page to ``out``; returns ``out``.
 
     ``heldout``: real images [N, C, H, W] the model did not train on, for Table 2 (the first
-    ``settings.table2_n``).
+    ``settings.table2_n``; :func:`ddim.evaluation.sources.heldout_subset` picks them spread over a set).
     """
     s = settings or ReportSettings()
     work = Path(work)
@@ -212,6 +212,17 @@ def _findings(t1: list[dict], t2: list[dict], cons: dict, interp: dict) -> list[
     return out
 
 
+KNOWN = ("classifier", "inception")  # extractors a command line can name
+
+
+def _training_line(config: dict[str, Any]) -> str:
+    train, data = config.get("train", {}), config.get("data", {})
+    if not train and not data:
+        return "not recorded in the config"
+    where = data.get("name", "unrecorded data") + (f" ({data['subset']}, {data['n']} images)" if "n" in data else "")
+    return f"{train.get('step', 'unrecorded')} steps on {where}"
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}
@@ -225,6 +236,7 @@ background:#fafafa;font-weight:600}
 img{max-width:100%;height:auto;display:block;margin:.4em 0}
 .flex{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}
 code{background:#f4f4f4;padding:0 .25em;border-radius:3px}
+pre{white-space:pre-wrap;background:#f7f7f7;padding:.6em;border-radius:4px;font-size:.85em}
 """
 
 
@@ -248,7 +260,6 @@ def render_report(
     s = setup.describe()
     cfg = setup.model.config
     n_params = sum(p.numel() for p in setup.model.parameters())
-    train = config.get("train", {})
     sched = config.get("schedule", {})
     cells = [r for r in table1 if r["sampler"] != "data"]
     floor = next((r for r in table1 if r["sampler"] == "data"), None)
@@ -275,7 +286,7 @@ def render_report(
                 ["classes", str(cfg.num_classes or "unconditional")],
                 ["schedule", f"{sched.get('name')} (T = {sched.get('T')})"],
                 ["prediction", s["prediction"]],
-                ["training", f"{train.get('step', '?')} steps on {config.get('data', {}).get('name', '?')}"],
+                ["training", _training_line(config)],
                 ["sampling classes", str(s["class"] or "unconditional")],
                 ["guidance", str(s["guidance"])],
                 ["timesteps", s["spacing"]],
@@ -392,7 +403,7 @@ def render_report(
     steps_txt = ",".join(str(x) for x in settings.steps)
     cmds = [
         f"ddim eval table1{common} --steps {steps_txt} --eta {','.join(f'{e:g}' for e in settings.etas)} "
-        f"--n {settings.n} --features {extractor.key.split('-')[0]}",
+        f"--n {settings.n}" + (f" --features {feat}" if (feat := extractor.key.split("-")[0]) in KNOWN else ""),
         f"ddim eval table2{model_flag} --steps {steps_txt} --n {settings.table2_n}",
         f"ddim eval consistency{common} --steps {','.join(str(x) for x in settings.consistency_steps)} "
         f"--n {settings.consistency_n}",
@@ -405,7 +416,9 @@ def render_report(
     parts.append(
         "<p class='note'>Time for this page: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-        + f" (total {total / 60:.1f} min; cached parts take ~0 s). Settings: "
+        + f" (total {total / 60:.1f} min; cached parts take ~0 s). Sampling time stored with the cached results: "
+        + f"Table 1 {sum(r['seconds'] or 0 for r in cells):.0f} s, Table 2 {sum(r['seconds'] for r in table2):.0f} s. "
+        + "Settings: "
         + esc(str(asdict(settings)))
         + "</p></body></html>"
     )

@@ -16,7 +16,7 @@ import torch
 from ddim.data import ImageData, load_data, mnist5k_split
 from ddim.evaluation.extractors import FeatureExtractor, load_extractor
 
-__all__ = ["reference_data", "heldout_data", "default_features", "extractor_for"]
+__all__ = ["reference_data", "heldout_data", "heldout_subset", "default_features", "extractor_for"]
 
 
 def _trained_on_mnist(config: dict[str, Any]) -> bool:
@@ -64,6 +64,16 @@ def heldout_data(model: torch.nn.Module, config: dict[str, Any], spec: str | Non
             raise ValueError("this model was trained on more than the MNIST-5k training split: pass --data")
         return _check_shape(mnist5k_split("holdout"), model, "MNIST-5k"), "mnist5k held-out (500 digits)"
     raise ValueError("inversion needs real images the model did not train on: pass --data SPEC")
+
+
+def heldout_subset(data: ImageData, n: int) -> ImageData:
+    """``n`` images spread evenly over a held-out set (every class, when the set is sorted by class, as
+    MNIST-5k is); all of it when ``n`` >= its size."""
+    from ddim.evaluation.table2 import evenly_spaced
+
+    if n >= len(data):
+        return data
+    return data.subset(torch.tensor(evenly_spaced(len(data), n)), f"{n} evenly spaced")
 
 
 def default_features(model: torch.nn.Module) -> str:

@@ -35,9 +35,14 @@ from ddim.evaluation.metrics import images_hash
 from ddim.generate import invert_images, save_npz
 from ddim.images import to_uint8
 
-__all__ = ["COLUMNS", "run_table2", "write_table2", "plot_table2", "plot_examples"]
+__all__ = ["COLUMNS", "evenly_spaced", "run_table2", "write_table2", "plot_table2", "plot_examples"]
 
 COLUMNS = ("steps", "nfe", "n", "mse", "mse_sem", "mse_median", "seconds", "images_per_s")
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``min(k, n)`` indices spread evenly over ``range(n)`` (first and last included)."""
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(min(k, n))})
 
 
 def _cell_path(setup: EvalSetup, folder: Path, key: dict[str, Any], steps: int, n: int) -> Path:
@@ -58,9 +63,10 @@ def run_table2(
     """Invert and decode ``images`` [n, C, H, W] in [-1, 1] at each S; write the table into ``out``.
 
     ``labels``: condition on these classes (int64 [n]); None = the null class (unconditional, as
-    the paper's model). Uses ``setup``'s model, schedule, prediction, spacing and batch (not its class
-    or guidance: guidance would make the ODE irreversible). Returns a row per S: steps, nfe (inversion
-    plus decoding), n, mse (mean), mse_sem (standard error), mse_median, seconds, images_per_s.
+    the paper's model). The example figure shows ``examples`` images spread evenly over the n.
+    Uses ``setup``'s model, schedule, prediction, spacing and batch (not its class or guidance:
+    guidance would make the ODE irreversible). Returns a row per S: steps, nfe (inversion plus
+    decoding), n, mse (mean), mse_sem (standard error), mse_median, seconds, images_per_s.
     """
     out = Path(out)
     folder = out / "cells"
@@ -78,6 +84,8 @@ def run_table2(
         "labels": None if labels is None else _digest([int(v) for v in labels]),
     }
     steps = [int(s) for s in steps]
+    shown = evenly_spaced(n, examples)  # the images in the example figure
+    key["shown"] = shown
     total = sum(2 * s * n for s in steps)
     done = 0
     for s in steps:
@@ -91,7 +99,7 @@ def run_table2(
     try:
         for s in steps:
             bar.describe(f"S={s}")
-            cell = _invert_cell(setup, images, labels, _cell_path(setup, folder, key, s, n), s, examples, bar)
+            cell = _invert_cell(setup, images, labels, _cell_path(setup, folder, key, s, n), s, shown, bar)
             mse = cell["mse"]
             rows.append(
                 {
@@ -114,7 +122,7 @@ def run_table2(
         "n": n,
         "steps": steps,
     }
-    originals = to_uint8(images[:examples])
+    originals = to_uint8(images[shown])
     write_table2(rows, out, meta, originals, example_recs)
     return rows
 
@@ -125,7 +133,7 @@ def _invert_cell(
     labels: torch.Tensor | None,
     path: Path,
     steps: int,
-    examples: int,
+    shown: list[int],
     bar: Progress,
 ) -> dict[str, Any]:
     if path.is_file():
@@ -154,13 +162,13 @@ def _invert_cell(
             prediction=setup.prediction,
         )
         mse = res["mse"].double().cpu().numpy()
-        rec = to_uint8(res["reconstruction"][: max(0, examples - start)].cpu())
+        rec = to_uint8(res["reconstruction"][[i - start for i in shown if start <= i < start + m]].cpu())
         save_npz(chunk, mse=mse, reconstruction=rec, seconds=np.array(res["seconds"]))
         mses.append(mse)
         recs.append(rec)
         seconds += res["seconds"]
         bar.update(2 * steps * m)
-    cell = {"mse": np.concatenate(mses), "seconds": seconds, "reconstruction": np.concatenate(recs)[:examples]}
+    cell = {"mse": np.concatenate(mses), "seconds": seconds, "reconstruction": np.concatenate(recs)}
     save_npz(path, **{k: np.asarray(v) for k, v in cell.items()}, info=np.array(json.dumps({"steps": steps})))
     shutil.rmtree(partial, ignore_errors=True)
     return cell
@@ -225,8 +233,10 @@ def plot_examples(originals: np.ndarray, recs: dict[int, np.ndarray], path: str 
         mse = float((diff**2).mean())
         axes[1 + 2 * i][0].set_ylabel(f"S = {s}", rotation=0, ha="right", va="center", fontsize=8)
         axes[2 + 2 * i][0].set_ylabel(f"|error|\nMSE {mse:.2g}", rotation=0, ha="right", va="center", fontsize=7)
+    fig.subplots_adjust(left=0.14, right=0.88, wspace=0.08, hspace=0.12)
     if im is not None:
-        fig.colorbar(im, ax=axes[:, -1].tolist(), fraction=0.5, shrink=0.6, label="|error| on [0, 1]")
+        cax = fig.add_axes([0.9, 0.2, 0.02, 0.6])
+        fig.colorbar(im, cax=cax, label="|error| on [0, 1]")
     fig.suptitle("Inversion then decoding: originals, reconstructions, error maps", fontsize=9)
     return fig_png(fig, path)
 
