@@ -245,6 +245,9 @@ def test_trend_checks_against_the_paper():
     assert checks["η = 0: FID falls as S grows (10, 20)"] is True
     assert checks["S = 10: FID rises with η (0, 1)"] is False
     assert checks["inversion MSE falls as S grows (10, 20)"] is False
+    assert checks["η = 1 and η = 0 draw closer from S = 10 to S = 20 (their ratio moves towards 1)"] is True
+    apart = trend_checks({0.0: {10: 10.0, 20: 10.0}, 1.0: {10: 5.0, 20: 1.0}}, {})
+    assert [c["agree"] for c in apart if "closer" in c["trend"]] == [False]  # 0.5 -> 0.1: further from 1
     rows1 = [{"sampler": "ddim", "eta": e, "steps": s, "fd": v} for e, d in ours.items() for s, v in d.items()]
     rows1.append({"sampler": "data", "eta": None, "steps": None, "fd": 1.5})
     text = compare_with_paper(rows1, [{"steps": 10, "mse": 0.01}, {"steps": 20, "mse": 0.02}])

@@ -97,10 +97,10 @@ def trend_checks(table1: dict[float, dict[int, float]], table2: dict[int, float]
 
         if lo in PAPER_TABLE1[0.0] and hi in PAPER_TABLE1[0.0]:
             add(
-                f"the η = 1 / η = 0 ratio shrinks from S = {lo} to S = {hi}",
+                f"η = 1 and η = 0 draw closer from S = {lo} to S = {hi} (their ratio moves towards 1)",
                 f"{ratio(PAPER_TABLE1, lo):.2f} → {ratio(PAPER_TABLE1, hi):.2f}",
                 f"{ratio(table1, lo):.2f} → {ratio(table1, hi):.2f}",
-                ratio(table1, hi) < ratio(table1, lo),
+                abs(math.log(ratio(table1, hi))) < abs(math.log(ratio(table1, lo))),
             )
     steps2 = sorted(s for s in table2 if s in PAPER_TABLE2)
     if len(steps2) >= 2:

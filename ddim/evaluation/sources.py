@@ -62,7 +62,7 @@ def heldout_data(model: torch.nn.Module, config: dict[str, Any], spec: str | Non
     if _trained_on_mnist(config):
         if config.get("data", {}).get("subset") not in (None, "train"):
             raise ValueError("this model was trained on more than the MNIST-5k training split: pass --data")
-        return _check_shape(mnist5k_split("holdout"), model, "MNIST-5k"), "mnist5k held-out (500 digits)"
+        return _check_shape(mnist5k_split("holdout"), model, "MNIST-5k"), "the MNIST-5k held-out digits"
     raise ValueError("inversion needs real images the model did not train on: pass --data SPEC")
 
 
