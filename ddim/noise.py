@@ -113,6 +113,11 @@ class StepNoise:
         self._ready: list[torch.Tensor] = []
         self.draws = 0
 
+    def restarted(self) -> StepNoise:
+        """A new source giving the same draws again from the first (with ``seeds``; the global RNG
+        cannot be rewound, so without seeds the new source simply continues it)."""
+        return StepNoise(self.shape, self.seeds, self.device, self.dtype, self.block)
+
     def _draw_into(self, buf: torch.Tensor) -> None:
         for i in range(self.shape[0]):
             gen = None if self._gens is None else self._gens[i]

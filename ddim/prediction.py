@@ -412,6 +412,7 @@ class Denoiser:
         if self.guided and self.uncond_kwargs is None:
             raise ValueError("uncond_kwargs is required when guidance_scale != 1 (the unconditional model's kwargs)")
         self._kwargs_cache: tuple[int, dict[str, Any]] | None = None
+        self._cat_buf: torch.Tensor | None = None
         self.nfe = 0
 
     @property
@@ -461,11 +462,16 @@ class Denoiser:
         bad = None if x.device.type == "cpu" else torch.zeros(ts.numel(), dtype=torch.bool, device=x.device)
         return Plan(list(timesteps_list), t_in, coefs, self._forward_kwargs(B), bad, conv, list(t_rows), rows)
 
-    def output(self, x: torch.Tensor, plan: Plan, i: int) -> torch.Tensor:
+    def output(self, x: torch.Tensor, plan: Plan, i: int, check: bool = True) -> torch.Tensor:
         """The raw network output for call i of ``plan`` at x [B, ...] (guidance applied), checked for
-        shape and NaN/Inf. With a :attr:`linear` denoiser, (x̂₀, ε̂) are the columns of ``plan.rows[i]``
-        applied to (x, output); see :meth:`Plan.fuse`."""
-        return self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad)
+        shape and, unless ``check=False``, for NaN/Inf (one reduction per call). With a :attr:`linear`
+        denoiser, (x̂₀, ε̂) are the columns of ``plan.rows[i]`` applied to (x, output); see
+        :meth:`Plan.fuse`. A loop that skips the NaN/Inf check must check its result (:meth:`finite`)."""
+        return self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad, check)
+
+    def finite(self, x: torch.Tensor) -> bool:
+        """Whether every value of a result is finite: one reduction, and one host sync off CPU."""
+        return bool(torch.isfinite(x).all())
 
     def predict(self, x: torch.Tensor, plan: Plan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂₀, ε̂) for call i of ``plan`` at the current sample x [B, ...]. No host sync off CPU."""
@@ -527,9 +533,16 @@ class Denoiser:
         step: int | None,
         t_desc: Any,
         bad: torch.Tensor | None,
+        check: bool = True,
     ) -> torch.Tensor:
-        """One (possibly guided) network evaluation, checked for shape and NaN/Inf."""
-        x_in = torch.cat([x, x]) if self.guided else x
+        """One (possibly guided) network evaluation, checked for shape and (if ``check``) NaN/Inf."""
+        if self.guided:  # [x; x] into a buffer reused across calls (the model's input never escapes)
+            buf = self._cat_buf
+            if buf is None or buf.shape[0] != 2 * x.shape[0] or buf.shape[1:] != x.shape[1:] or buf.dtype != x.dtype:
+                buf = self._cat_buf = torch.empty((2 * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+            x_in = torch.cat([x, x], out=buf) if buf.device == x.device else torch.cat([x, x])
+        else:
+            x_in = x
         out = self.model(x_in, t_in, **kwargs)
         if type(out) is not torch.Tensor:
             out = _unwrap(out)
@@ -543,12 +556,13 @@ class Denoiser:
             )
         # One float32/float64 sum instead of isfinite(out).all() (~25x cheaper on CPU at batch 64): a
         # NaN/Inf anywhere makes the sum non-finite. On CPU a sum that merely overflowed is re-checked.
-        total = out.sum() if out.dtype in _FULL else out.sum(dtype=torch.float32)
-        if bad is None:
-            if not math.isfinite(total.item()) and not bool(torch.isfinite(out).all()):
-                raise FloatingPointError(_nonfinite_message(step, t_desc))
-        else:
-            bad[step] = ~torch.isfinite(total)  # no host sync; reported by finish()
+        if check:
+            total = out.sum() if out.dtype in _FULL else out.sum(dtype=torch.float32)
+            if bad is None:
+                if not math.isfinite(total.item()) and not bool(torch.isfinite(out).all()):
+                    raise FloatingPointError(_nonfinite_message(step, t_desc))
+            else:
+                bad[step] = ~torch.isfinite(total)  # no host sync; reported by finish()
         if self.guided:
             cond, uncond = out.chunk(2)
             out = torch.lerp(uncond, cond, self.guidance_scale)  # u + s·(c - u)

@@ -280,23 +280,56 @@ def _linear_loop(
     table: torch.Tensor | list[tuple[torch.Tensor, ...]],
     noise: Callable[[], torch.Tensor] | None,
     callback: Callback | None,
-    bar: tqdm,
+    bar: tqdm | _NoBar,
 ) -> torch.Tensor:
     """The fused loop shared by samplers whose step is linear in (x_t, out): x ← A_i x + B_i out + σ_i z_i.
 
     ``table`` is float64 [N, 3] with columns (A, B, σ) (see :meth:`Plan.fuse`), or the same already
     cast and split by :func:`~ddim.prediction.scalar_rows` into 0-d tensors on x's device. Each step is
-    one network call, one finiteness check and two fused tensor ops (three with noise): no allocation
-    beyond the new sample, no tensor indexing, no host synchronisation off CPU. With ``noise``, one draw
-    is taken at every step but the last (noise-free).
+    one network call and two fused tensor ops (three with noise): no allocation beyond the new sample,
+    no tensor indexing, no host synchronisation. With ``noise``, one draw is taken at every step but the
+    last (noise-free).
+
+    NaN/Inf: every update multiplies both x and the network output (0·NaN and 0·Inf are NaN), so a
+    non-finite output at any step makes the result non-finite. The loop therefore checks only its
+    result (one reduction); if that is not finite it runs again from the start checking every call, so
+    the error names the first step and timestep whose output was NaN/Inf, as a checked loop would.
     """
     rows = table if isinstance(table, list) else scalar_rows(table, x)
+    x_start = x
+    x = _run_linear(denoise, x, plan, rows, noise, callback, bar, check=False)
+    if not denoise.finite(x):
+        again = noise.restarted() if isinstance(noise, StepNoise) else noise
+        _run_linear(denoise, x_start, plan, rows, again, None, _NoBar(), check=True)  # raises at the bad call
+        denoise.finish(plan)  # accelerators: the deferred report of the checked run
+        raise FloatingPointError(
+            "the result contains NaN or Inf, but a re-run checking every model output found none "
+            "(is the model deterministic?)"
+        )
+    return x
+
+
+def _run_linear(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    plan: Plan,
+    rows: list[tuple[torch.Tensor, ...]],
+    noise: Callable[[], torch.Tensor] | None,
+    callback: Callback | None,
+    bar: tqdm | _NoBar,
+    check: bool,
+) -> torch.Tensor:
     last = len(rows) - 1
+    # Two buffers, written in turn, instead of a new tensor per step: no allocator work in the loop
+    # (a fresh 200 kB tensor can cost page faults, more than the update itself) and fixed addresses
+    # (CUDA graphs). Not with a callback, which may keep the x_t it is given.
+    bufs = None if callback is not None else (torch.empty_like(x), torch.empty_like(x))
     for i, (a, b, sigma) in enumerate(rows):
-        out = denoise.output(x, plan, i)
+        out = denoise.output(x, plan, i, check)
         if callback is not None:
             callback(i, plan.timesteps[i], x, denoise.x0(x, out, plan, i))
-        x_next = torch.mul(x, a).addcmul_(out, b)
+        x_next = torch.mul(x, a) if bufs is None else torch.mul(x, a, out=bufs[i % 2])
+        x_next.addcmul_(out, b)
         if noise is not None and i < last:
             x_next.addcmul_(noise(), sigma)
         x = x_next
@@ -535,9 +568,11 @@ def sample(
     Every step goes from one listed timestep to the next listed one; the last step is noise-free.
     All arguments are validated before the first network call (errors name the argument). ε-prediction
     with a listed ᾱ_t = 0 (zero terminal SNR) is refused: use v-prediction. A model output with NaN/Inf
-    raises FloatingPointError naming the step i and timestep t (on CPU at once; on accelerators after
-    the loop, so that the loop never waits for the device). Runs under ``torch.no_grad()``; to
-    differentiate through sampling, loop over :func:`ddim_step` yourself.
+    raises FloatingPointError naming the step i and timestep t. The loop never waits for the device:
+    "ddim"/"ddpm" without clipping or thresholding check only the result (a NaN/Inf output always
+    reaches it) and, if it is not finite, run again checking every call to name the step; otherwise
+    every call is checked (on CPU at once; on accelerators after the loop). Runs under
+    ``torch.no_grad()``; to differentiate through sampling, loop over :func:`ddim_step` yourself.
 
     Returns:
         x_0, shaped like x_T.

@@ -51,6 +51,28 @@ def test_plan_fuse_is_the_same_linear_map(linear, prediction):
     assert torch.equal(plan.conv, conversion_coefficients(linear.alphas_cumprod[ts], prediction))
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(eta=1.0, seeds=[0, 1]), dict(sampler="ddpm"), dict(prediction="sample")])
+def test_fused_loop_names_the_first_nonfinite_step(linear, kw):
+    calls = []
+
+    def nan_at_600(x, t):
+        calls.append(int(t[0]))
+        out = dummy_model(x, t)
+        return out.fill_(float("nan")) if int(t[0]) == 600 else out
+
+    # leading, 5 steps: [800, 600, 400, 200, 0]: checked only at the end, then re-run up to the bad call
+    with pytest.raises(FloatingPointError, match=r"i=1 \(timestep t=600\)"):
+        ddim.sample(nan_at_600, torch.randn(2, 3), linear, steps=5, **kw)
+    assert calls == [800, 600, 400, 200, 0, 800, 600]
+
+    def inf_once(x, t, seen=[]):  # noqa: B006 - a model that fails on its first call only
+        seen.append(1)
+        return torch.full_like(x, float("inf")) if len(seen) == 1 else dummy_model(x, t)
+
+    with pytest.raises(FloatingPointError, match="deterministic"):
+        ddim.sample(inf_once, torch.randn(2, 3), linear, steps=3)
+
+
 def test_callback_sees_x0_on_the_fused_path(linear):
     seen = []
     x = torch.randn(2, 6, dtype=torch.float64)
@@ -118,7 +140,9 @@ def test_stochastic_batch_invariance_with_predrawn_noise(linear):
 def test_loop_never_reads_a_device_value(linear, kw, monkeypatch):
     # On the meta device tensors have no data: .item(), bool(), float() or .tolist() of a device tensor
     # would raise, so a loop that runs there has no host synchronisation (CUDA-graph / compile friendly).
-    monkeypatch.setattr(Denoiser, "finish", lambda self, plan: None)  # the one sync, after the loop
+    # the one sync, after the loop: the deferred report, or the fused loop's check of its result
+    monkeypatch.setattr(Denoiser, "finish", lambda self, plan: None)
+    monkeypatch.setattr(Denoiser, "finite", lambda self, x: True)
     x = torch.empty(2, 1, 4, 4, device="meta")
     out = ddim.sample(lambda x, t, **_: x * 0.5, x, linear, steps=6, **kw)
     assert out.device.type == "meta" and out.shape == x.shape
