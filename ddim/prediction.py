@@ -470,8 +470,10 @@ class Denoiser:
         return self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad, check)
 
     def finite(self, x: torch.Tensor) -> bool:
-        """Whether every value of a result is finite: one reduction, and one host sync off CPU."""
-        return bool(torch.isfinite(x).all())
+        """Whether every value of a result is finite: one sum (a NaN/Inf anywhere makes it non-finite;
+        a sum that merely overflowed is re-checked element-wise), and one host sync off CPU."""
+        total = x.sum() if x.dtype in _FULL else x.sum(dtype=torch.float32)
+        return math.isfinite(total.item()) or bool(torch.isfinite(x).all())
 
     def predict(self, x: torch.Tensor, plan: Plan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂₀, ε̂) for call i of ``plan`` at the current sample x [B, ...]. No host sync off CPU."""
