@@ -540,7 +540,13 @@ class Denoiser:
         """One (possibly guided) network evaluation, checked for shape and (if ``check``) NaN/Inf."""
         if self.guided:  # [x; x] into a buffer reused across calls (the model's input never escapes)
             buf = self._cat_buf
-            if buf is None or buf.shape[0] != 2 * x.shape[0] or buf.shape[1:] != x.shape[1:] or buf.dtype != x.dtype:
+            if (
+                buf is None
+                or buf.shape[0] != 2 * x.shape[0]
+                or buf.shape[1:] != x.shape[1:]
+                or buf.dtype != x.dtype
+                or buf.is_inference() != torch.is_inference_mode_enabled()
+            ):
                 buf = self._cat_buf = torch.empty((2 * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
             x_in = torch.cat([x, x], out=buf) if buf.device == x.device else torch.cat([x, x])
         else:
