@@ -19,8 +19,9 @@ def _saved(tmp_path, dtype=torch.float32):
     model = UNet(TINY)
     for p in model.parameters():  # zero-initialised output layers would hide mistakes
         p.data.normal_(0, 0.1)
-    save_model(tmp_path / "m", model, NoiseSchedule.cosine(50), "v_prediction", {"sampling": {"guidance": 1.5}},
-               dtype=dtype)
+    save_model(
+        tmp_path / "m", model, NoiseSchedule.cosine(50), "v_prediction", {"sampling": {"guidance": 1.5}}, dtype=dtype
+    )
     return model.eval(), tmp_path / "m"
 
 

@@ -46,8 +46,10 @@ def test_sample_embedded_png_twice_identical(tmp_path, capsys):
 
 def test_sample_npz_labels_and_uint8(tmp_path, capsys, tiny):
     p = tmp_path / "s.npz"
-    ok(["sample", "--model", tiny, "--n", "6", "--steps", "4", "--class", "1,3", "--out", str(p), "--no-progress"],
-       capsys)
+    ok(
+        ["sample", "--model", tiny, "--n", "6", "--steps", "4", "--class", "1,3", "--out", str(p), "--no-progress"],
+        capsys,
+    )
     z = np.load(p)
     assert z["images"].dtype == np.uint8 and z["images"].shape == (6, 8, 8, 1)
     assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [1, 3, 1, 3, 1, 3]
@@ -81,8 +83,7 @@ def test_uint8_rule(tmp_path, capsys, tiny):
     p = tmp_path / "s.npz"
     ok(["sample", "--model", tiny, "--n", "2", "--steps", "4", "--out", str(p), "--no-progress"], capsys)
     model, schedule, _ = load(tiny)
-    x = ddim.sample(model, ddim.randn((2, 1, 8, 8), [0, 1]), schedule, steps=4,
-                    model_kwargs={"y": torch.full((2,), 4)})
+    x = ddim.sample(model, ddim.randn((2, 1, 8, 8), [0, 1]), schedule, steps=4, model_kwargs={"y": torch.full((2,), 4)})
     expected = torch.round((x / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(np.load(p)["images"], expected)
 
@@ -119,11 +120,39 @@ def test_invert_interpolate_compare(tmp_path, capsys, tiny):
     z = np.load(tmp_path / "inv" / "latents.npz")
     assert z["latents"].shape == (2, 1, 8, 8) and z["mse"].shape == (2,)
     assert (tmp_path / "inv" / "reconstruction.png").is_file()
-    ok(["interpolate", "--model", tiny, "--frames", "4", "--steps", "3", "--class", "1",
-        "--out", str(tmp_path / "strip.png")], capsys)
+    ok(
+        [
+            "interpolate",
+            "--model",
+            tiny,
+            "--frames",
+            "4",
+            "--steps",
+            "3",
+            "--class",
+            "1",
+            "--out",
+            str(tmp_path / "strip.png"),
+        ],
+        capsys,
+    )
     assert Image.open(tmp_path / "strip.png").size == (2 + 4 * 10, 12)
-    out = ok(["compare", "--model", tiny, "--seeds", "0,1", "--steps", "2,4", "--ddpm-steps", "10",
-              "--out", str(tmp_path / "cmp.png")], capsys)
+    out = ok(
+        [
+            "compare",
+            "--model",
+            tiny,
+            "--seeds",
+            "0,1",
+            "--steps",
+            "2,4",
+            "--ddpm-steps",
+            "10",
+            "--out",
+            str(tmp_path / "cmp.png"),
+        ],
+        capsys,
+    )
     assert "DDPM 10" in out and "DDIM 4" in out and (tmp_path / "cmp.png").is_file()
 
 
@@ -137,6 +166,7 @@ def test_invert_bad_image(tmp_path, capsys, tiny):
 def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "ddim", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "sample" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "ddim", "sample", "--steps", "-3"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "ddim", "sample", "--steps", "-3"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -17,8 +17,18 @@ TINY = {"base_channels": 8, "channel_mults": [1, 2], "num_heads": 2}
 
 
 def cfg(tmp_path, name="run", **kw) -> TrainConfig:
-    base = dict(data="digits", out=str(tmp_path / name), steps=4, batch_size=8, unet=TINY, checkpoint_every=2,
-                sample_every=0, log_every=1, T=100, warmup=2)
+    base = dict(
+        data="digits",
+        out=str(tmp_path / name),
+        steps=4,
+        batch_size=8,
+        unet=TINY,
+        checkpoint_every=2,
+        sample_every=0,
+        log_every=1,
+        T=100,
+        warmup=2,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -34,9 +44,10 @@ def test_resume_is_exact(tmp_path):
     assert any(k.startswith("opt.") for k in a) and "rng.data" in a and "rng.torch" in a
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert load_file(tmp_path / "straight" / "model.safetensors").keys() == load_file(
-        tmp_path / "resumed" / "model.safetensors"
-    ).keys()
+    assert (
+        load_file(tmp_path / "straight" / "model.safetensors").keys()
+        == load_file(tmp_path / "resumed" / "model.safetensors").keys()
+    )
 
 
 def test_checkpoint_loads_and_samples(tmp_path):
@@ -44,7 +55,9 @@ def test_checkpoint_loads_and_samples(tmp_path):
     model, schedule, config = load(out)
     assert config["train"]["step"] == 2 and config["prediction"] == "epsilon"
     assert config["unet"]["num_classes"] == 10 and len(schedule) == 100
-    x = ddim.sample(model, ddim.randn((2, 1, 8, 8), [0, 1]), schedule, steps=5, model_kwargs={"y": torch.tensor([1, 2])})
+    x = ddim.sample(
+        model, ddim.randn((2, 1, 8, 8), [0, 1]), schedule, steps=5, model_kwargs={"y": torch.tensor([1, 2])}
+    )
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
     log = (out / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,loss") and len(log) == 3
@@ -71,8 +84,13 @@ def test_resume_with_other_settings_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "kw,match",
-    [({"prediction": "score"}, "prediction"), ({"schedule": "sigmoid"}, "schedule"), ({"steps": 0}, "steps"),
-     ({"label_dropout": 1.0}, "label_dropout"), ({"lr": 0}, "lr")],
+    [
+        ({"prediction": "score"}, "prediction"),
+        ({"schedule": "sigmoid"}, "schedule"),
+        ({"steps": 0}, "steps"),
+        ({"label_dropout": 1.0}, "label_dropout"),
+        ({"lr": 0}, "lr"),
+    ],
 )
 def test_bad_settings(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

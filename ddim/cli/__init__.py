@@ -41,7 +41,7 @@ def console() -> None:  # pragma: no cover - the installed `ddim` script
 
 # Register the commands.
 from ddim.cli import bench as _bench  # noqa: E402,F401
+from ddim.cli import eval as _eval  # noqa: E402,F401
 from ddim.cli import optimize as _optimize  # noqa: E402,F401
 from ddim.cli import sample as _sample  # noqa: E402,F401
 from ddim.cli import train as _train  # noqa: E402,F401
-from ddim.cli import eval as _eval  # noqa: E402,F401
