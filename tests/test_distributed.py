@@ -31,13 +31,32 @@ pytestmark = pytest.mark.skipif(
 NPROC = 2
 N = 24
 SAMPLE = ["--steps", "30", "--eta", "0.5", "--class", "all", "--no-progress"]
-TRAIN = ["--steps", "4", "--batch", "4", "--base-channels", "8", "--channel-mults", "1,2", "--checkpoint-every", "2",
-         "--sample-every", "0", "--T", "100", "--warmup", "2"]
+TRAIN = [
+    "--steps",
+    "4",
+    "--batch",
+    "4",
+    "--base-channels",
+    "8",
+    "--channel-mults",
+    "1,2",
+    "--checkpoint-every",
+    "2",
+    "--sample-every",
+    "0",
+    "--T",
+    "100",
+    "--warmup",
+    "2",
+]
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "DDIM_DIST_TIMEOUT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DDIM_DIST_TIMEOUT")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
 
@@ -48,8 +67,9 @@ def _torchrun_cmd(*args: str, module: bool = True) -> list[str]:
 
 
 def torchrun(*args: str, timeout: float = 120, module: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(_torchrun_cmd(*args, module=module), capture_output=True, text=True, timeout=timeout,
-                          env=_env())
+    return subprocess.run(
+        _torchrun_cmd(*args, module=module), capture_output=True, text=True, timeout=timeout, env=_env()
+    )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -100,8 +120,10 @@ def test_npz_merged_on_rank0_identical(tiny, reference, tmp_path):
     assert out.read_bytes() == (reference / "s.npz").read_bytes()
 
 
-@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
-                    reason="needs /proc/PID/task/TID/children to find torchrun's workers")
+@pytest.mark.skipif(
+    not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+    reason="needs /proc/PID/task/TID/children to find torchrun's workers",
+)
 def test_killed_run_resumes_with_exactly_the_right_images(tiny, reference, tmp_path):
     """SIGKILL torchrun and both workers midway, start again: every image once, byte-identical."""
     out = tmp_path / "imgs"
@@ -220,8 +242,9 @@ def test_ddp_train_checkpoints_loads_and_resumes_exactly(worker, data_npz, tmp_p
     model, schedule, config = load(d / "half")
     assert config["train"]["step"] == 2 and config["train"]["world_size"] == 2
     assert config["train"]["effective_batch_size"] == 8
-    x = ddim.sample(model, ddim.randn((2, 1, 8, 8), [0, 1]), schedule, steps=3,
-                    model_kwargs={"y": torch.tensor([1, 2])})
+    x = ddim.sample(
+        model, ddim.randn((2, 1, 8, 8), [0, 1]), schedule, steps=3, model_kwargs={"y": torch.tensor([1, 2])}
+    )
     assert torch.isfinite(x).all()
 
     out = tmp_path / "run"
@@ -239,8 +262,16 @@ def test_ddp_train_checkpoints_loads_and_resumes_exactly(worker, data_npz, tmp_p
     assert load_file(d / "straight" / "model.safetensors").keys() == load_file(out / "model.safetensors").keys()
 
     # resuming it in one process would change the random streams: refused
-    cfg = TrainConfig(data=str(data_npz), out=str(out), steps=6, batch_size=4,
-                      unet={"base_channels": 8, "channel_mults": [1, 2]}, checkpoint_every=2, sample_every=0, T=100,
-                      warmup=2)
+    cfg = TrainConfig(
+        data=str(data_npz),
+        out=str(out),
+        steps=6,
+        batch_size=4,
+        unet={"base_channels": 8, "channel_mults": [1, 2]},
+        checkpoint_every=2,
+        sample_every=0,
+        T=100,
+        warmup=2,
+    )
     with pytest.raises(ValueError, match="trained on 2 processes"):
         train(cfg, progress=False)
