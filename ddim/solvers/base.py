@@ -11,16 +11,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from ddim.prediction import memo, scalar_rows, tensor_key
-from ddim.sampling import Levels
+from ddim.noise import StepNoise
+from ddim.prediction import Denoiser, Plan, memo, scalar_rows, tensor_key
+from ddim.sampling import Callback, Levels, _NoBar
 
 T = TypeVar("T")
 
-__all__ = ["LevelTable", "level_table", "multistep_orders", "check_ode_args", "combine", "cached", "to_rows"]
+__all__ = [
+    "LevelTable",
+    "level_table",
+    "multistep_orders",
+    "check_ode_args",
+    "combine",
+    "cached",
+    "to_rows",
+    "fold_multistep",
+    "multistep_loop",
+]
 
 
 @dataclass(frozen=True)
@@ -115,3 +126,104 @@ def combine(x: torch.Tensor, row: Sequence[torch.Tensor], values: list[torch.Ten
     for k in range(n):
         out.addcmul_(values[k], row[k + 1])
     return out
+
+
+def fold_multistep(plan: Plan, table: torch.Tensor, history: int) -> torch.Tensor:
+    """Fold a multistep table into one linear in (x_i, out_i) and ``history`` carried tensors (float64).
+
+    ``table`` is [N, 2 + history + 1]: step i is x_{i+1} = a x_i + Σ_{k≤history} k_k m_{i-k} (+ c_z z),
+    row (a, k_0, …, k_history, c_z), with m_j = c0_j x_j + c1_j out_j the x̂₀ of call j (a linear
+    denoiser; c0, c1 from ``plan.conv``). The past enters through carried tensors G_1 … G_history:
+    G_l holds what the x̂₀'s made so far contribute to the step l ahead, so that
+
+        x_{i+1} = G_1 + A_i x_i + B_i out_i (+ c_z z),    A_i = a_i + k_0,i c0_i,  B_i = k_0,i c1_i,
+        G_l ← G_{l+1} + P_l,i x_i + Q_l,i out_i,          P_l,i = k_l,i+l c0_i,   Q_l,i = k_l,i+l c1_i
+
+    (G_{history+1} = 0; k of steps past the last are 0). Returns [N, 2 + 2·history + 1]:
+    (A, B, P_1, Q_1, …, P_history, Q_history, c_z).
+    """
+    c = plan.conv
+    if c is None:
+        raise RuntimeError("this plan has no float64 coefficients (make it with Denoiser.plan)")
+    N = table.shape[0]
+    c0, c1 = c[:N, 0], c[:N, 1]
+    cols = [table[:, 0] + table[:, 1] * c0, table[:, 1] * c1]
+    for lag in range(1, history + 1):
+        k = torch.zeros(N, dtype=torch.float64)
+        k[: N - lag] = table[lag:, 1 + lag]  # k_lag of step i + lag, the step that uses m_i
+        cols += [k * c0, k * c1]
+    return torch.stack([*cols, table[:, -1]], dim=1)
+
+
+def multistep_loop(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    plan: Plan,
+    rows: list[tuple[torch.Tensor, ...]],
+    history: int,
+    noise: Callable[[], torch.Tensor] | None,
+    callback: Callback | None,
+    bar: Any,
+) -> torch.Tensor:
+    """The fused loop of a linear multistep method (rows of :func:`fold_multistep`, cast by :func:`to_rows`).
+
+    Step i is 2 + 2·history fused in-place ops (+1 with noise) on carried buffers: no allocation after
+    the first step (none at all beyond three buffers without a callback), no tensor indexing, no host
+    synchronisation. With ``noise``, one draw at every step but the last (noise-free). As in the DDIM
+    loop (:func:`ddim.sampling._linear_loop`), NaN/Inf is checked once, on the result (every term
+    multiplies the network outputs that reach it); if it is not finite the run is repeated checking
+    every call, so the error names the first bad step and timestep.
+    """
+    x_start = x
+    x = _run_multistep(denoise, x, plan, rows, history, noise, callback, bar, check=False)
+    if not denoise.finite(x):
+        again = noise.restarted() if isinstance(noise, StepNoise) else noise
+        _run_multistep(denoise, x_start, plan, rows, history, again, None, _NoBar(), check=True)
+        denoise.finish(plan)
+        raise FloatingPointError(
+            "the result contains NaN or Inf, but a re-run checking every model output found none "
+            "(is the model deterministic?)"
+        )
+    return x
+
+
+def _run_multistep(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    plan: Plan,
+    rows: list[tuple[torch.Tensor, ...]],
+    history: int,
+    noise: Callable[[], torch.Tensor] | None,
+    callback: Callback | None,
+    bar: Any,
+    check: bool,
+) -> torch.Tensor:
+    last = len(rows) - 1
+    carried: list[torch.Tensor] = []  # G_1 … G_history (empty before the first step: all zero)
+    owned = False  # whether x is a buffer of this loop that nobody else holds (then reused in place)
+    for i, row in enumerate(rows):
+        out = denoise.output(x, plan, i, check)
+        if callback is not None:
+            callback(i, plan.timesteps[i], x, denoise.x0(x, out, plan, i))
+        A, B = row[0], row[1]
+        # x_{i+1} = G_1 + A x_i + B out_i, written into G_1's buffer
+        x_next = carried[0].addcmul_(x, A) if carried else torch.mul(x, A)
+        x_next.addcmul_(out, B)
+        if noise is not None and i < last:
+            x_next.addcmul_(noise(), row[-1])  # + c_z z
+        if i < last:
+            # G_l ← G_{l+1} + P_l x_i + Q_l out_i; the last one into x_i's buffer when it is free
+            new: list[torch.Tensor] = []
+            for lag in range(1, history + 1):
+                P, Q = row[2 * lag], row[2 * lag + 1]
+                if lag < len(carried):
+                    g = carried[lag].addcmul_(x, P)
+                elif lag == history and owned and callback is None and out.data_ptr() != x.data_ptr():
+                    g = x.mul_(P)
+                else:
+                    g = torch.mul(x, P)
+                new.append(g.addcmul_(out, Q))
+            carried = new
+        x, owned = x_next, True
+        bar.update()
+    return x

@@ -20,7 +20,17 @@ import torch
 
 from ddim.prediction import Denoiser
 from ddim.sampling import Callback, Levels, _bar, register_sampler
-from ddim.solvers.base import LevelTable, cached, check_ode_args, combine, level_table, multistep_orders, to_rows
+from ddim.solvers.base import (
+    LevelTable,
+    cached,
+    check_ode_args,
+    combine,
+    fold_multistep,
+    level_table,
+    multistep_loop,
+    multistep_orders,
+    to_rows,
+)
 
 __all__ = ["dpmpp_coefficients", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde"]
 
@@ -95,9 +105,22 @@ def _dpmpp(
         table, orders = dpmpp_coefficients(levels, order, sde)
         return to_rows(table, x), orders
 
+    plan = denoise.plan(levels.timesteps, x)
+    if denoise.linear:
+        # x̂₀ is linear in (x, out): the whole run is one folded float64 table (cached per run), each step
+        # a few fused in-place ops on carried buffers (see :func:`~ddim.solvers.base.fold_multistep`).
+        def build_fused() -> list[tuple[torch.Tensor, ...]]:
+            table, _ = dpmpp_coefficients(levels, order, sde)
+            return to_rows(fold_multistep(plan, table, order - 1), x)
+
+        rows = cached("dpmpp_fused", levels, x, build_fused, order, sde, denoise.prediction)
+        with _bar(len(rows), progress, name) as bar:
+            x = multistep_loop(denoise, x, plan, rows, order - 1, noise if sde else None, callback, bar)
+        denoise.finish(plan)
+        return x
+
     rows, orders = cached("dpmpp", levels, x, build, order, sde)
     N = len(orders)
-    plan = denoise.plan(levels.timesteps, x)
     m: list[torch.Tensor] = []  # x̂₀ of the latest calls, newest first
     with _bar(N, progress, name) as bar:
         for i in range(N - 1):
