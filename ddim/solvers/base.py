@@ -9,6 +9,7 @@ j = N the final level ᾱ_final): α_j = √ᾱ_j, σ_j = √(1 - ᾱ_j), λ_j =
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -114,6 +115,19 @@ def cached(name: str, levels: Levels, x: torch.Tensor, build: Callable[[], T], *
     return memo(("solvers", name, tensor_key(levels.alpha_bars), x.device, x.dtype, *extra), build)
 
 
+def cached_fused(name: str, levels: Levels, plan: Plan, x: torch.Tensor, build: Callable[[], T], *extra: object) -> T:
+    """:func:`cached` for a table folded with ``plan``'s conversion coefficients (``extra`` must name
+    the prediction), first looked up by the identity of ``levels`` and of the plan's cached float64
+    coefficients (both weakly referenced, so a recycled id is told apart): a repeated run skips
+    hashing the levels' contents."""
+
+    def by_content() -> tuple:
+        return weakref.ref(levels), weakref.ref(plan.conv), cached(name, levels, x, build, *extra)
+
+    key = ("solvers-id", name, id(levels), id(plan.conv), x.device, x.dtype, *extra)
+    return memo(key, by_content, valid=lambda v: v[0]() is levels and v[1]() is plan.conv)[2]
+
+
 def to_rows(table: torch.Tensor, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     """A float64 table [N, C] as N rows of C 0-d tensors on x's device, cast once (the loop then does
     no tensor indexing); see :func:`~ddim.prediction.scalar_rows`."""
@@ -198,32 +212,30 @@ def _run_multistep(
     bar: Any,
     check: bool,
 ) -> torch.Tensor:
-    last = len(rows) - 1
-    carried: list[torch.Tensor] = []  # G_1 … G_history (empty before the first step: all zero)
-    owned = False  # whether x is a buffer of this loop that nobody else holds (then reused in place)
+    if history not in (1, 2):
+        raise ValueError(f"history must be 1 or 2, got {history}")
+    output, last = denoise.output, len(rows) - 1
+    g1: torch.Tensor | None = None  # G_1, G_2: None before the first step (zero)
+    g2: torch.Tensor | None = None
+    reuse = False  # whether x is a buffer of this loop that nobody else holds (then reused in place)
     for i, row in enumerate(rows):
-        out = denoise.output(x, plan, i, check)
+        out = output(x, plan, i, check)
         if callback is not None:
             callback(i, plan.timesteps[i], x, denoise.x0(x, out, plan, i))
-        A, B = row[0], row[1]
-        # x_{i+1} = G_1 + A x_i + B out_i, written into G_1's buffer
-        x_next = carried[0].addcmul_(x, A) if carried else torch.mul(x, A)
-        x_next.addcmul_(out, B)
-        if noise is not None and i < last:
-            x_next.addcmul_(noise(), row[-1])  # + c_z z
+        # x_{i+1} = G_1 + A x_i + B out_i (+ c_z z), written into G_1's buffer
+        x_next = torch.mul(x, row[0]) if g1 is None else g1.addcmul_(x, row[0])
+        x_next.addcmul_(out, row[1])
         if i < last:
-            # G_l ← G_{l+1} + P_l x_i + Q_l out_i; the last one into x_i's buffer when it is free
-            new: list[torch.Tensor] = []
-            for lag in range(1, history + 1):
-                P, Q = row[2 * lag], row[2 * lag + 1]
-                if lag < len(carried):
-                    g = carried[lag].addcmul_(x, P)
-                elif lag == history and owned and callback is None and out.data_ptr() != x.data_ptr():
-                    g = x.mul_(P)
-                else:
-                    g = torch.mul(x, P)
-                new.append(g.addcmul_(out, Q))
-            carried = new
-        x, owned = x_next, True
+            if noise is not None:
+                x_next.addcmul_(noise(), row[-1])
+            # G_1 ← G_2 + P_1 x_i + Q_1 out_i;  G_2 ← P_2 x_i + Q_2 out_i. The newest G goes into x_i's
+            # buffer once x_i is no longer needed (not the caller's x_T, not one a callback was given).
+            inplace = reuse and out.data_ptr() != x.data_ptr()
+            if history == 1:
+                g1 = (x.mul_(row[2]) if inplace else torch.mul(x, row[2])).addcmul_(out, row[3])
+            else:
+                g1 = (torch.mul(x, row[2]) if g2 is None else g2.addcmul_(x, row[2])).addcmul_(out, row[3])
+                g2 = (x.mul_(row[4]) if inplace else torch.mul(x, row[4])).addcmul_(out, row[5])
+        x, reuse = x_next, callback is None
         bar.update()
     return x

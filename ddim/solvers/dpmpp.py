@@ -23,6 +23,7 @@ from ddim.sampling import Callback, Levels, _bar, register_sampler
 from ddim.solvers.base import (
     LevelTable,
     cached,
+    cached_fused,
     check_ode_args,
     combine,
     fold_multistep,
@@ -113,7 +114,7 @@ def _dpmpp(
             table, _ = dpmpp_coefficients(levels, order, sde)
             return to_rows(fold_multistep(plan, table, order - 1), x)
 
-        rows = cached("dpmpp_fused", levels, x, build_fused, order, sde, denoise.prediction)
+        rows = cached_fused("dpmpp_fused", levels, plan, x, build_fused, order, sde, denoise.prediction)
         with _bar(len(rows), progress, name) as bar:
             x = multistep_loop(denoise, x, plan, rows, order - 1, noise if sde else None, callback, bar)
         denoise.finish(plan)
