@@ -207,3 +207,62 @@ def test_cli_runtime_options(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert run([*base, "--out", str(tmp_path / "d.npz"), "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err or torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------- the fused multistep loop (DPM-Solver++)
+MULTISTEP = [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("dpmpp_2m_sde", {"seeds": [3, 1, 4]})]
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("sampler,kw", MULTISTEP)
+@pytest.mark.parametrize("final_one", [True, False])
+def test_fused_multistep_equals_the_unfused_loop(linear, prediction, sampler, kw, final_one):
+    # clip_sample at a range nothing reaches makes the denoiser non-linear: the unfused loop, same math
+    x = ddim.randn((3, 2, 16), [1, 2, 3], dtype=torch.float64)
+    common = dict(steps=12, prediction=prediction, sampler=sampler, set_alpha_to_one=final_one, **kw)
+    got = ddim.sample(dummy_model, x, linear, **common)
+    ref = ddim.sample(dummy_model, x, linear, clip_sample=True, clip_sample_range=1e9, **common)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler,kw", MULTISTEP)
+def test_fused_multistep_callback_and_identity_model(linear, sampler, kw):
+    kw = {"seeds": [5, 6]} if kw else kw
+    seen = []
+    x = torch.randn(2, 6, dtype=torch.float64)
+    cb = lambda i, t, x_t, x0: seen.append((t, x_t.clone(), x_t, x0))  # noqa: E731
+    out = ddim.sample(dummy_model, x, linear, steps=6, sampler=sampler, callback=cb, **kw)
+    for t, copy, x_t, x0 in seen:  # what the callback was given is never overwritten afterwards
+        assert torch.equal(copy, x_t)
+        ref, _ = ddim.to_x0_eps(x_t, dummy_model(x_t, torch.full((2,), t)), linear.alphas_cumprod[t])
+        torch.testing.assert_close(x0, ref, rtol=0, atol=1e-12)
+    assert torch.equal(out, ddim.sample(dummy_model, x, linear, steps=6, sampler=sampler, **kw))
+    # a model returning its input (the loop must not write into it in place)
+    x0 = torch.randn(2, 6, dtype=torch.float64)
+    got = ddim.sample(lambda x, t: x, x0, linear, steps=6, sampler=sampler, prediction="sample", **kw)
+    ref = ddim.sample(lambda x, t: x.clone(), x0, linear, steps=6, sampler=sampler, prediction="sample", **kw)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("sampler,kw", MULTISTEP)
+def test_fused_multistep_names_the_first_nonfinite_step(linear, sampler, kw):
+    calls = []
+
+    def nan_at_600(x, t):
+        calls.append(int(t[0]))
+        out = dummy_model(x, t)
+        return out.fill_(float("nan")) if int(t[0]) == 600 else out
+
+    kw = {"seeds": [0, 1]} if kw else kw
+    with pytest.raises(FloatingPointError, match=r"i=1 \(timestep t=600\)"):
+        ddim.sample(nan_at_600, torch.randn(2, 3), linear, steps=5, sampler=sampler, **kw)
+    assert calls == [800, 600, 400, 200, 0, 800, 600]
+
+
+@pytest.mark.parametrize("sampler,kw", [(s, {"seeds": [0, 1]} if k else k) for s, k in MULTISTEP])
+def test_fused_multistep_never_reads_a_device_value(linear, sampler, kw, monkeypatch):
+    monkeypatch.setattr(Denoiser, "finish", lambda self, plan: None)
+    monkeypatch.setattr(Denoiser, "finite", lambda self, x: True)
+    x = torch.empty(2, 1, 4, 4, device="meta")
+    out = ddim.sample(lambda x, t, **_: x * 0.5, x, linear, steps=6, sampler=sampler, **kw)
+    assert out.device.type == "meta" and out.shape == x.shape
