@@ -215,27 +215,31 @@ def _run_multistep(
     if history not in (1, 2):
         raise ValueError(f"history must be 1 or 2, got {history}")
     output, last = denoise.output, len(rows) - 1
-    g1: torch.Tensor | None = None  # G_1, G_2: None before the first step (zero)
-    g2: torch.Tensor | None = None
-    reuse = False  # whether x is a buffer of this loop that nobody else holds (then reused in place)
-    for i, row in enumerate(rows):
+    g1 = g2 = None  # G_1, G_2 (None: zero, before the first step)
+    for i in range(last):
+        row = rows[i]
         out = output(x, plan, i, check)
         if callback is not None:
             callback(i, plan.timesteps[i], x, denoise.x0(x, out, plan, i))
         # x_{i+1} = G_1 + A x_i + B out_i (+ c_z z), written into G_1's buffer
-        x_next = torch.mul(x, row[0]) if g1 is None else g1.addcmul_(x, row[0])
-        x_next.addcmul_(out, row[1])
-        if i < last:
-            if noise is not None:
-                x_next.addcmul_(noise(), row[-1])
-            # G_1 ← G_2 + P_1 x_i + Q_1 out_i;  G_2 ← P_2 x_i + Q_2 out_i. The newest G goes into x_i's
-            # buffer once x_i is no longer needed (not the caller's x_T, not one a callback was given).
-            inplace = reuse and out.data_ptr() != x.data_ptr()
-            if history == 1:
-                g1 = (x.mul_(row[2]) if inplace else torch.mul(x, row[2])).addcmul_(out, row[3])
-            else:
-                g1 = (torch.mul(x, row[2]) if g2 is None else g2.addcmul_(x, row[2])).addcmul_(out, row[3])
-                g2 = (x.mul_(row[4]) if inplace else torch.mul(x, row[4])).addcmul_(out, row[5])
-        x, reuse = x_next, callback is None
+        x_next = (torch.mul(x, row[0]) if g1 is None else g1.addcmul_(x, row[0])).addcmul_(out, row[1])
+        if noise is not None:
+            x_next.addcmul_(noise(), row[-1])
+        # G_1 ← G_2 + P_1 x_i + Q_1 out_i;  G_2 ← P_2 x_i + Q_2 out_i. The newest G goes into x_i's buffer:
+        # x_i is no longer needed, unless it is the caller's x_T, was given to a callback, or is `out` itself.
+        mine = i > 0 and callback is None and out.data_ptr() != x.data_ptr()
+        if history == 2:
+            g1 = (torch.mul(x, row[2]) if g2 is None else g2.addcmul_(x, row[2])).addcmul_(out, row[3])
+            g2 = (x.mul_(row[4]) if mine else torch.mul(x, row[4])).addcmul_(out, row[5])
+        else:
+            g1 = (x.mul_(row[2]) if mine else torch.mul(x, row[2])).addcmul_(out, row[3])
+        x = x_next
         bar.update()
-    return x
+    # Last step, to ᾱ_final, noise-free: x_N = G_1 + A x + B out (into ᾱ = 1, G_1 = 0 and this is x̂₀).
+    row = rows[last]
+    out = output(x, plan, last, check)
+    if callback is not None:
+        callback(last, plan.timesteps[last], x, denoise.x0(x, out, plan, last))
+    x = torch.mul(x, row[0]) if g1 is None else g1.addcmul_(x, row[0])
+    bar.update()
+    return x.addcmul_(out, row[1])
