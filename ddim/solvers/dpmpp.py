@@ -8,7 +8,11 @@ part (an exponential integrator), with m(λ) extrapolated from the last 1, 2 or 
 
 One network call per listed timestep. Each step is x_{i+1} = a·x_i + k0·m_i + k1·m_{i-1} + k2·m_{i-2}
 (+ c_z·z for the SDE); :func:`dpmpp_coefficients` builds that table once in float64 from the paper's
-formulas, and the sampler loop only applies it.
+formulas, and the sampler loop only applies it. Without clipping or thresholding m_j = c0_j x_j + c1_j out_j
+is linear in the sample and the raw network output, so the table is folded once more, in float64, into
+x_{i+1} = G_1 + A_i x_i + B_i out_i with the older m's carried in G_1 (and G_2 for 3M)
+(:func:`~ddim.solvers.base.fold_multistep`): four fused in-place ops per 2M step (six for 3M) on reused
+buffers, no host sync, one finiteness check at the end (:func:`~ddim.solvers.base.multistep_loop`).
 """
 
 from __future__ import annotations
