@@ -240,6 +240,6 @@ def compare_cmd(model_path, seeds, steps_list, ddpm_steps, class_spec, guidance,
     for r in rows:
         click.echo(
             f"{r['name']:>14}: {r['nfe']:5d} NFE  {r['seconds']:7.2f} s  "
-            f"mean |x - DDPM| on [0,1] {r['dist_to_first']:.4f}"
+            f"mean |x - DDIM at most steps| on [0,1] {r['dist_to_first']:.4f}"
         )
     click.echo(f"-> {out}")
