@@ -79,28 +79,25 @@ def _features(f):
     return f
 
 
-def _ints(text: str, name: str) -> list[int]:
+def _numbers(text: str, name: str, kind: type, positive: bool) -> list:
+    """Parse a comma list of ``kind``; values must be > 0 (``positive``) or >= 0, else a UsageError."""
     from ddim.evaluation.common import parse_list
 
     try:
-        values = parse_list(text, int, name)
+        values = parse_list(text, kind, name)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if any(v < 1 for v in values):
-        raise UsageError(f"{name} must be positive, got {text!r}")
+    if any(v < 1 if positive else v < 0 for v in values):
+        raise UsageError(f"{name} must be {'positive' if positive else 'non-negative'}, got {text!r}")
     return values
+
+
+def _ints(text: str, name: str) -> list[int]:
+    return _numbers(text, name, int, positive=True)
 
 
 def _floats(text: str, name: str) -> list[float]:
-    from ddim.evaluation.common import parse_list
-
-    try:
-        values = parse_list(text, float, name)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if any(v < 0 for v in values):
-        raise UsageError(f"{name} must be non-negative, got {text!r}")
-    return values
+    return _numbers(text, name, float, positive=False)
 
 
 def _setup(model_path, class_spec, guidance, spacing, seed, batch, device="cpu"):
