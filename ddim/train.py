@@ -56,7 +56,8 @@ class TrainConfig:
         out: run folder.
         steps: total optimizer steps (a resumed run continues up to this number).
         batch_size: images per step.
-        lr: AdamW learning rate after a linear warm-up of ``warmup`` steps; constant after.
+        lr: AdamW learning rate after a linear warm-up of ``warmup`` steps; constant after, or,
+            with ``lr_decay_start`` set, constant up to that step and then cosine-annealed to 0 at ``steps``.
         weight_decay, grad_clip: AdamW weight decay; max global gradient norm.
         ema_decay: EMA decay of the sampling weights (with the usual (1+n)/(10+n) warm-up).
         prediction: network target: "epsilon", "sample" (x₀) or "v_prediction".
@@ -76,6 +77,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
+    lr_decay_start: int | None = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -107,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < self.steps:
+            raise ValueError(f"lr_decay_start must be in [0, steps={self.steps}), got {self.lr_decay_start}")
 
 
 def make_schedule(name: str, T: int) -> NoiseSchedule:
@@ -202,7 +206,12 @@ def _build(cfg: TrainConfig, data: ImageData) -> UNet:
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """The learning rate of optimizer step ``step`` (0-based): warm-up, plateau, optional cosine tail."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    start = cfg.lr_decay_start
+    if start is not None and step >= start:
+        lr *= 0.5 * (1.0 + math.cos(math.pi * (step - start) / (cfg.steps - start)))
+    return lr
 
 
 @torch.no_grad()

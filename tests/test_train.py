@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 import ddim
 from ddim.checkpoint import load
 from ddim.data import sklearn_digits
-from ddim.train import TrainConfig, diffusion_loss, train
+from ddim.train import TrainConfig, _lr_at, diffusion_loss, train
 
 TINY = {"base_channels": 8, "channel_mults": [1, 2], "num_heads": 2}
 
@@ -90,6 +91,8 @@ def test_resume_with_other_settings_refused(tmp_path):
         ({"steps": 0}, "steps"),
         ({"label_dropout": 1.0}, "label_dropout"),
         ({"lr": 0}, "lr"),
+        ({"lr_decay_start": 4}, "lr_decay_start"),
+        ({"lr_decay_start": -1}, "lr_decay_start"),
     ],
 )
 def test_bad_settings(tmp_path, kw, match):
@@ -106,3 +109,16 @@ def test_loss_targets_are_the_definitions():
     for pred, target in targets.items():
         loss = diffusion_loss(lambda x, tt, target=target: target, x0, t, noise, ab, pred)
         assert loss.item() < 1e-12
+
+
+def test_learning_rate_schedule():
+    """Linear warm-up, a plateau, then (with lr_decay_start) a cosine tail reaching 0 at the last step."""
+    flat = TrainConfig(steps=100, lr=1e-3, warmup=10)
+    assert _lr_at(flat, 0) == pytest.approx(1e-4)
+    assert _lr_at(flat, 9) == _lr_at(flat, 99) == pytest.approx(1e-3)
+    tail = TrainConfig(steps=100, lr=1e-3, warmup=10, lr_decay_start=60)
+    assert [_lr_at(tail, s) for s in (0, 59, 60)] == [_lr_at(flat, s) for s in (0, 59, 60)]
+    assert _lr_at(tail, 80) == pytest.approx(0.5e-3)
+    assert _lr_at(tail, 99) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    lrs = [_lr_at(tail, s) for s in range(60, 100)]
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))

@@ -19,6 +19,12 @@ from ddim.cli.common import UsageError, main
 @click.option("--batch", "batch_size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--warmup", default=200, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--lr-decay-start",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Keep --lr constant up to this step, then cosine-anneal it to 0 at --steps [never].",
+)
 @click.option("--ema", "ema_decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0))
 @click.option(
@@ -70,6 +76,8 @@ def train_cmd(fresh: bool, base_channels, channel_mults, **kw) -> None:
         except ValueError:
             raise UsageError(f"--channel-mults must be comma-separated ints, got {channel_mults!r}") from None
     cfg = TrainConfig(unet=unet, **kw)
+    if cfg.lr_decay_start is not None and cfg.lr_decay_start >= cfg.steps:
+        raise UsageError(f"--lr-decay-start must be below --steps ({cfg.steps}), got {cfg.lr_decay_start}")
     try:
         ctx = ddist.init()
         if ctx.distributed and ctx.is_main:
