@@ -10,6 +10,7 @@ Runs (and resumes, if killed) exactly these commands, then writes OUT/comparison
 Table 1 samples the default way (class i mod 10, the model's guidance, leading timesteps) and measures
 the Fréchet distance, KID, precision and recall against all of MNIST-5k in the digit classifier's
 features; Table 2 inverts the 500 held-out digits. --quick: n = 100 and 50, steps up to 100 (a trial).
+--steps, --eta, --n, --steps2 and --n2 override single settings (a CPU-sized run, say).
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ def main() -> int:
     ap.add_argument("--out", default="paper_tables")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="a small trial (n = 100 / 50, S up to 100)")
+    ap.add_argument("--steps", default=None, help="Table 1 step counts, e.g. 10,20,50,100")
+    ap.add_argument("--eta", default=None, help="Table 1 η values, e.g. 0,0.2,0.5,1")
+    ap.add_argument("--n", type=int, default=None, help="Table 1 samples per cell")
+    ap.add_argument("--steps2", default=None, help="Table 2 step counts")
+    ap.add_argument("--n2", type=int, default=None, help="Table 2 held-out images")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
-    p = QUICK if args.quick else FULL
+    p = dict(QUICK if args.quick else FULL)
+    p.update({k: getattr(args, k) for k in ("steps", "eta", "n", "steps2", "n2") if getattr(args, k) is not None})
     out = Path(args.out)
     common = (["--model", args.model] if args.model else []) + ["--device", args.device]
     common += [] if args.progress else ["--no-progress"]
