@@ -4,7 +4,7 @@
 
 F(n): Fréchet distance (classifier features) between n random real digits and all of MNIST-5k,
 averaged over 5 draws: the floor for n samples. Conditional DDIM-50 (class i mod 10, the model's
-default guidance): accuracy (classified as their class) and Fréchet distance for n-cond samples.
+default guidance and x̂₀ clipping): accuracy (classified as their class) and Fréchet distance for n-cond samples.
 Unconditional (null class) DDIM-50: Fréchet distance for n-uncond samples. Then DDIM η = 0 against
 η = 1 at 10 and 20 steps, conditional and unconditional. Seeds: 0..n-1 (image i uses seed i).
 """
@@ -31,6 +31,12 @@ def main() -> None:
     ap.add_argument("--n-uncond", type=int, default=1000)
     ap.add_argument("--n-eta", type=int, default=500)
     ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument(
+        "--clip-sample",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clip x̂₀ to [-1, 1] [the model's sampling.clip_sample]",
+    )
     ap.add_argument("--skip-eta", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -41,7 +47,8 @@ def main() -> None:
     data = mnist5k()
     real_f, _ = clf.predict_features(data.images)
     ref = feature_stats(real_f)
-    out: dict = {"model": args.model or "embedded default", "guidance": guidance}
+    clip = bool(config.get("sampling", {}).get("clip_sample", False)) if args.clip_sample is None else args.clip_sample
+    out: dict = {"model": args.model or "embedded default", "guidance": guidance, "clip_sample": clip}
 
     def floor(n: int) -> float:
         g = torch.Generator().manual_seed(0)
@@ -66,6 +73,7 @@ def main() -> None:
             steps=steps,
             eta=eta,
             prediction=config["prediction"],
+            clip_sample=clip,
             batch=250,
         )
         f, pred = clf.predict_features(r.images.clamp(-1, 1))
