@@ -161,7 +161,7 @@ def eval_group() -> None:
 @click.option("--steps", "steps_list", default="10,20,50,100,1000", show_default=True, help="Step counts S.")
 @click.option("--eta", "eta_list", default="0,0.2,0.5,1", show_default=True, help="η values (DDIM).")
 @click.option("--sampler", "sampler_list", default="ddim", show_default=True, help="Comma list of samplers.")
-@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
+@click.option("--n", "-n", default=1000, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
 @click.option("--floor/--no-floor", default=True, show_default=True, help="Add a row for n real images.")
 @click.option("--out", default="eval/table1", show_default=True, help="Output folder (resumes what it holds).")
 def table1_cmd(
@@ -223,7 +223,12 @@ def table1_cmd(
 @click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
 @click.option("--steps", "steps_list", default="10,20,50,100", show_default=True, help="Step counts S.")
 @click.option(
-    "--n", default=500, show_default=True, type=click.IntRange(min=1), help="Images (spread evenly over the data)."
+    "--n",
+    "-n",
+    default=500,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images (spread evenly over the data).",
 )
 @click.option(
     "--data",
@@ -274,7 +279,7 @@ def table2_cmd(model_path, steps_list, n, data, labels, spacing, batch, out, pro
 @eval_group.command("consistency")
 @_common
 @click.option("--steps", "steps_list", default="10,20,50,100,200,500,1000", show_default=True, help="Step counts S.")
-@click.option("--n", default=20, show_default=True, type=click.IntRange(min=2), help="Noises x_T.")
+@click.option("--n", "-n", default=20, show_default=True, type=click.IntRange(min=2), help="Noises x_T.")
 @click.option("--columns", default=8, show_default=True, type=click.IntRange(min=1), help="x_T shown in the grid.")
 @click.option("--out", default="eval/consistency", show_default=True)
 def consistency_cmd(
@@ -321,7 +326,7 @@ def interpolation_cmd(
 @click.option("--work", default=None, help="Folder for results and caches [OUT without .html + '_files'].")
 @click.option("--steps", "steps_list", default="10,20,50,100", show_default=True, help="Table 1 and 2 step counts.")
 @click.option("--eta", "eta_list", default="0,1", show_default=True, help="Table 1 η values.")
-@click.option("--n", default=100, show_default=True, type=click.IntRange(min=4), help="Table 1 samples per cell.")
+@click.option("--n", "-n", default=100, show_default=True, type=click.IntRange(min=4), help="Table 1 samples per cell.")
 @click.option("--table2-n", default=50, show_default=True, type=click.IntRange(min=1), help="Table 2 images.")
 @click.option("--heldout-data", default=None, help="Table 2 images (load_data spec) [MNIST-5k held-out digits].")
 @click.option("--consistency-steps", default="10,20,50,100,1000", show_default=True, help="Consistency step counts.")

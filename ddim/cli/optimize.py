@@ -15,7 +15,9 @@ _DETERMINISTIC = sorted(s for s in SAMPLERS if s not in STOCHASTIC_SAMPLERS)
 @click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timesteps to choose (S).")
 @click.option("--sampler", default="ddim", show_default=True, type=click.Choice(_DETERMINISTIC))
-@click.option("--n", default=16, show_default=True, type=click.IntRange(min=1), help="Training noises (seeds K…K+n-1).")
+@click.option(
+    "--n", "-n", default=16, show_default=True, type=click.IntRange(min=1), help="Training noises (seeds K…K+n-1)."
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="First seed K.")
 @click.option(
     "--class",
