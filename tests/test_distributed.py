@@ -1,5 +1,6 @@
 """torchrun, two processes, gloo on CPU: sharded sampling identical to one process, a killed run resumed,
-a failing rank failing the command, DDP training that checkpoints and resumes exactly, sharded statistics."""
+a failing rank failing the command, DDP training that checkpoints and resumes exactly, sharded statistics,
+`ddim eval samples` over a sample folder equal to one process."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 from safetensors.torch import load_file
 
 import ddim
@@ -275,3 +277,47 @@ def test_ddp_train_checkpoints_loads_and_resumes_exactly(worker, data_npz, tmp_p
     )
     with pytest.raises(ValueError, match="trained on 2 processes"):
         train(cfg, progress=False)
+
+
+def _eval_folder(reference, tmp_path):
+    """A copy of the single-process sample folder, with litter `ddim eval samples` must skip."""
+    import shutil
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(reference / "imgs", folder)
+    (folder / ".seed_000030.png.abc123.tmp").write_bytes(b"half a png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_eval_samples_two_processes_equal_one(reference, data_npz, tmp_path, capsys):
+    """The folder `ddim sample` wrote, evaluated by 1 and by 2 processes: the same numbers."""
+    folder = _eval_folder(reference, tmp_path)
+    args = ["eval", "samples", str(folder), "--data", str(data_npz), "--batch", "5", "--no-progress"]
+    assert run([*args, "--cache", str(tmp_path / "c1"), "--out", str(tmp_path / "one.json")]) == 0
+    capsys.readouterr()
+    r = torchrun(*args, "--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "two.json"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Fréchet distance") == 1 and "on 2 processes" in r.stdout, r.stdout  # rank 0 reports
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (one["n"], one["processes"], two["n"], two["processes"]) == (N, 1, N, 2)
+    assert one["reference_n"] == two["reference_n"] == 40 and one["image_shape"] == [1, 8, 8]
+    # equal up to float rounding: the classifier sees other batch sizes (float32 features differ in the last
+    # bits), the moments are merged in another order, and the Fréchet distance takes square roots of
+    # near-zero eigenvalues (24 images, 128-d features): about 1e-8 relative
+    for key in ("fd", "kid", "kid_std"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    assert (two["precision"], two["recall"]) == (one["precision"], one["recall"])
+
+
+def test_eval_samples_bad_image_on_one_rank_fails_every_rank(reference, data_npz, tmp_path):
+    """seed_000003.png (rank 1's share) has another size: both ranks stop with the error, no hang."""
+    folder = _eval_folder(reference, tmp_path)
+    Image.new("L", (16, 16)).save(folder / "seed_000003.png")
+    tic = time.monotonic()
+    r = torchrun("eval", "samples", str(folder), "--data", str(data_npz), "--cache", str(tmp_path), "--no-progress")
+    assert r.returncode != 0
+    assert "ddim: error:" in r.stderr and "seed_000003.png is 16×16 but seed_000000.png is 8×8" in r.stderr, r.stderr
+    assert "rank 1 of 2 failed" in r.stderr, r.stderr  # rank 0 names the rank that met it
+    assert time.monotonic() - tic < 90

@@ -1,5 +1,6 @@
 """`ddim eval table1|table2|consistency|interpolation` and `ddim report`: the paper's tables and
-figures measured on a model (the embedded default unless --model is given)."""
+figures measured on a model (the embedded default unless --model is given); `ddim eval samples`: the
+quality of images already made (a folder written by `ddim sample`, under torchrun too)."""
 
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ def _extractor_and_reference(setup, config, features, inception_weights, data, c
 
 @main.group("eval")
 def eval_group() -> None:
-    """The DDIM paper's tables and figures, measured on a model: table1, table2, consistency, interpolation."""
+    """The DDIM paper's tables and figures, measured on a model: table1, table2, consistency, interpolation;
+    and samples: the quality of images already made (a `ddim sample` folder or .npz)."""
 
 
 @eval_group.command("table1")
@@ -317,6 +319,103 @@ def interpolation_cmd(
         raise UsageError(str(e)) from None
     click.echo((Path(out) / "interpolation.md").read_text())
     click.echo(f"-> {out}/interpolation.png, interpolation.csv, interpolation.md")
+
+
+@eval_group.command("samples")
+@click.argument("source")
+@click.option(
+    "--data",
+    default=None,
+    help="Reference images: 'mnist-all', 'mnist', 'digits', a .npz or an image folder "
+    "[all of MNIST-5k for 1×28×28 samples; required otherwise].",
+)
+@click.option(
+    "--features",
+    default=None,
+    help="Feature extractor: 'classifier' (shipped digit classifier), 'inception' (FID Inception-V3), "
+    "a TorchScript file, or 'package.module:factory'. [classifier for 1-channel images, else inception]",
+)
+@click.option(
+    "--inception-weights",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID weights) [$DDIM_INCEPTION_WEIGHTS "
+    "or ~/.cache/ddim/]. Never downloaded.",
+)
+@click.option(
+    "--cache",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Folder for cached reference features [$DDIM_CACHE or ~/.cache/ddim].",
+)
+@click.option(
+    "--batch",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images read and featurised at a time, per process.",
+)
+@click.option("--out", default=None, help="Also write the results to FILE.json or FILE.csv.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_device_option
+def samples_cmd(source, data, features, inception_weights, cache, batch, out, progress, device) -> None:
+    """Fréchet distance, KID and precision/recall of images already made, against a reference set.
+
+    SOURCE is a folder written by `ddim sample --out DIR/` (its seed_*.png; ddim-sample.json, temporary
+    and other non-image files are skipped) or an .npz with `images` uint8 [N, H, W, C]. Under torchrun
+    each process reads and featurises its share of the images and the statistics are gathered across
+    the processes; the numbers equal a one-process run's.
+    """
+    from ddim import distributed as ddist
+    from ddim.cli.common import _check_device
+    from ddim.evaluation.extractors import load_extractor
+    from ddim.evaluation.metrics import reference_features
+    from ddim.evaluation.samples import evaluate_samples, format_results, write_results
+    from ddim.evaluation.sources import samples_reference_data
+    from ddim.shard import open_images
+
+    if out is not None and Path(out).suffix.lower() not in (".json", ".csv"):
+        raise UsageError(f"--out must end in .json or .csv, got {out!r}")
+    device = _check_device(ddist.local_device(device))
+    ctx = ddist.init(device)
+
+    def agreed(error: BaseException | None, what: str) -> None:
+        """Every rank stops with the error when any rank met one."""
+        try:
+            ddist.check(error, ctx)
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"{what}{e}") from None
+
+    images, error = None, None
+    try:
+        images = open_images(source, exact=True)
+    except ValueError as e:
+        error = e
+    agreed(error, "")
+    spec = features or ("classifier" if images.shape[0] == 1 else "inception")
+    try:
+        extractor = load_extractor(spec, inception_weights=inception_weights).to(device)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--features: {e}") from None
+    reference, error = None, None
+    if ctx.is_main:  # the reference is needed (and cached) on rank 0 only
+        try:
+            ref_data, name = samples_reference_data(data, images.shape)
+            reference = reference_features(ref_data.images, extractor, name=name, cache_dir=cache, progress=progress)
+        except (ValueError, RuntimeError, OSError) as e:
+            error = e
+    agreed(error, "--data: ")
+    try:
+        result = evaluate_samples(images, extractor, reference, batch=batch, progress=progress and ctx.is_main)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if ctx.is_main:
+        click.echo(format_results(result))
+        if out is not None:
+            write_results(result, out)
+            click.echo(f"-> {out}")
 
 
 @main.command("report")

@@ -16,7 +16,14 @@ import torch
 from ddim.data import ImageData, load_data, mnist5k_split
 from ddim.evaluation.extractors import FeatureExtractor, load_extractor
 
-__all__ = ["reference_data", "heldout_data", "heldout_subset", "default_features", "extractor_for"]
+__all__ = [
+    "reference_data",
+    "samples_reference_data",
+    "heldout_data",
+    "heldout_subset",
+    "default_features",
+    "extractor_for",
+]
 
 
 def _trained_on_mnist(config: dict[str, Any]) -> bool:
@@ -49,6 +56,32 @@ def reference_data(model: torch.nn.Module, config: dict[str, Any], spec: str | N
         except (ValueError, RuntimeError, OSError):
             pass
     raise ValueError("no reference data for this model: pass --data (a .npz file, an image folder, 'mnist', 'digits')")
+
+
+def samples_reference_data(spec: str | None, shape: tuple[int, int, int]) -> tuple[ImageData, str]:
+    """(data, name) of the reference set for a set of samples shaped ``shape`` (C, H, W), without a model.
+
+    ``spec`` as for :func:`ddim.data.load_data` (a folder is resized to the samples' size); None: all
+    5,000 MNIST-5k digits (the reference of Table 1 for the embedded model, under the same name, so
+    the cached features are shared) when the samples are 1×28×28, else an error asking for a spec.
+
+    Raises:
+        ValueError: no default for this shape, a bad spec, or reference images of another shape.
+    """
+    c, h, w = shape
+    if spec is None:
+        if tuple(shape) != (1, 28, 28):
+            raise ValueError(
+                f"the samples are {c}×{h}×{w}; the default reference (MNIST-5k) is 1×28×28: "
+                "pass --data (a .npz file, an image folder, 'mnist-all', 'digits')"
+            )
+        data, name = mnist5k_split("all"), "mnist5k"
+    else:
+        data, name = load_data(spec, image_size=h), spec
+    got = tuple(data.images.shape[1:])
+    if got != tuple(shape):
+        raise ValueError(f"reference images {name} are {'×'.join(map(str, got))} but the samples are {c}×{h}×{w}")
+    return data, name
 
 
 def heldout_data(model: torch.nn.Module, config: dict[str, Any], spec: str | None = None) -> tuple[ImageData, str]:
