@@ -99,9 +99,10 @@ class StepNoise:
         dtype: torch.dtype = torch.float32,
         block: int = 1,
     ) -> None:
-        self.shape = _check_shape(shape)
+        # a torch.Size (x.shape) is already a valid shape; seeds are checked only when given
+        self.shape = tuple(shape) if type(shape) is torch.Size else _check_shape(shape)
         self.seeds = None if seeds is None else check_seeds(seeds, self.shape[0])
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = device if type(device) is torch.device else torch.device(device or "cpu")
         self.dtype = dtype
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"block must be a positive int, got {block!r}")

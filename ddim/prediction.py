@@ -313,6 +313,9 @@ class Plan:
         conv: the same coefficients in float64 on the CPU, for :meth:`fuse`.
         t_rows: the N rows of ``t_in``, split once so that call i indexes a list (no tensor indexing,
             no host sync in the loop); :attr:`rows` does the same for ``coefs``.
+
+    Made by :meth:`Denoiser.plan`, which caches everything but ``kwargs`` and ``bad``: the lists and
+    tensors of a plan are shared with later plans for the same timesteps, so never modify them.
     """
 
     timesteps: list[int]
@@ -434,40 +437,72 @@ class Denoiser:
         fold the conversion into their own update with :meth:`Plan.fuse` and :meth:`output`."""
         return self.clip_range is None and self.threshold is None
 
-    def plan(self, timesteps: torch.Tensor, x: torch.Tensor, alpha_bars: torch.Tensor | None = None) -> Plan:
+    def plan(
+        self,
+        timesteps: torch.Tensor,
+        x: torch.Tensor,
+        alpha_bars: torch.Tensor | None = None,
+        *,
+        cache: Callable[[tuple, Callable[[], Any]], Any] | None = None,
+    ) -> Plan:
         """Precompute, once, the per-call tables for evaluating the network at ``timesteps`` (in order).
 
         Args:
             timesteps: int64 [N], the network's timestep at call i (repeats allowed).
             x: a tensor shaped like the samples (gives batch, dtype and device).
             alpha_bars: float64 [N], the ᾱ used to convert call i's output (default ᾱ of timesteps[i]).
+            cache: ``cache(key, build)`` keeping values for these very timesteps and ᾱ's (e.g.
+                :meth:`ddim.sampling.Levels.cached`): the tables are then found by ``key`` (prediction,
+                batch, device, dtype) without hashing the timesteps. Without it they are cached by
+                content (:func:`memo`).
 
         Raises ValueError (mentioning v-prediction) for ε-prediction at a level with ᾱ = 0.
         """
+        B = x.shape[0]
+        reps = 2 * B if self.guidance_scale != 1.0 else B
+        device = x.device
+        key = ("plan", self.prediction, reps, device, coefficient_dtype(x.dtype))
+        if cache is None:
+            parts = self._plan_parts(timesteps, x, alpha_bars, key)
+        else:
+            parts = cache(key, lambda: self._plan_parts(timesteps, x, alpha_bars, key))
+        timesteps_list, t_in, coefs, conv, t_rows, rows = parts  # shared with later plans: read only
+        bad = None if x.is_cpu else torch.zeros(len(timesteps_list), dtype=torch.bool, device=device)
+        return Plan(timesteps_list, t_in, coefs, self._forward_kwargs(B), bad, conv, t_rows, rows)
+
+    def _plan_parts(
+        self, timesteps: torch.Tensor, x: torch.Tensor, alpha_bars: torch.Tensor | None, key: tuple
+    ) -> tuple:
+        """The cacheable part of :meth:`plan`, cached by the content of the timesteps and ᾱ's."""
         ts = torch.as_tensor(timesteps, dtype=torch.int64).cpu().reshape(-1)
         ab = self.schedule.alphas_cumprod[ts] if alpha_bars is None else torch.as_tensor(alpha_bars).double().cpu()
-        B = x.shape[0]
-        reps = 2 * B if self.guided else B
+        _, _, reps, device, cdtype = key
 
         def build() -> tuple:
             check_zero_snr(self.prediction, ab, ts)
-            t_in = ts[:, None].expand(ts.numel(), reps).contiguous().to(x.device)
+            t_in = ts[:, None].expand(ts.numel(), reps).contiguous().to(device)
             conv = conversion_coefficients(ab, self.prediction)
-            coefs = conv.to(device=x.device, dtype=coefficient_dtype(x.dtype))
+            coefs = conv.to(device=device, dtype=cdtype)
             rows = list(zip(*coefs.t().unbind(0), strict=True))
-            return ts.tolist(), t_in, coefs, conv, t_in.unbind(0), rows
+            return ts.tolist(), t_in, coefs, conv, list(t_in.unbind(0)), rows
 
-        key = ("plan", tensor_key(ts), tensor_key(ab), self.prediction, reps, x.device, coefficient_dtype(x.dtype))
-        timesteps_list, t_in, coefs, conv, t_rows, rows = memo(key, build)
-        bad = None if x.device.type == "cpu" else torch.zeros(ts.numel(), dtype=torch.bool, device=x.device)
-        return Plan(list(timesteps_list), t_in, coefs, self._forward_kwargs(B), bad, conv, list(t_rows), rows)
+        return memo((*key, tensor_key(ts), tensor_key(ab)), build)
 
     def output(self, x: torch.Tensor, plan: Plan, i: int, check: bool = True) -> torch.Tensor:
         """The raw network output for call i of ``plan`` at x [B, ...] (guidance applied), checked for
         shape and, unless ``check=False``, for NaN/Inf (one reduction per call). With a :attr:`linear`
         denoiser, (x̂₀, ε̂) are the columns of ``plan.rows[i]`` applied to (x, output); see
         :meth:`Plan.fuse`. A loop that skips the NaN/Inf check must check its result (:meth:`finite`)."""
-        return self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad, check)
+        if check or self.guidance_scale != 1.0:
+            return self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad, check)
+        # the fused loops' path (unguided, unchecked): the call and its shape check, nothing else
+        out = self.model(x, plan.t_rows[i], **plan.kwargs)
+        if type(out) is not torch.Tensor:
+            out = _tensor_output(out)
+        self.nfe += 1
+        if out.shape != x.shape:
+            raise self._shape_error(out, x, i, plan.timesteps[i])
+        return out
 
     def finite(self, x: torch.Tensor) -> bool:
         """Whether every value of a result is finite: one sum (a NaN/Inf anywhere makes it non-finite;
@@ -553,15 +588,10 @@ class Denoiser:
             x_in = x
         out = self.model(x_in, t_in, **kwargs)
         if type(out) is not torch.Tensor:
-            out = _unwrap(out)
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"model must return a tensor (or an object with .sample), got {type(out).__name__}")
+            out = _tensor_output(out)
         self.nfe += 1
         if out.shape != x_in.shape:
-            raise ValueError(
-                f"model output at step {step} (timestep t={t_desc}) has shape {tuple(out.shape)}, "
-                f"expected {tuple(x_in.shape)} (the shape of x_t{' doubled for guidance' if self.guided else ''})"
-            )
+            raise self._shape_error(out, x_in, step, t_desc)
         # One float32/float64 sum instead of isfinite(out).all() (~25x cheaper on CPU at batch 64): a
         # NaN/Inf anywhere makes the sum non-finite. On CPU a sum that merely overflowed is re-checked.
         if check:
@@ -575,6 +605,20 @@ class Denoiser:
             cond, uncond = out.chunk(2)
             out = torch.lerp(uncond, cond, self.guidance_scale)  # u + s·(c - u)
         return out
+
+    def _shape_error(self, out: torch.Tensor, x_in: torch.Tensor, step: int | None, t_desc: Any) -> ValueError:
+        return ValueError(
+            f"model output at step {step} (timestep t={t_desc}) has shape {tuple(out.shape)}, "
+            f"expected {tuple(x_in.shape)} (the shape of x_t{' doubled for guidance' if self.guided else ''})"
+        )
+
+
+def _tensor_output(out: Any) -> torch.Tensor:
+    """The tensor in a model's output (see :func:`_unwrap`), else TypeError."""
+    out = _unwrap(out)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return a tensor (or an object with .sample), got {type(out).__name__}")
+    return out
 
 
 _FULL = (torch.float32, torch.float64)

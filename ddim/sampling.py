@@ -15,9 +15,10 @@ knows its number of network evaluations in advance (:func:`nfe`).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -194,15 +195,33 @@ def ddim_step(
 # ============================================================================ sampler registry
 @dataclass(frozen=True)
 class Levels:
-    """The noise levels of one run.
+    """The noise levels of one run (treat as immutable: tables derived from them are cached on them).
 
     Attributes:
         timesteps: int64 CPU [N], descending: the network is evaluated at t_i at step i.
         alpha_bars: float64 CPU [N+1]: ᾱ at each listed timestep, then ᾱ_final (1, or ᾱ_0).
+        tables: what samplers derived from these levels (see :meth:`cached`).
     """
 
     timesteps: torch.Tensor
     alpha_bars: torch.Tensor
+    tables: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    #: Most entries :attr:`tables` keeps (it is emptied when full).
+    MAX_TABLES = 64
+
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()`` once per ``key`` for these levels: a sampler's coefficient rows, the denoiser's
+        plan, … for one device, dtype and batch. :func:`sample` reuses one Levels object per schedule
+        object, timesteps and final level, so a repeated run finds them with one dict lookup (no hashing
+        of tensor contents). Cached values are shared: never modify them in place."""
+        tables = self.tables
+        if key in tables:
+            return tables[key]
+        if len(tables) >= self.MAX_TABLES:
+            tables.clear()
+        value = tables[key] = build()
+        return value
 
 
 @dataclass(frozen=True)
@@ -257,13 +276,21 @@ class _NoBar:
         return None
 
 
+_NO_BAR = _NoBar()
+
+
 def _bar(n: int, progress: bool, desc: str) -> tqdm | _NoBar:
-    return tqdm(total=n, desc=desc, leave=False) if progress else _NoBar()
+    return tqdm(total=n, desc=desc, leave=False) if progress else _NO_BAR
 
 
-def _table_key(name: str, levels: Levels, denoise: Denoiser, x: torch.Tensor, *extra: object) -> tuple:
-    """Cache key of a sampler's per-run table: what it is computed from, and where it is applied."""
-    return (name, tensor_key(levels.alpha_bars), denoise.prediction, denoise.linear, x.device, x.dtype, *extra)
+def _cached_rows(
+    name: str, levels: Levels, denoise: Denoiser, x: torch.Tensor, build: Callable[[], Any], *extra: object
+) -> Any:
+    """A sampler's per-run table, built once: kept on ``levels`` (:meth:`Levels.cached`) and by the
+    content of the levels (:func:`~ddim.prediction.memo`), keyed by what else it is computed from and
+    where it is applied."""
+    key = (name, denoise.prediction, denoise.linear, x.device, x.dtype, *extra)
+    return levels.cached(key, lambda: memo((*key, tensor_key(levels.alpha_bars)), build))
 
 
 def _noise_free_last(sigma: torch.Tensor) -> torch.Tensor:
@@ -362,7 +389,7 @@ def sample_ddim(
     stochastic = eta > 0
     if stochastic and noise is None:
         raise ValueError("eta > 0 needs a noise source")
-    plan = denoise.plan(ts, x)
+    plan = denoise.plan(ts, x, cache=levels.cached)
 
     def build() -> list[tuple[torch.Tensor, ...]]:
         # Per-step (c_x0, c_eps, σ) in float64, once per (levels, η, ...). η = 0 on the last step.
@@ -373,7 +400,7 @@ def sample_ddim(
             return scalar_rows(torch.stack([*plan.fuse(c_x0, c_eps), sigma], dim=1), x)
         return scalar_rows(torch.stack([c_x0, c_eps, sigma], dim=1), x)
 
-    rows = memo(_table_key("ddim", levels, denoise, x, eta, variance), build)
+    rows = _cached_rows("ddim", levels, denoise, x, build, eta, variance)
     with _bar(N, progress, "ddim") as bar:
         if denoise.linear:
             x = _linear_loop(denoise, x, plan, rows, noise if stochastic else None, callback, bar)
@@ -421,7 +448,7 @@ def sample_ddpm(
     N = ts.numel()
     if noise is None:
         raise ValueError("sampler 'ddpm' needs a noise source")
-    plan = denoise.plan(ts, x)
+    plan = denoise.plan(ts, x, cache=levels.cached)
 
     def build() -> list[tuple[torch.Tensor, ...]]:
         c_x0, c_xt, sigma = ddpm_coefficients(ab[:-1], ab[1:], variance)
@@ -430,7 +457,7 @@ def sample_ddpm(
             return scalar_rows(torch.stack([*plan.fuse(c_x0, 0.0, c_xt), sigma], dim=1), x)
         return scalar_rows(torch.stack([c_x0, c_xt, sigma], dim=1), x)
 
-    rows = memo(_table_key("ddpm", levels, denoise, x, variance), build)
+    rows = _cached_rows("ddpm", levels, denoise, x, build, variance)
     with _bar(N, progress, "ddpm") as bar:
         if denoise.linear:
             x = _linear_loop(denoise, x, plan, rows, noise, callback, bar)
@@ -503,7 +530,60 @@ def _levels(schedule: NoiseSchedule, ts: torch.Tensor, set_alpha_to_one: bool) -
     return memo(key, build, valid=lambda v: v[0]() is schedule)[1]
 
 
-@torch.no_grad()
+def _run_levels(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str,
+    timesteps: Sequence[int] | torch.Tensor | None,
+    set_alpha_to_one: bool,
+) -> Levels:
+    """The :class:`Levels` of a run, validated, with one cache lookup for the usual arguments.
+
+    One Levels object is kept per schedule object (weakly referenced, so a new schedule at a recycled id
+    is told apart), steps and spacing, or explicit list of ints, and final level; the tables samplers
+    derive from it are kept on it (:meth:`Levels.cached`), so a repeated run hashes no tensor. Other
+    timestep arguments (tensors, arrays) are validated and looked up by content each time.
+    """
+    if timesteps is None:
+        check_spacing(spacing)
+        key: tuple = ("run-levels", id(schedule), steps, spacing, SPACINGS[spacing], set_alpha_to_one)
+    elif type(timesteps) is list or type(timesteps) is tuple:
+        # lists equal as tuples (ints, whole floats, numpy ints: equal values hash equally) give the
+        # same checked timesteps; anything check_timesteps refuses raises in build() and is not cached
+        key = ("run-levels", id(schedule), tuple(timesteps), set_alpha_to_one)
+    else:
+        return _levels(schedule, _resolve_timesteps(schedule, steps, spacing, timesteps), set_alpha_to_one)
+
+    def build() -> tuple[weakref.ref, Levels]:
+        ts = _resolve_timesteps(schedule, steps, spacing, timesteps)
+        return weakref.ref(schedule), _levels(schedule, ts, set_alpha_to_one)
+
+    try:
+        return memo(key, build, valid=lambda v: v[0]() is schedule)[1]
+    except TypeError:  # an unhashable entry (e.g. a nested list): the checks below name the problem
+        return _levels(schedule, _resolve_timesteps(schedule, steps, spacing, timesteps), set_alpha_to_one)
+
+
+def _zero_snr(levels: Levels) -> bool:
+    """Whether a listed level has ᾱ = 0 (zero terminal SNR), computed once per levels."""
+    return levels.cached(("zero-snr",), lambda: bool((levels.alpha_bars[:-1] == 0).any()))
+
+
+def _no_grad(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``torch.no_grad()`` around ``fn``, entered only when gradients are on (under ``inference_mode``
+    or ``no_grad`` already, the call skips the context manager's cost)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
 def sample(
     model: Model,
     x_T: torch.Tensor,
@@ -590,11 +670,11 @@ def sample(
     _check_bool(thresholding, "thresholding")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    ts = _resolve_timesteps(schedule, steps, spacing, timesteps)
+    levels = _run_levels(schedule, steps, spacing, timesteps, set_alpha_to_one)
+    ts = levels.timesteps
     if seeds is not None:
         seeds = check_seeds(seeds, x_T.shape[0])
-    levels = _levels(schedule, ts, set_alpha_to_one)
-    if prediction == "epsilon" and float(schedule.alphas_cumprod[-1]) == 0.0:  # ᾱ is non-increasing
+    if prediction == "epsilon" and _zero_snr(levels):
         check_zero_snr(prediction, levels.alpha_bars[:-1], ts)
     denoise = Denoiser(
         model,
@@ -616,7 +696,7 @@ def sample(
     return x
 
 
-@torch.no_grad()
+@_no_grad
 def invert(
     model: Model,
     x_0: torch.Tensor,

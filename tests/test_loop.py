@@ -209,14 +209,23 @@ def test_cli_runtime_options(tmp_path, capsys):
     assert "no CUDA device" in capsys.readouterr().err or torch.cuda.is_available()
 
 
-# ----------------------------------------------------------------- the fused multistep loop (DPM-Solver++)
-MULTISTEP = [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("dpmpp_2m_sde", {"seeds": [3, 1, 4]})]
+# ----------------------------------------------------------------- the fused multistep loop (DPM-Solver++, PLMS, UniPC)
+MULTISTEP = [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("dpmpp_2m_sde", {"seeds": [3, 1, 4]}), ("plms", {}), ("unipc", {})]
+
+
+@pytest.fixture(params=["stacked", "rows"])
+def multistep_path(request, monkeypatch):
+    """Run the fused multistep loop stacked (small samples) or row by row (large ones on the CPU)."""
+    from ddim.solvers import base
+
+    monkeypatch.setattr(base, "STACK_BYTES", 2**40 if request.param == "stacked" else 0)
+    return request.param
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("sampler,kw", MULTISTEP)
 @pytest.mark.parametrize("final_one", [True, False])
-def test_fused_multistep_equals_the_unfused_loop(linear, prediction, sampler, kw, final_one):
+def test_fused_multistep_equals_the_unfused_loop(linear, prediction, sampler, kw, final_one, multistep_path):
     # clip_sample at a range nothing reaches makes the denoiser non-linear: the unfused loop, same math
     x = ddim.randn((3, 2, 16), [1, 2, 3], dtype=torch.float64)
     common = dict(steps=12, prediction=prediction, sampler=sampler, set_alpha_to_one=final_one, **kw)
@@ -226,7 +235,83 @@ def test_fused_multistep_equals_the_unfused_loop(linear, prediction, sampler, kw
 
 
 @pytest.mark.parametrize("sampler,kw", MULTISTEP)
-def test_fused_multistep_callback_and_identity_model(linear, sampler, kw):
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_fused_multistep_few_steps_and_zero_snr(sampler, kw, steps, spacing, multistep_path):
+    # warm-up orders, fewer steps than the history, and a first level at ᾱ = 0 (v-prediction)
+    schedule = ddim.NoiseSchedule.linear(1000).rescale_zero_terminal_snr()
+    x = ddim.randn((3, 1, 16), [5, 6, 7], dtype=torch.float64)
+    common = dict(steps=steps, spacing=spacing, prediction="v_prediction", sampler=sampler, **kw)
+    got = ddim.sample(dummy_model, x, schedule, **common)
+    ref = ddim.sample(dummy_model, x, schedule, clip_sample=True, clip_sample_range=1e9, **common)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+
+
+def test_fused_multistep_float32_matches_the_unfused_loop(linear, multistep_path):
+    # the folded float64 tables are applied in float32 as any table: the fused result stays within
+    # float32 rounding of the unfused one
+    x = ddim.randn((4, 1, 8, 8), range(4))
+    for sampler in ("dpmpp_2m", "dpmpp_3m", "plms", "unipc"):
+        got = ddim.sample(dummy_model, x, linear, steps=10, sampler=sampler, spacing="linspace")
+        ref = ddim.sample(dummy_model, x, linear, steps=10, sampler=sampler, spacing="linspace", clip_sample=True,
+                          clip_sample_range=1e9)  # fmt: skip
+        assert (got - ref).abs().max() <= 2e-5 * ref.abs().max(), sampler
+
+
+def test_multistep_buffers_are_kept_between_runs_but_never_shared(linear):
+    from ddim.solvers import base
+
+    x = ddim.randn((2, 1, 4, 4), [1, 2])
+    first = ddim.sample(dummy_model, x, linear, steps=6, sampler="dpmpp_2m")
+    other = ddim.sample(dummy_model, ddim.randn((3, 1, 4, 4), [1, 2, 3]), linear, steps=6, sampler="dpmpp_2m")
+    assert torch.equal(ddim.sample(dummy_model, x, linear, steps=6, sampler="dpmpp_2m"), first)
+    assert other.shape[0] == 3 and first.data_ptr() != other.data_ptr()
+    assert any(k[0] == x.shape for k in base._POOL)  # kept for the next run of this layout
+
+    # A model that samples with the same layout inside its own call gets other buffers.
+    def nested(x_t, t):
+        inner = ddim.sample(dummy_model, x_t.clone(), linear, steps=3, sampler="dpmpp_2m")
+        return dummy_model(x_t, t) + 0 * inner
+
+    assert torch.equal(ddim.sample(nested, x, linear, steps=6, sampler="dpmpp_2m"), first)
+    # Buffers made under inference mode are not reused outside it (they could not be written there).
+    with torch.inference_mode():
+        inside = ddim.sample(dummy_model, x, linear, steps=6, sampler="unipc")
+    assert torch.equal(ddim.sample(dummy_model, x, linear, steps=6, sampler="unipc"), inside)
+
+
+def test_multistep_tables_are_cached_per_sample_rank():
+    # equal levels from two schedule objects share tables by content, but not across numbers of dims
+    for shape in [(2, 1, 4, 4), (2, 3), (2, 2, 3)]:
+        schedule = ddim.NoiseSchedule.linear(1000)
+        x = ddim.randn(shape, [1, 2], dtype=torch.float64)
+        for sampler in ("dpmpp_3m", "plms", "unipc"):
+            got = ddim.sample(dummy_model, x, schedule, steps=6, sampler=sampler)
+            ref = ddim.sample(
+                dummy_model, x, schedule, steps=6, sampler=sampler, clip_sample=True, clip_sample_range=1e9
+            )
+            assert got.shape == x.shape
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "plms", "unipc"])
+def test_fused_loops_keep_the_memory_format(linear, sampler, multistep_path):
+    seen = []
+
+    def model(x_t, t):
+        seen.append(x_t.is_contiguous(memory_format=torch.channels_last))
+        return dummy_model(x_t, t)
+
+    x = ddim.randn((2, 3, 4, 4), [1, 2])
+    ref = ddim.sample(dummy_model, x, linear, steps=5, sampler=sampler)
+    got = ddim.sample(model, x.to(memory_format=torch.channels_last), linear, steps=5, sampler=sampler)
+    assert all(seen) and len(seen) == 5
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler,kw", MULTISTEP)
+def test_fused_multistep_callback_and_identity_model(linear, sampler, kw, multistep_path):
     kw = {"seeds": [5, 6]} if kw else kw
     seen = []
     x = torch.randn(2, 6, dtype=torch.float64)
@@ -245,7 +330,7 @@ def test_fused_multistep_callback_and_identity_model(linear, sampler, kw):
 
 
 @pytest.mark.parametrize("sampler,kw", MULTISTEP)
-def test_fused_multistep_names_the_first_nonfinite_step(linear, sampler, kw):
+def test_fused_multistep_names_the_first_nonfinite_step(linear, sampler, kw, multistep_path):
     calls = []
 
     def nan_at_600(x, t):

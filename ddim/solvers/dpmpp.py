@@ -11,8 +11,9 @@ One network call per listed timestep. Each step is x_{i+1} = a·x_i + k0·m_i + 
 formulas, and the sampler loop only applies it. Without clipping or thresholding m_j = c0_j x_j + c1_j out_j
 is linear in the sample and the raw network output, so the table is folded once more, in float64, into
 x_{i+1} = G_1 + A_i x_i + B_i out_i with the older m's carried in G_1 (and G_2 for 3M)
-(:func:`~ddim.solvers.base.fold_multistep`): four fused in-place ops per 2M step (six for 3M) on reused
-buffers, no host sync, one finiteness check at the end (:func:`~ddim.solvers.base.multistep_loop`).
+(:func:`~ddim.solvers.base.fold_multistep`): the sample and the G's are rows of one buffer, so a step is
+two fused ops on that stack, as for 2M and 3M alike (three with the SDE's noise), on reused buffers, with
+no host sync and one finiteness check at the end (:func:`~ddim.solvers.base.multistep_loop`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ddim.prediction import Denoiser
 from ddim.sampling import Callback, Levels, _bar, register_sampler
 from ddim.solvers.base import (
     LevelTable,
+    MultistepRow,
     cached,
     cached_fused,
     check_ode_args,
@@ -34,6 +36,7 @@ from ddim.solvers.base import (
     level_table,
     multistep_loop,
     multistep_orders,
+    multistep_rows,
     to_rows,
 )
 
@@ -110,13 +113,13 @@ def _dpmpp(
         table, orders = dpmpp_coefficients(levels, order, sde)
         return to_rows(table, x), orders
 
-    plan = denoise.plan(levels.timesteps, x)
+    plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
     if denoise.linear:
         # x̂₀ is linear in (x, out): the whole run is one folded float64 table (cached per run), each step
-        # a few fused in-place ops on carried buffers (see :func:`~ddim.solvers.base.fold_multistep`).
-        def build_fused() -> list[tuple[torch.Tensor, ...]]:
+        # two fused ops on a stack of carried buffers (see :func:`~ddim.solvers.base.multistep_loop`).
+        def build_fused() -> list[MultistepRow]:
             table, _ = dpmpp_coefficients(levels, order, sde)
-            return to_rows(fold_multistep(plan, table, order - 1), x)
+            return multistep_rows(fold_multistep(plan, table, order - 1), x)
 
         rows = cached_fused("dpmpp_fused", levels, plan, x, build_fused, order, sde, denoise.prediction)
         with _bar(len(rows), progress, name) as bar:

@@ -10,6 +10,10 @@ Each listed level i gets one network call, m_i = x̂₀(x_i, t_i), used twice:
 Both are x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) m_s - α_t B(h) Σ_k ρ_k D_k with h = λ_t - λ_s,
 D_k = (m_{s_k} - m_s) / r_k, r_k = (λ_{s_k} - λ_s) / h, and ρ solving the order conditions R ρ = b
 (Eq. 7–8; :func:`_rhos`). All weights are built once in float64 by :func:`unipc_coefficients`.
+
+Without clipping or thresholding the whole run folds into one multistep table on x̂₀
+(:func:`unipc_multistep_table`, then :func:`~ddim.solvers.base.fold_multistep`): two fused ops per step
+on the sample and the carried x̂₀ sums, no host sync, one finiteness check at the end.
 """
 
 from __future__ import annotations
@@ -22,9 +26,22 @@ import torch
 
 from ddim.prediction import Denoiser
 from ddim.sampling import Callback, Levels, _bar, register_sampler
-from ddim.solvers.base import LevelTable, cached, check_ode_args, combine, level_table, multistep_orders, to_rows
+from ddim.solvers.base import (
+    LevelTable,
+    MultistepRow,
+    cached,
+    cached_fused,
+    check_ode_args,
+    combine,
+    fold_multistep,
+    level_table,
+    multistep_loop,
+    multistep_orders,
+    multistep_rows,
+    to_rows,
+)
 
-__all__ = ["unipc_coefficients", "sample_unipc"]
+__all__ = ["unipc_coefficients", "unipc_multistep_table", "sample_unipc"]
 
 #: Highest predictor order of "unipc" (UniPC-2; with the corrector the method is of order 3).
 UNIPC_ORDER = 2
@@ -107,6 +124,26 @@ def unipc_coefficients(levels: Levels, order: int = 2) -> tuple[torch.Tensor, to
     return pred, corr, orders
 
 
+def unipc_multistep_table(levels: Levels, order: int = 2) -> torch.Tensor:
+    """The UniPC run as one multistep table on x̂₀: float64 [N, order + 3], row i = (a, k_0, …, k_order, 0)
+    with x_{i+1} = a x_i + Σ_l k_l m_{i-l} (the form of :func:`~ddim.solvers.base.fold_multistep`).
+
+    The corrector and the predictor step that produced x_i start from the same point x_{i-1}^c with the
+    same weight σ_i/σ_{i-1}, so x_i^c = x_i + corr_i·(m_i, m_{i-1}, …) - pred_{i-1}·(m_{i-1}, …): the
+    corrected point is the network's input plus x̂₀ terms, and x_{i+1} = pred_i·(x_i^c, m_i, …) becomes
+    a = pred_i[0], k_l = pred_i[0] (corr_i[1+l] - pred_{i-1}[l]) + pred_i[1+l] (pred_{i-1}[0] read as 0).
+    """
+    pred, corr, _ = unipc_coefficients(levels, order)
+    N = pred.shape[0]
+    zero = torch.zeros(N, 1, dtype=torch.float64)
+    p = torch.cat([pred, zero], dim=1)  # pred_i on (x_i^c, m_i, …, m_{i-order}), as corr_i's columns
+    q = torch.zeros(N, order + 1, dtype=torch.float64)
+    q[1:, 1:] = pred[:-1, 1:]  # what x_i already holds of (m_i, m_{i-1}, …, m_{i-order}): pred_{i-1}'s
+    k = p[:, :1] * (corr[:, 1:] - q) + p[:, 1:]
+    k[0] = p[0, 1:]  # step 0 starts from x_0 itself (nothing to correct)
+    return torch.cat([p[:, :1], k, zero], dim=1)
+
+
 @register_sampler("unipc")
 def sample_unipc(
     denoise: Denoiser,
@@ -128,6 +165,18 @@ def sample_unipc(
     """
     check_ode_args("unipc", eta, variance)
     order = UNIPC_ORDER
+    plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
+    if denoise.linear:
+        # x̂₀ is linear in (x, out): predictor and corrector fold into one multistep table
+        # (:func:`unipc_multistep_table`), each step two fused ops on the sample and the carried x̂₀ sums.
+        def build_fused() -> list[MultistepRow]:
+            return multistep_rows(fold_multistep(plan, unipc_multistep_table(levels, order), order), x)
+
+        rows = cached_fused("unipc_fused", levels, plan, x, build_fused, order, denoise.prediction)
+        with _bar(len(rows), progress, "unipc") as bar:
+            x = multistep_loop(denoise, x, plan, rows, order, None, callback, bar)
+        denoise.finish(plan)
+        return x
 
     def build() -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]], list[int]]:
         pred, corr, orders = unipc_coefficients(levels, order)
@@ -135,7 +184,6 @@ def sample_unipc(
 
     pred, corr, orders = cached("unipc", levels, x, build, order)
     N = len(orders)
-    plan = denoise.plan(levels.timesteps, x)
     m: list[torch.Tensor] = []  # x̂₀ of the latest calls, newest first
     x_prev = x  # x_{i-1}^c, the point the last predictor step started from
     with _bar(N, progress, "unipc") as bar:
