@@ -23,7 +23,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         rv = main.main(args=argv, prog_name="ddim", standalone_mode=False)
     except click.UsageError as e:
-        hint = f" (see 'ddim {e.ctx.info_name} --help')" if e.ctx is not None and e.ctx.parent is not None else ""
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None and e.ctx.parent is not None else ""
         click.echo(f"ddim: error: {e.format_message()}{hint}", err=True)
         return 2
     except click.ClickException as e:

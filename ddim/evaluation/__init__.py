@@ -8,7 +8,8 @@ Inception-V3, any module), :mod:`~ddim.evaluation.inception`, :mod:`~ddim.evalua
 (sampling setup, cached cells), :mod:`~ddim.evaluation.sources` (which data and features by
 default), :mod:`~ddim.evaluation.table1`, :mod:`~ddim.evaluation.table2`,
 :mod:`~ddim.evaluation.consistency`, :mod:`~ddim.evaluation.interpolation`,
-:mod:`~ddim.evaluation.report`.
+:mod:`~ddim.evaluation.report`, :mod:`~ddim.evaluation.samples` (metrics of a folder or .npz of
+samples, sharded under torchrun).
 """
 
 from ddim.evaluation.common import EvalSetup
@@ -23,6 +24,7 @@ from ddim.evaluation.extractors import (
 from ddim.evaluation.interpolation import run_interpolation
 from ddim.evaluation.metrics import Reference, fid, kid, precision_recall, quality_metrics, reference_features
 from ddim.evaluation.report import ReportSettings, build_report
+from ddim.evaluation.samples import evaluate_samples
 from ddim.evaluation.table1 import run_table1
 from ddim.evaluation.table2 import run_table2
 
@@ -33,6 +35,7 @@ __all__ = [
     "ReportSettings",
     "build_report",
     "classifier_extractor",
+    "evaluate_samples",
     "fid",
     "inception_extractor",
     "kid",

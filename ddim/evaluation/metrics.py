@@ -60,13 +60,16 @@ def _as_tensor(f: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
 
 def fid(fake: torch.Tensor | np.ndarray, real: torch.Tensor | np.ndarray) -> float:
     """Fréchet distance ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) between feature sets [N1, D] and [N2, D]
-    (float64, torchmetrics' ``FrechetInceptionDistance``). "FID" when the features are Inception's."""
+    (float64, torchmetrics' ``FrechetInceptionDistance``). "FID" when the features are Inception's.
+
+    Local arithmetic on the given features: in a process group torchmetrics would otherwise gather its
+    state from every rank at ``compute()`` (``sync_on_compute``), waiting for ranks that never call it."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     fake, real = _as_tensor(fake, "fake"), _as_tensor(real, "real")
     if fake.shape[1] != real.shape[1]:
         raise ValueError(f"feature sizes differ: fake {fake.shape[1]}, real {real.shape[1]}")
-    metric = FrechetInceptionDistance(feature=_PassThrough(fake.shape[1]))
+    metric = FrechetInceptionDistance(feature=_PassThrough(fake.shape[1]), sync_on_compute=False)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())
@@ -91,7 +94,9 @@ def kid(
     size = min(subset_size, fake.shape[0], real.shape[0])
     with warnings.catch_warnings():  # its note that it keeps every feature: intended here
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=_PassThrough(fake.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(
+            feature=_PassThrough(fake.shape[1]), subsets=subsets, subset_size=size, sync_on_compute=False
+        )
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):

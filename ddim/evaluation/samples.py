@@ -12,10 +12,9 @@ rounding.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +111,7 @@ def evaluate_samples(
                 "feature_dim": dim,
                 "fd": frechet_from_stats(feats.mean, feats.cov, reference.mu, reference.sigma),
             }
-            with _torchmetrics_local(ctx.distributed):
-                result["kid"], result["kid_std"] = kid(feats.features, real, subsets=kid_subsets, seed=seed)
+            result["kid"], result["kid_std"] = kid(feats.features, real, subsets=kid_subsets, seed=seed)
             result["precision"], result["recall"] = precision_recall(feats.features, real, k=k, seed=seed)
             result["processes"] = feats.processes
             result["feature_seconds"] = feats.seconds
@@ -124,27 +122,6 @@ def evaluate_samples(
     if error is not None:
         raise ValueError(error)
     return {c: result[c] for c in COLUMNS}
-
-
-@contextlib.contextmanager
-def _torchmetrics_local(distributed: bool) -> Iterator[None]:
-    """torchmetrics metrics made while this is open compute on this process's state alone.
-
-    In a process group a torchmetrics metric all-gathers its state from every rank at ``compute()``.
-    Here rank 0 alone computes KID on the features it gathered, so that sync would wait forever for
-    ranks that never call it. (Constructing the metric with ``sync_on_compute=False`` says the same.)
-    """
-    import torchmetrics.metric as tm_metric
-
-    if not distributed or not hasattr(tm_metric, "jit_distributed_available"):
-        yield
-        return
-    saved = tm_metric.jit_distributed_available
-    tm_metric.jit_distributed_available = lambda: False
-    try:
-        yield
-    finally:
-        tm_metric.jit_distributed_available = saved
 
 
 def _name(source: Any) -> str:
