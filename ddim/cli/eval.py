@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ddim.cli.common import UsageError, _load_model, main
+from ddim.evaluation.report import ReportSettings
 
 
 def _common(f):
@@ -418,20 +419,40 @@ def samples_cmd(source, data, features, inception_weights, cache, batch, out, pr
             click.echo(f"-> {out}")
 
 
+_REPORT = ReportSettings()
+_REPORT_STEPS = ",".join(map(str, _REPORT.steps))
+_REPORT_ETAS = ",".join(f"{e:g}" for e in _REPORT.etas)
+_REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
+
+
 @main.command("report")
 @_common
 @_features
 @click.option("--out", default="report.html", show_default=True, help="The HTML page (self-contained).")
 @click.option("--work", default=None, help="Folder for results and caches [OUT without .html + '_files'].")
-@click.option("--steps", "steps_list", default="10,20,50,100", show_default=True, help="Table 1 and 2 step counts.")
-@click.option("--eta", "eta_list", default="0,1", show_default=True, help="Table 1 η values.")
-@click.option("--n", "-n", default=100, show_default=True, type=click.IntRange(min=4), help="Table 1 samples per cell.")
-@click.option("--table2-n", default=50, show_default=True, type=click.IntRange(min=1), help="Table 2 images.")
+@click.option("--steps", "steps_list", default=_REPORT_STEPS, show_default=True, help="Table 1 and 2 step counts.")
+@click.option("--eta", "eta_list", default=_REPORT_ETAS, show_default=True, help="Table 1 η values.")
+@click.option(
+    "--n", "-n", default=_REPORT.n, show_default=True, type=click.IntRange(min=4), help="Table 1 samples per cell."
+)
+@click.option(
+    "--table2-n", default=_REPORT.table2_n, show_default=True, type=click.IntRange(min=1), help="Table 2 images."
+)
 @click.option("--heldout-data", default=None, help="Table 2 images (load_data spec) [MNIST-5k held-out digits].")
-@click.option("--consistency-steps", default="10,20,50,100,1000", show_default=True, help="Consistency step counts.")
-@click.option("--consistency-n", default=10, show_default=True, type=click.IntRange(min=2), help="Consistency x_T.")
-@click.option("--pairs", default=4, show_default=True, type=click.IntRange(min=1), help="Interpolation strips.")
-@click.option("--frames", default=9, show_default=True, type=click.IntRange(min=3), help="Frames per strip.")
+@click.option("--consistency-steps", default=_REPORT_CONSISTENCY, show_default=True, help="Consistency step counts.")
+@click.option(
+    "--consistency-n",
+    default=_REPORT.consistency_n,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Consistency x_T.",
+)
+@click.option(
+    "--pairs", default=_REPORT.pairs, show_default=True, type=click.IntRange(min=1), help="Interpolation strips."
+)
+@click.option(
+    "--frames", default=_REPORT.frames, show_default=True, type=click.IntRange(min=3), help="Frames per strip."
+)
 def report_cmd(
     model_path,
     class_spec,
