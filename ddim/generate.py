@@ -27,6 +27,7 @@ from ddim.sampling import SAMPLERS, invert, nfe, sample
 from ddim.schedule import NoiseSchedule
 
 __all__ = [
+    "KEEP",
     "SampleResult",
     "parse_classes",
     "generate",
@@ -39,16 +40,25 @@ __all__ = [
 ]
 
 
+#: What :func:`generate` keeps of the images it made: "float" (float32 in model space), "uint8" (only
+#: the 8-bit images that are written to files, a quarter of the memory) or "none" (nothing: every chunk
+#: went to ``on_batch``).
+KEEP = ("float", "uint8", "none")
+
+
 @dataclass
 class SampleResult:
     """Images made by :func:`generate`.
 
     Attributes:
-        images: float32 [N, C, H, W] in model space (about [-1, 1]).
+        images: float32 [N, C, H, W] in model space (about [-1, 1]); with ``keep="uint8"`` or ``"none"``
+            an empty [0, C, H, W] tensor.
         labels: int64 [N]; -1 = unconditional.
         seeds: the seed of each image.
         nfe: network evaluations per batch (the same for every batch).
         seconds: wall time of the sampling.
+        uint8: with ``keep="uint8"``, the images as written to files: uint8 [N, H, W, C]
+            (:func:`~ddim.images.to_uint8`); else None.
     """
 
     images: torch.Tensor
@@ -57,6 +67,7 @@ class SampleResult:
     nfe: int
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    uint8: np.ndarray | None = None
 
 
 def parse_classes(spec: str | int | Sequence[int] | None, n: int, num_classes: int) -> torch.Tensor:
@@ -113,10 +124,12 @@ def generate(
     timesteps: Sequence[int] | None = None,
     prediction: str = "epsilon",
     clip_sample: bool = False,
+    variance: str = "eta",
     batch: int = 256,
     image_shape: Sequence[int] | None = None,
     progress: bool = False,
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
+    keep: str = "float",
     device: str | torch.device = "cpu",
     sample_kwargs: dict[str, Any] | None = None,
 ) -> SampleResult:
@@ -129,15 +142,25 @@ def generate(
         labels: int64 [n] class per image, -1 = unconditional (the null class); None = all -1.
         guidance: classifier-free guidance weight (1 = none) for the conditional images.
         steps, eta, spacing, sampler, timesteps, prediction, clip_sample: see :func:`ddim.sample`.
-        batch: images per network batch (memory bound); results do not depend on it.
+        variance: the noise scale of stochastic DDIM/DDPM steps, see :func:`ddim.sample`: "eta"
+            (default, σ of Eq. 16 times η) or "large" (η·σ̂ with σ̂² = 1 - ᾱ_t/ᾱ_prev: at η = 1 the
+            σ̂ row of Table 1 of Song et al.).
+        batch: images per network batch; results do not depend on it. Memory: one chunk in flight,
+            plus what ``keep`` keeps.
         image_shape: [C, H, W]; default from ``model.config``.
-        on_batch: called as ``on_batch(first_index, images_chunk)`` after each chunk (for streaming).
+        on_batch: called as ``on_batch(first_index, images_chunk)`` after each chunk (float32
+            [b, C, H, W] on the CPU), e.g. to write it out (streaming).
+        keep: what the result holds (:data:`KEEP`): "float" (default) every image in float32;
+            "uint8" only the 8-bit images that files store, filled in chunk by chunk (4× less memory
+            than float32, and the same bytes as converting the float images at the end: the
+            conversion is per pixel); "none" nothing (the chunks went to ``on_batch``).
+        device: where x_T, the labels and the sampling live (the model must be there).
         sample_kwargs: further :func:`ddim.sample` arguments (e.g. ``set_alpha_to_one``,
             ``clip_sample_range``, thresholding: what :func:`ddim.diffusers_io.sampling_kwargs` reads
             from a model's config).
 
     Returns:
-        A :class:`SampleResult` (images on the CPU, float32).
+        A :class:`SampleResult` (images on the CPU).
     """
     if seeds is not None:
         n = len(seeds)
@@ -147,15 +170,25 @@ def generate(
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
+    sample_kwargs = dict(sample_kwargs or {})
+    given = sample_kwargs.pop("variance", None)  # the way to ask for it before generate(variance=...)
+    if given is not None:
+        if variance not in ("eta", given):
+            raise ValueError(f"variance={variance!r} and sample_kwargs['variance']={given!r} disagree")
+        variance = given
     labels = torch.full((n,), -1, dtype=torch.long) if labels is None else torch.as_tensor(labels, dtype=torch.long)
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape [{n}], got {tuple(labels.shape)}")
     if image_shape is None:
         cfg = model.config
         image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    image_shape = tuple(int(d) for d in image_shape)
     seeds = [seed + i for i in range(n)] if seeds is None else [int(s) for s in seeds]
     device = torch.device(device)
-    chunks = []
+    chunks: list[torch.Tensor] = []
+    u8 = np.empty((n, *image_shape[1:], image_shape[0]), dtype=np.uint8) if keep == "uint8" else None
     calls = nfe(sampler, len(timesteps) if timesteps is not None else steps)
     bar = None
     if progress:
@@ -180,21 +213,26 @@ def generate(
                     timesteps=timesteps,
                     prediction=prediction,
                     clip_sample=clip_sample,
+                    variance=variance,
                     seeds=seeds[sl],
                     sampler=sampler,
                     model_kwargs=kwargs,
                     guidance_scale=guidance if guided else 1.0,
                     uncond_kwargs=uncond if guided else None,
-                    **(sample_kwargs or {}),
+                    **sample_kwargs,
                 )
                 .float()
                 .cpu()
             )
-            chunks.append(x0)
+            if keep == "float":
+                chunks.append(x0)
+            elif u8 is not None:
+                u8[sl] = to_uint8(x0)
             if on_batch is not None:
                 on_batch(sl.start, x0)
             if bar is not None:
                 bar.update(x0.shape[0])
+            del x0
     if bar is not None:
         bar.close()
     return SampleResult(
@@ -203,7 +241,15 @@ def generate(
         seeds,
         calls,
         time.perf_counter() - tic,
-        {"sampler": sampler, "steps": steps, "eta": eta, "spacing": spacing, "guidance": guidance},
+        {
+            "sampler": sampler,
+            "steps": steps,
+            "eta": eta,
+            "spacing": spacing,
+            "guidance": guidance,
+            "variance": variance,
+        },
+        u8,
     )
 
 
@@ -223,8 +269,17 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 def write_images(result: SampleResult, out: str | os.PathLike, nrow: int | None = None) -> list[Path]:
     """Write images by the form of ``out``: ``*.png`` one grid; ``*.npz`` arrays ``images`` (uint8
     [N, H, W, C]) and ``labels`` (int64, -1 = unconditional) and ``seeds``; otherwise a folder with one
-    PNG per image named by its seed (``seed_000042.png``). Returns the paths written."""
-    return write_uint8(to_uint8(result.images), result.labels, result.seeds, out, nrow)
+    PNG per image named by its seed (``seed_000042.png``). Returns the paths written.
+
+    Takes ``result.uint8`` when :func:`generate` kept only that (``keep="uint8"``), else converts
+    ``result.images``: the files are the same either way."""
+    if result.uint8 is not None:
+        u8 = result.uint8
+    elif result.images.shape[0] == len(result.seeds):
+        u8 = to_uint8(result.images)
+    else:
+        raise ValueError("this result holds no images (generate(keep='none') passed them to on_batch)")
+    return write_uint8(u8, result.labels, result.seeds, out, nrow)
 
 
 def write_uint8(
@@ -312,19 +367,25 @@ def interpolate_seeds(
     steps: int = 50,
     spacing: str = "leading",
     prediction: str = "epsilon",
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Decode a slerp strip between the noises of two seeds (DDIM η = 0): [frames, C, H, W]."""
+    """Decode a slerp strip between the noises of two seeds (DDIM η = 0): float32 [frames, C, H, W] on the CPU.
+
+    The noises are drawn on the CPU (as :func:`generate` does, so a seed gives the same x_T on any
+    device), interpolated there, and the strip is sampled on ``device``, where the model must be.
+    """
     if frames < 2:
         raise ValueError(f"frames must be >= 2, got {frames}")
     cfg = model.config
     shape = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
     za, zb = randn(shape, [seed_a])[0], randn(shape, [seed_b])[0]
-    x_T = slerp(za, zb, torch.linspace(0, 1, frames))
+    device = torch.device(device)
+    x_T = slerp(za, zb, torch.linspace(0, 1, frames)).to(device)
     labels = torch.full((frames,), label, dtype=torch.long)
-    kwargs, uncond = _class_kwargs(model, labels, x_T.device)
+    kwargs, uncond = _class_kwargs(model, labels, device)
     guided = guidance != 1.0 and uncond is not None and label >= 0
     with torch.inference_mode():
-        return sample(
+        x = sample(
             model,
             x_T,
             schedule,
@@ -335,3 +396,4 @@ def interpolate_seeds(
             guidance_scale=guidance if guided else 1.0,
             uncond_kwargs=uncond if guided else None,
         )
+    return x.float().cpu()

@@ -170,3 +170,98 @@ def test_python_m_entry_point():
         [sys.executable, "-m", "ddim", "sample", "--steps", "-3"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------- streaming outputs, generate/interpolate options
+@pytest.mark.parametrize("out", ["s.npz", "s.png", "imgs"])
+def test_batches_stream_to_the_same_files(tmp_path, capsys, tiny, monkeypatch, out):
+    """--batch smaller than -n writes the same bytes; the CLI keeps uint8 (.npz/.png) or nothing (folder)."""
+    import ddim.generate as G
+
+    results = []
+    real = G.generate
+
+    def spy(*args, **kwargs):
+        results.append((kwargs["keep"], real(*args, **kwargs)))
+        return results[-1][1]
+
+    monkeypatch.setattr(G, "generate", spy)
+    common = ["sample", "--model", tiny, "-n", "5", "--steps", "4", "--eta", "0.5", "--class", "all", "--no-progress"]
+    ok([*common, "--batch", "2", "--out", str(tmp_path / "a" / out)], capsys)
+    ok([*common, "--batch", "8", "--out", str(tmp_path / "b" / out)], capsys)
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    assert a == b and len(a) == (1 if out.endswith((".npz", ".png")) else 6)  # 5 PNGs + settings file
+    for keep, r in results:
+        assert r.images.numel() == 0 and keep == ("none" if out == "imgs" else "uint8")
+        assert (r.uint8 is None) == (keep == "none")
+        if keep == "uint8":
+            assert r.uint8.shape == (5, 8, 8, 1) and r.uint8.dtype == np.uint8
+
+
+def test_generate_keep_uint8_equals_converting_the_float_images(tmp_path, tiny):
+    from ddim.checkpoint import load
+    from ddim.generate import generate, write_images
+    from ddim.images import to_uint8
+
+    model, schedule, _ = load(tiny)
+    common = dict(n=5, steps=3, eta=1.0, seed=3, labels=torch.tensor([0, 1, -1, 2, 3]), guidance=2.0, batch=2)
+    full = generate(model, schedule, **common)
+    small = generate(model, schedule, keep="uint8", **common)
+    assert small.images.shape == (0, 1, 8, 8) and np.array_equal(small.uint8, to_uint8(full.images))
+    for name in ("a.npz", "a.png"):
+        write_images(full, tmp_path / "full" / name)
+        write_images(small, tmp_path / "small" / name)
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "small" / name).read_bytes()
+    chunks = []
+    none = generate(model, schedule, keep="none", on_batch=lambda i, x: chunks.append((i, x)), **common)
+    assert [i for i, _ in chunks] == [0, 2, 4] and torch.equal(torch.cat([x for _, x in chunks]), full.images)
+    with pytest.raises(ValueError, match="holds no images"):
+        write_images(none, tmp_path / "none.npz")
+    with pytest.raises(ValueError, match="keep"):
+        generate(model, schedule, keep="fp16", **common)
+
+
+def test_generate_variance_is_passed_to_sample(tiny):
+    import ddim
+    from ddim.checkpoint import load
+    from ddim.generate import generate
+
+    model, schedule, _ = load(tiny)
+    common = dict(n=3, steps=5, eta=1.0, seed=4, batch=2)
+    large = generate(model, schedule, variance="large", **common)
+    x_T = ddim.randn((3, 1, 8, 8), [4, 5, 6])
+    y = torch.full((3,), 4)  # the null class
+    ref = ddim.sample(model, x_T, schedule, steps=5, eta=1.0, variance="large", seeds=[4, 5, 6], model_kwargs={"y": y})
+    torch.testing.assert_close(large.images, ref, rtol=0, atol=1e-6)
+    assert large.info["variance"] == "large"
+    assert not torch.allclose(generate(model, schedule, **common).images, large.images)
+    # the older way, through sample_kwargs, still works; two different answers are refused
+    old = generate(model, schedule, sample_kwargs={"variance": "large"}, **common)
+    assert torch.equal(old.images, large.images)
+    with pytest.raises(ValueError, match="disagree"):
+        generate(model, schedule, variance="large", sample_kwargs={"variance": "eta"}, **common)
+    with pytest.raises(ValueError, match="variance"):
+        generate(model, schedule, variance="small", **common)
+
+
+def test_interpolate_seeds_device(tiny, monkeypatch):
+    import ddim.generate as G
+    from ddim.checkpoint import load
+
+    model, schedule, _ = load(tiny)
+    a = G.interpolate_seeds(model, schedule, 1, 2, frames=3, steps=3, label=1, guidance=2.0)
+    b = G.interpolate_seeds(model, schedule, 1, 2, frames=3, steps=3, label=1, guidance=2.0, device=torch.device("cpu"))
+    assert torch.equal(a, b) and a.shape == (3, 1, 8, 8) and a.dtype == torch.float32 and a.device.type == "cpu"
+    seen = {}
+
+    def fake_sample(m, x_T, sched, **kw):  # where the strip would be sampled
+        seen.update(x=x_T.device, y=kw["model_kwargs"]["y"].device, u=kw["uncond_kwargs"]["y"].device)
+        return torch.zeros(x_T.shape)
+
+    monkeypatch.setattr(G, "sample", fake_sample)
+    out = G.interpolate_seeds(model, schedule, 1, 2, frames=3, steps=3, label=1, guidance=2.0, device="meta")
+    assert set(seen.values()) == {torch.device("meta")} and out.device.type == "cpu"

@@ -85,6 +85,10 @@ def sample_cmd(
         settings = {k: v for k, v in ctx.params.items() if k not in RUNTIME_ONLY}
         job = SampleJob.plan(out, n=n, seed=seed, labels=labels, model=model, settings=settings)
         fast = _prepare_model(model, device, precision, compile_model, channels_last, threads)
+        # Memory stays bounded by --batch: a folder gets each chunk's PNGs as it finishes and keeps
+        # nothing; a .npz/.png keeps only the uint8 images it will write (under torchrun each rank
+        # keeps its float images for ddim.shard's gather, as before).
+        keep = "none" if job.kind == "folder" else "float" if job.ctx.distributed else "uint8"
         result = generate(
             fast,
             schedule,
@@ -101,6 +105,7 @@ def sample_cmd(
             batch=batch,
             progress=progress and job.progress,
             on_batch=job.on_batch,
+            keep=keep,
             device=device,
             sample_kwargs=skw,
         )
