@@ -13,7 +13,7 @@ import torch
 from ddim import NoiseSchedule
 from ddim.checkpoint import load, save_model
 from ddim.cli import run
-from ddim.evaluation.common import EvalSetup, sample_cell
+from ddim.evaluation.common import EvalSetup, sample_cell, scalar
 from ddim.evaluation.consistency import consistency_numbers
 from ddim.evaluation.interpolation import smoothness
 from ddim.unet import UNet, UNetConfig
@@ -252,3 +252,41 @@ def test_trend_checks_against_the_paper():
     rows1.append({"sampler": "data", "eta": None, "steps": None, "fd": 1.5})
     text = compare_with_paper(rows1, [{"steps": 10, "mse": 0.01}, {"steps": 20, "mse": 0.02}])
     assert "| ours η = 0 | 30 | 20 |" in text and "floor): 1.5" in text and "differs" in text
+
+
+def test_table1_sigma_hat_row(tmp_path, capsys, tiny, digits):
+    """--eta hat is the paper's σ̂ row: η = 1 with DDPM's larger variance, its own cached cell."""
+    out = tmp_path / "t1"
+    args = ["eval", "table1", "--model", tiny, "--steps", "3", "--eta", "1,hat", "--n", "6", "--no-floor"]
+    text = ok(args + ["--data", digits[0], "--cache", str(tmp_path), "--out", str(out), "--no-progress"], capsys)
+    assert "σ̂" in text
+    rows = read_csv(out / "table1.csv")
+    assert [(r["sampler"], r["eta"]) for r in rows] == [("ddim", "1"), ("ddim", "hat")]
+    names = sorted(p.name for p in (out / "cells").glob("*.npz"))
+    assert len(names) == 2 and any("-etahat-" in n for n in names)
+    with np.load(next((out / "cells").glob("*-etahat-*.npz"))) as z:
+        hat = z["images"]
+        assert json.loads(scalar(z["settings"]))["variance"] == "large"
+    with np.load(next((out / "cells").glob("*-eta1-*.npz"))) as z:
+        one = z["images"]
+        assert "variance" not in json.loads(scalar(z["settings"]))  # names of η cells are unchanged
+    assert not np.array_equal(hat, one)  # the same seeds, a larger step noise
+    fails(args + ["--eta", "0,bogus", "--out", str(tmp_path / "z")], capsys, "--eta", "hat")
+
+
+def test_parse_etas_and_sigma_hat_beside_the_paper():
+    from ddim.evaluation.paper import compare_with_paper, trend_checks
+    from ddim.evaluation.table1 import SIGMA_HAT, parse_etas
+
+    assert parse_etas("0, 0.5,hat") == [0.0, 0.5, SIGMA_HAT]
+    assert parse_etas("σ̂,1") == [SIGMA_HAT, 1.0]
+    for bad in ("", "x", "-0.5", "nan"):
+        with pytest.raises(ValueError):
+            parse_etas(bad)
+    ours = {0.0: {10: 30.0, 20: 20.0}, 1.0: {10: 25.0, 20: 22.0}, SIGMA_HAT: {10: 90.0, 20: 40.0}}
+    checks = {c["trend"]: c["agree"] for c in trend_checks(ours, {})}
+    assert checks["S = 10: σ̂ (DDPM's larger variance) is far worse than η = 1"] is True
+    assert checks["σ̂: FID falls as S grows (10, 20)"] is True
+    rows1 = [{"sampler": "ddim", "eta": e, "steps": s, "fd": v} for e, d in ours.items() for s, v in d.items()]
+    text = compare_with_paper(rows1, [])
+    assert "| paper σ̂ | 367.4 | 133.4 |" in text and "| ours σ̂ | 90 | 40 |" in text

@@ -102,6 +102,15 @@ def _floats(text: str, name: str) -> list[float]:
     return _numbers(text, name, float, positive=False)
 
 
+def _etas(text: str) -> list[float | str]:
+    from ddim.evaluation.table1 import parse_etas
+
+    try:
+        return parse_etas(text)
+    except ValueError as e:
+        raise UsageError(f"--eta: {e}") from None
+
+
 def _setup(model_path, class_spec, guidance, spacing, seed, batch, device="cpu"):
     import torch
 
@@ -162,7 +171,13 @@ def eval_group() -> None:
 @_common
 @_features
 @click.option("--steps", "steps_list", default="10,20,50,100,1000", show_default=True, help="Step counts S.")
-@click.option("--eta", "eta_list", default="0,0.2,0.5,1", show_default=True, help="η values (DDIM).")
+@click.option(
+    "--eta",
+    "eta_list",
+    default="0,0.2,0.5,1",
+    show_default=True,
+    help="η values (DDIM); 'hat' = the paper's σ̂ row (η = 1, DDPM's larger variance).",
+)
 @click.option("--sampler", "sampler_list", default="ddim", show_default=True, help="Comma list of samplers.")
 @click.option("--n", "-n", default=1000, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
 @click.option("--floor/--no-floor", default=True, show_default=True, help="Add a row for n real images.")
@@ -196,7 +211,7 @@ def table1_cmd(
     from ddim.sampling import SAMPLERS
 
     steps = _ints(steps_list, "--steps")
-    etas = _floats(eta_list, "--eta")
+    etas = _etas(eta_list)
     samplers = [s.strip() for s in sampler_list.split(",") if s.strip()]
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad or not samplers:
@@ -421,7 +436,7 @@ def samples_cmd(source, data, features, inception_weights, cache, batch, out, pr
 
 _REPORT = ReportSettings()
 _REPORT_STEPS = ",".join(map(str, _REPORT.steps))
-_REPORT_ETAS = ",".join(f"{e:g}" for e in _REPORT.etas)
+_REPORT_ETAS = ",".join(e if isinstance(e, str) else f"{e:g}" for e in _REPORT.etas)
 _REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
 
 
@@ -489,7 +504,7 @@ def report_cmd(
 
     settings = ReportSettings(
         steps=_ints(steps_list, "--steps"),
-        etas=_floats(eta_list, "--eta"),
+        etas=_etas(eta_list),
         n=n,
         table2_n=table2_n,
         consistency_steps=_ints(consistency_steps, "--consistency-steps"),

@@ -179,11 +179,28 @@ class Progress:
             self.bar.close()
 
 
-def cell_path(setup: EvalSetup, folder: str | os.PathLike, *, n: int, steps: int, eta: float, sampler: str) -> Path:
-    """Where the samples of one cell are stored (the name carries a hash of every setting)."""
+def _cell_settings(setup: EvalSetup, n: int, steps: int, eta: float, sampler: str, variance: str) -> dict[str, Any]:
     key = {**setup.describe(), "n": n, "steps": steps, "eta": eta, "sampler": sampler}
+    if variance != "eta":  # only then, so that the names of earlier cells stay valid
+        key["variance"] = variance
+    return key
+
+
+def cell_path(
+    setup: EvalSetup,
+    folder: str | os.PathLike,
+    *,
+    n: int,
+    steps: int,
+    eta: float,
+    sampler: str,
+    variance: str = "eta",
+) -> Path:
+    """Where the samples of one cell are stored (the name carries a hash of every setting)."""
+    key = _cell_settings(setup, n, steps, eta, sampler, variance)
     key.pop("model")
-    return Path(folder) / f"{sampler}-S{steps}-eta{eta:g}-n{n}-{_digest(key)}.npz"
+    tag = "hat" if variance == "large" else f"{eta:g}"
+    return Path(folder) / f"{sampler}-S{steps}-eta{tag}-n{n}-{_digest(key)}.npz"
 
 
 def sample_cell(
@@ -194,16 +211,19 @@ def sample_cell(
     steps: int,
     eta: float = 0.0,
     sampler: str = "ddim",
+    variance: str = "eta",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Sample ``n`` images (image i from seed ``setup.seed + i``) or read them from the cache.
+
+    ``variance`` "large" is the DDPM σ̂ row of the paper's Table 1 (with ``eta`` 1; see :func:`ddim.sample`).
 
     Finished batches are kept in ``<cell>.partial/`` until the cell is complete, so an interrupted
     cell resumes at its last finished batch. Returns a dict: ``images`` uint8 [n, H, W, C],
     ``labels`` int64 [n], ``seconds`` (sampling time, summed over batches, excluding cache reads),
     ``nfe`` (network evaluations per image), ``path``, ``cached`` (True when nothing was sampled).
     """
-    path = cell_path(setup, folder, n=n, steps=steps, eta=eta, sampler=sampler)
+    path = cell_path(setup, folder, n=n, steps=steps, eta=eta, sampler=sampler, variance=variance)
     calls = sampler_nfe(sampler, steps)
     if path.is_file():
         with np.load(path) as z:
@@ -236,6 +256,7 @@ def sample_cell(
             guidance=setup.guidance,
             steps=steps,
             eta=eta,
+            variance=variance,
             spacing=setup.spacing,
             sampler=sampler,
             prediction=setup.prediction,
@@ -257,7 +278,7 @@ def sample_cell(
         labels=labels.numpy(),
         seconds=np.array(seconds),
         nfe=np.array(calls),
-        settings=np.array(json.dumps({**setup.describe(), "n": n, "steps": steps, "eta": eta, "sampler": sampler})),
+        settings=np.array(json.dumps(_cell_settings(setup, n, steps, eta, sampler, variance))),
     )
     shutil.rmtree(partial, ignore_errors=True)
     return {
@@ -270,9 +291,18 @@ def sample_cell(
     }
 
 
-def cached_work(setup: EvalSetup, folder: str | os.PathLike, *, n: int, steps: int, eta: float, sampler: str) -> int:
+def cached_work(
+    setup: EvalSetup,
+    folder: str | os.PathLike,
+    *,
+    n: int,
+    steps: int,
+    eta: float,
+    sampler: str,
+    variance: str = "eta",
+) -> int:
     """The part of a cell's work already on disk (whole cell or finished batches)."""
-    path = cell_path(setup, folder, n=n, steps=steps, eta=eta, sampler=sampler)
+    path = cell_path(setup, folder, n=n, steps=steps, eta=eta, sampler=sampler, variance=variance)
     calls = sampler_nfe(sampler, steps)
     if path.is_file():
         return n * calls

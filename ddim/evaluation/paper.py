@@ -12,7 +12,7 @@ from typing import Any
 
 from ddim.evaluation.common import fmt, markdown_table
 
-__all__ = ["PAPER_TABLE1", "PAPER_TABLE2", "compare_with_paper", "trend_checks"]
+__all__ = ["PAPER_TABLE1", "PAPER_TABLE1_SIGMA_HAT", "PAPER_TABLE2", "compare_with_paper", "trend_checks"]
 
 #: Song, Meng & Ermon (ICLR 2021), Table 1: CIFAR-10 FID (Inception, 50k samples), quadratic timesteps.
 PAPER_TABLE1: dict[float, dict[int, float]] = {
@@ -21,6 +21,8 @@ PAPER_TABLE1: dict[float, dict[int, float]] = {
     0.5: {10: 16.66, 20: 8.35, 50: 5.25, 100: 4.46, 1000: 4.29},
     1.0: {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78, 1000: 4.73},
 }
+#: Table 1's σ̂ row: η = 1 with DDPM's larger variance σ̂_t² = 1 − ᾱ_t/ᾱ_prev (Ho et al.'s choice for CIFAR-10).
+PAPER_TABLE1_SIGMA_HAT: dict[int, float] = {10: 367.43, 20: 133.37, 50: 32.72, 100: 9.99, 1000: 3.17}
 #: Table 2: CIFAR-10 test set, DDIM inversion then decoding, per-dimension MSE on [0, 1].
 PAPER_TABLE2: dict[int, float] = {
     10: 0.014,
@@ -53,16 +55,20 @@ def _rises(values: list[float]) -> bool:
     return _falls(values[::-1])
 
 
-def trend_checks(table1: dict[float, dict[int, float]], table2: dict[int, float]) -> list[dict[str, Any]]:
+def trend_checks(table1: dict[float | str, dict[int, float]], table2: dict[int, float]) -> list[dict[str, Any]]:
     """The paper's trends, checked on our numbers (Fréchet distance by η and S; MSE by S).
 
-    Each check: ``trend`` (what the paper shows), ``paper`` and ``ours`` (the evidence, as text),
-    ``agree`` (True / False / None when our table lacks the cells).
+    ``table1`` maps η (or "hat", the σ̂ row) to {S: Fréchet distance}. Each check: ``trend`` (what the
+    paper shows), ``paper`` and ``ours`` (the evidence, as text), ``agree`` (True / False / None when
+    our table lacks the cells).
     """
     checks = []
 
     def add(trend, paper, ours, agree):
         checks.append({"trend": trend, "paper": paper, "ours": ours, "agree": agree})
+
+    hat = table1.get("hat", {})
+    table1 = {e: v for e, v in table1.items() if not isinstance(e, str)}
 
     etas = sorted(e for e in table1 if e in PAPER_TABLE1)
     for e in etas:
@@ -102,6 +108,25 @@ def trend_checks(table1: dict[float, dict[int, float]], table2: dict[int, float]
                 f"{ratio(table1, lo):.2f} → {ratio(table1, hi):.2f}",
                 abs(math.log(ratio(table1, hi))) < abs(math.log(ratio(table1, lo))),
             )
+    if hat and 1.0 in table1:
+        steps = sorted(s for s in hat if s in table1[1.0] and s in PAPER_TABLE1_SIGMA_HAT)
+        if steps:
+            s = steps[0]
+            paper_1, paper_hat = PAPER_TABLE1[1.0][s], PAPER_TABLE1_SIGMA_HAT[s]
+            add(
+                f"S = {s}: σ̂ (DDPM's larger variance) is far worse than η = 1",
+                f"{paper_hat:.4g} vs {paper_1:.4g}",
+                f"{hat[s]:.4g} vs {table1[1.0][s]:.4g}",
+                hat[s] > table1[1.0][s],
+            )
+        if len(steps) >= 2:
+            ours = [hat[s] for s in steps]
+            add(
+                f"σ̂: FID falls as S grows ({', '.join(map(str, steps))})",
+                " > ".join(fmt(PAPER_TABLE1_SIGMA_HAT[s], 3) for s in steps),
+                " → ".join(fmt(v, 3) for v in ours),
+                _falls(ours),
+            )
     steps2 = sorted(s for s in table2 if s in PAPER_TABLE2)
     if len(steps2) >= 2:
         ours = [table2[s] for s in steps2]
@@ -125,20 +150,24 @@ def trend_checks(table1: dict[float, dict[int, float]], table2: dict[int, float]
 
 def compare_with_paper(table1_rows: list[dict[str, Any]], table2_rows: list[dict[str, Any]]) -> str:
     """Markdown: our Table 1 (Fréchet distance) and Table 2 beside the paper's, and the trend checks."""
-    t1: dict[float, dict[int, float]] = {}
+    t1: dict[float | str, dict[int, float]] = {}
     for r in table1_rows:
         if r.get("sampler") == "ddim" and r.get("eta") is not None:
-            t1.setdefault(float(r["eta"]), {})[int(r["steps"])] = float(r["fd"])
+            key = "hat" if r["eta"] == "hat" else float(r["eta"])
+            t1.setdefault(key, {})[int(r["steps"])] = float(r["fd"])
     t2 = {int(r["steps"]): float(r["mse"]) for r in table2_rows}
     floor = next((float(r["fd"]) for r in table1_rows if r.get("sampler") == "data"), None)
     lines = ["# Our Table 1 and Table 2 beside the paper's", ""]
     steps = sorted({s for d in t1.values() for s in d} | set(PAPER_TABLE1[0.0]))
     body = []
-    for e in sorted(set(t1) | set(PAPER_TABLE1)):
+    for e in sorted({e for e in t1 if not isinstance(e, str)} | set(PAPER_TABLE1)):
         if e in PAPER_TABLE1:
             body.append([f"paper η = {e:g}"] + [PAPER_TABLE1[e].get(s) for s in steps])
         if e in t1:
             body.append([f"ours η = {e:g}"] + [t1[e].get(s) for s in steps])
+    body.append(["paper σ̂"] + [PAPER_TABLE1_SIGMA_HAT.get(s) for s in steps])
+    if "hat" in t1:
+        body.append(["ours σ̂"] + [t1["hat"].get(s) for s in steps])
     lines.append("Table 1 (paper: CIFAR-10 FID; ours: Fréchet distance in the digit classifier's features):")
     lines.append("")
     lines.append(markdown_table(["", *[f"S = {s}" for s in steps]], body))

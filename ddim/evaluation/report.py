@@ -26,7 +26,7 @@ from ddim.evaluation.extractors import FeatureExtractor
 from ddim.evaluation.interpolation import run_interpolation
 from ddim.evaluation.metrics import Reference
 from ddim.evaluation.paper import PAPER_TABLE1, PAPER_TABLE2, trend_checks
-from ddim.evaluation.table1 import METRIC_LABELS, metric_names, plot_table1, run_table1
+from ddim.evaluation.table1 import METRIC_LABELS, SIGMA_HAT, eta_label, metric_names, plot_table1, run_table1
 from ddim.evaluation.table2 import plot_table2, run_table2
 
 __all__ = ["ReportSettings", "build_report", "render_report"]
@@ -38,7 +38,7 @@ class ReportSettings:
     model (about 55,000 image-forwards, most of them Table 1's); raise them for publication figures."""
 
     steps: list[int] = field(default_factory=lambda: [10, 20, 50])
-    etas: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    etas: list[float | str] = field(default_factory=lambda: [0.0, 1.0])  # may hold "hat" (σ̂)
     n: int = 100
     table2_n: int = 50
     consistency_steps: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200])
@@ -152,8 +152,7 @@ def _samples_figure(rows: list[dict[str, Any]], work: Path, per_cell: int = 16) 
             ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
             if i == 0:
                 ax.set_title(f"S = {s}", fontsize=9)
-        label = sampler if eta is None else f"η = {eta:g}"
-        axes[i][0].set_ylabel(label, fontsize=9)
+        axes[i][0].set_ylabel(eta_label(sampler, eta), fontsize=9)
     fig.suptitle("First samples of each cell (the same seeds in every cell)", fontsize=9)
     fig.tight_layout()
     return fig_png(fig)
@@ -165,8 +164,7 @@ def _pivot(cells: list[dict[str, Any]], metric: str, floor: dict[str, Any] | Non
     rows = []
     for sampler, eta in groups:
         by_s = {r["steps"]: r for r in cells if r["sampler"] == sampler and r["eta"] == eta}
-        label = sampler if eta is None else (f"η = {eta:g}" if sampler == "ddim" else f"{sampler} η = {eta:g}")
-        rows.append([label] + [by_s[s][metric] if s in by_s else None for s in steps])
+        rows.append([eta_label(sampler, eta)] + [by_s[s][metric] if s in by_s else None for s in steps])
     if floor is not None and floor.get(metric) is not None:
         rows.append([f"real data (n = {floor['n']})"] + [floor[metric]] * len(steps))
     return ["", *[f"S = {s}" for s in steps]], rows
@@ -175,7 +173,7 @@ def _pivot(cells: list[dict[str, Any]], metric: str, floor: dict[str, Any] | Non
 def _findings(t1: list[dict], t2: list[dict], cons: dict, interp: dict) -> list[str]:
     """A few sentences read off the numbers (no judgement beyond what they show)."""
     out = []
-    cells = [r for r in t1 if r["sampler"] == "ddim" and r["eta"] is not None]
+    cells = [r for r in t1 if r["sampler"] == "ddim" and r["eta"] not in (None, SIGMA_HAT)]
     etas = sorted({r["eta"] for r in cells})
     steps = sorted({r["steps"] for r in cells})
     if cells and len(etas) > 1:
@@ -356,7 +354,8 @@ def render_report(
     t1 = {}
     for r in cells:
         if r["sampler"] == "ddim" and r["eta"] is not None:
-            t1.setdefault(float(r["eta"]), {})[int(r["steps"])] = r["fd"]
+            key = SIGMA_HAT if r["eta"] == SIGMA_HAT else float(r["eta"])
+            t1.setdefault(key, {})[int(r["steps"])] = r["fd"]
     checks = trend_checks(t1, {int(r["steps"]): r["mse"] for r in table2})
     if checks:
         verdict = {True: "agrees", False: "differs", None: "n/a"}
@@ -402,8 +401,9 @@ def render_report(
     cls = s["class"] if s["class"] is not None else "none"
     common = f"{model_flag} --class {cls} --guidance {s['guidance']} --spacing {s['spacing']} --seed {s['seed']}"
     steps_txt = ",".join(str(x) for x in settings.steps)
+    etas_txt = ",".join(e if e == SIGMA_HAT else f"{e:g}" for e in settings.etas)
     cmds = [
-        f"ddim eval table1{common} --steps {steps_txt} --eta {','.join(f'{e:g}' for e in settings.etas)} "
+        f"ddim eval table1{common} --steps {steps_txt} --eta {etas_txt} "
         f"--n {settings.n}" + (f" --features {feat}" if (feat := extractor.key.split("-")[0]) in KNOWN else ""),
         f"ddim eval table2{model_flag} --steps {steps_txt} --n {settings.table2_n}",
         f"ddim eval consistency{common} --steps {','.join(str(x) for x in settings.consistency_steps)} "

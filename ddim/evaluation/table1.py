@@ -1,6 +1,7 @@
 """The paper's Table 1 on any model: sample quality against the number of steps S and η.
 
-One cell per (sampler, S, η): ``n`` images sampled with :func:`ddim.generate.generate` (image i from
+One cell per (sampler, S, η), η a number or :data:`SIGMA_HAT` ("hat": the paper's σ̂ row, η = 1 with
+DDPM's larger variance σ̂_t² = 1 − ᾱ_t/ᾱ_prev): ``n`` images sampled with :func:`ddim.generate.generate` (image i from
 seed i, so cells are reproducible and comparable image by image), their features, and the Fréchet
 distance, KID, precision and recall against a reference data set, plus the sampling time. Cells are
 cached (:func:`ddim.evaluation.common.sample_cell`), so a killed run resumes where it stopped.
@@ -37,7 +38,17 @@ from ddim.evaluation.common import (
 from ddim.evaluation.extractors import FeatureExtractor
 from ddim.evaluation.metrics import Reference, floor_metrics, quality_metrics
 
-__all__ = ["COLUMNS", "metric_names", "table1_cells", "run_table1", "write_table1", "plot_table1"]
+__all__ = [
+    "COLUMNS",
+    "SIGMA_HAT",
+    "eta_label",
+    "metric_names",
+    "parse_etas",
+    "table1_cells",
+    "run_table1",
+    "write_table1",
+    "plot_table1",
+]
 
 COLUMNS = (
     "sampler",
@@ -62,17 +73,49 @@ METRIC_LABELS = {
     "accuracy": "class accuracy ↑",
 }
 ETA_SAMPLERS = ("ddim",)  # samplers whose output depends on η; the others get one cell per S
+#: The η entry of the paper's σ̂ row: η = 1 with the DDPM "large" variance (``variance="large"``).
+SIGMA_HAT = "hat"
+Eta = float | str  # a number, or SIGMA_HAT
+
+
+def parse_etas(text: str | Sequence[Eta]) -> list[Eta]:
+    """ "0,0.2,0.5,1,hat" -> [0.0, 0.2, 0.5, 1.0, "hat"]; raises ValueError naming what is wrong."""
+    items = [v.strip() for v in text.split(",")] if isinstance(text, str) else list(text)
+    out: list[Eta] = []
+    for v in items:
+        if v in ("", None):
+            continue
+        if isinstance(v, str) and v.lower() in (SIGMA_HAT, "σ̂", "sigma_hat"):
+            out.append(SIGMA_HAT)
+            continue
+        try:
+            e = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"η values must be numbers >= 0 or {SIGMA_HAT!r} (σ̂), got {v!r}") from None
+        if not e >= 0:
+            raise ValueError(f"η values must be >= 0, got {v!r}")
+        out.append(e)
+    if not out:
+        raise ValueError("name at least one η")
+    return out
+
+
+def _eta_and_variance(eta: Eta | None) -> tuple[float, str]:
+    """The (eta, variance) arguments of :func:`ddim.sample` for a Table 1 η entry."""
+    if eta == SIGMA_HAT:
+        return 1.0, "large"
+    return float(eta or 0.0), "eta"
 
 
 def table1_cells(
-    steps: Sequence[int], etas: Sequence[float], samplers: Sequence[str] = ("ddim",)
-) -> list[tuple[str, int, float | None]]:
+    steps: Sequence[int], etas: Sequence[Eta], samplers: Sequence[str] = ("ddim",)
+) -> list[tuple[str, int, Eta | None]]:
     """The (sampler, S, η) cells, in the order they are run (η None for samplers that ignore it)."""
     cells = []
     for sampler in samplers:
         for eta in etas if sampler in ETA_SAMPLERS else [None]:
             for s in steps:
-                cells.append((sampler, int(s), None if eta is None else float(eta)))
+                cells.append((sampler, int(s), None if eta is None else eta if eta == SIGMA_HAT else float(eta)))
     return cells
 
 
@@ -83,7 +126,7 @@ def run_table1(
     reference: Reference,
     *,
     steps: Sequence[int] = (10, 20, 50, 100, 1000),
-    etas: Sequence[float] = (0.0, 0.2, 0.5, 1.0),
+    etas: Sequence[Eta] = (0.0, 0.2, 0.5, 1.0),
     samplers: Sequence[str] = ("ddim",),
     n: int = 1000,
     floor: bool = True,
@@ -91,7 +134,8 @@ def run_table1(
 ) -> list[dict[str, Any]]:
     """Run (or resume) every cell and write the table files into ``out``; returns the rows.
 
-    Each row: sampler, steps, eta (None if the sampler ignores η), nfe, n, fd, kid, kid_std,
+    ``etas`` may hold :data:`SIGMA_HAT` for the paper's σ̂ row. Each row: sampler, steps, eta (a
+    number, "hat", or None if the sampler ignores η), nfe, n, fd, kid, kid_std,
     precision, recall, accuracy (share of conditional samples the extractor's classifier assigns to
     their class; None when unconditional or the extractor has no classifier), seconds (sampling
     only), images_per_s, and ``samples`` (the cell's file, relative to ``out``). With ``floor``, a
@@ -103,13 +147,13 @@ def run_table1(
     if not cells:
         raise ValueError("table1 needs at least one step count and one η")
     work = [cell_work(s, st, n) for s, st, _ in cells]
-    done = sum(cached_work(setup, cells_dir, n=n, steps=st, eta=e or 0.0, sampler=s) for s, st, e in cells)
+    done = sum(cached_work(setup, cells_dir, n=n, steps=st, sampler=s, **_cell_eta(e)) for s, st, e in cells)
     bar = Progress(sum(work), done, desc="table1", enabled=progress)
     rows = []
     try:
         for sampler, s, eta in cells:
-            bar.describe(f"{sampler} S={s}" + ("" if eta is None else f" η={eta:g}"))
-            cell = sample_cell(setup, cells_dir, n=n, steps=s, eta=eta or 0.0, sampler=sampler, progress=bar)
+            bar.describe(f"{sampler} S={s}" + ("" if eta is None else f" {eta_label('ddim', eta)}"))
+            cell = sample_cell(setup, cells_dir, n=n, steps=s, sampler=sampler, progress=bar, **_cell_eta(eta))
             feats, preds = extractor.features_and_predictions(images_of(cell))
             row: dict[str, Any] = {"sampler": sampler, "steps": s, "eta": eta, "nfe": cell["nfe"], "n": n}
             row.update(quality_metrics(feats, reference, seed=setup.seed))
@@ -131,7 +175,7 @@ def run_table1(
         "extractor_key": extractor.key,
         "reference": reference.info | {"key": reference.key},
         "steps": [int(s) for s in steps],
-        "etas": [float(e) for e in etas],
+        "etas": [e if e == SIGMA_HAT else float(e) for e in etas],
         "samplers": list(samplers),
         "n": n,
     }
@@ -153,8 +197,17 @@ def _accuracy(preds: torch.Tensor | None, labels: np.ndarray) -> float | None:
     return float((preds[cond] == labels[cond]).double().mean())
 
 
-def _eta_label(sampler: str, eta: float | None) -> str:
-    return sampler if eta is None else (f"η = {eta:g}" if sampler == "ddim" else f"{sampler} η = {eta:g}")
+def _cell_eta(eta: Eta | None) -> dict[str, Any]:
+    e, variance = _eta_and_variance(eta)
+    return {"eta": e, "variance": variance}
+
+
+def eta_label(sampler: str, eta: Eta | None) -> str:
+    """The row label of a (sampler, η) group: "η = 0.5", "σ̂", or the sampler's name."""
+    if eta is None:
+        return sampler
+    text = "σ̂" if eta == SIGMA_HAT else f"η = {eta:g}"
+    return text if sampler == "ddim" else f"{sampler} {text}"
 
 
 def markdown_table1(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -180,7 +233,7 @@ def markdown_table1(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         body = []
         for sampler, eta in groups:
             by_s = {r["steps"]: r for r in cells if r["sampler"] == sampler and r["eta"] == eta}
-            body.append([_eta_label(sampler, eta)] + [by_s[st][m] if st in by_s else None for st in steps])
+            body.append([eta_label(sampler, eta)] + [by_s[st][m] if st in by_s else None for st in steps])
         if floor is not None and m != "accuracy":
             body.append([f"data ({floor['n']} real images)"] + [floor[m]] * len(steps))
         lines.append(markdown_table(["", *[f"S = {st}" for st in steps]], body))
@@ -189,7 +242,7 @@ def markdown_table1(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     body = []
     for sampler, eta in groups:
         by_s = {r["steps"]: r for r in cells if r["sampler"] == sampler and r["eta"] == eta}
-        body.append([_eta_label(sampler, eta)] + [by_s[st]["images_per_s"] if st in by_s else None for st in steps])
+        body.append([eta_label(sampler, eta)] + [by_s[st]["images_per_s"] if st in by_s else None for st in steps])
     lines.append("Images per second (sampling only, this machine):")
     lines.append("")
     lines.append(markdown_table(["", *[f"S = {st}" for st in steps]], body))
@@ -209,7 +262,7 @@ def plot_table1(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | os
         for i, (sampler, eta) in enumerate(groups):
             pts = sorted((r["steps"], r[m]) for r in cells if r["sampler"] == sampler and r["eta"] == eta)
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, "o-", color=cmap(i / max(1, len(groups) - 1) * 0.85), label=_eta_label(sampler, eta), ms=4)
+            ax.plot(xs, ys, "o-", color=cmap(i / max(1, len(groups) - 1) * 0.85), label=eta_label(sampler, eta), ms=4)
         if floor is not None and m in floor and floor[m] is not None:
             ax.axhline(floor[m], color="gray", ls="--", lw=1, label="real data")
         ax.set_xscale("log")
