@@ -11,9 +11,10 @@ One network call per listed timestep. Each step is x_{i+1} = a·x_i + k0·m_i + 
 formulas, and the sampler loop only applies it. Without clipping or thresholding m_j = c0_j x_j + c1_j out_j
 is linear in the sample and the raw network output, so the table is folded once more, in float64, into
 x_{i+1} = G_1 + A_i x_i + B_i out_i with the older m's carried in G_1 (and G_2 for 3M)
-(:func:`~ddim.solvers.base.fold_multistep`): the sample and the G's are rows of one buffer, so a step is
-two fused ops on that stack, as for 2M and 3M alike (three with the SDE's noise), on reused buffers, with
-no host sync and one finiteness check at the end (:func:`~ddim.solvers.base.multistep_loop`).
+(:func:`~ddim.solvers.base.fold_multistep`). For small samples the sample and the G's are rows of one
+buffer and a step is two fused ops on that stack, for 2M and 3M alike (three with the SDE's noise);
+large CPU samples update the rows one by one in place. No allocation or host sync in the loop, one
+finiteness check at the end (:func:`~ddim.solvers.base.multistep_loop`).
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ def _dpmpp(
 
     plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
     if denoise.linear:
-        # x̂₀ is linear in (x, out): the whole run is one folded float64 table (cached per run), each step
-        # two fused ops on a stack of carried buffers (see :func:`~ddim.solvers.base.multistep_loop`).
+        # x̂₀ is linear in (x, out): the whole run is one folded float64 table (cached per run), applied
+        # with a few fused ops per step on carried buffers (see :func:`~ddim.solvers.base.multistep_loop`).
         def build_fused() -> list[MultistepRow]:
             table, _ = dpmpp_coefficients(levels, order, sde)
             return multistep_rows(fold_multistep(plan, table, order - 1), x)

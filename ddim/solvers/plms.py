@@ -16,8 +16,9 @@ so that every step costs exactly one network call. The first step is DDIM.
 
 Without clipping or thresholding ε̂ is linear in the sample and the network output, so the table is
 folded once, in float64, into an update of the sample and three carried sums of past ε̂'s
-(:func:`~ddim.solvers.base.fold_linear`): two fused ops per step on one stacked buffer
-(:func:`~ddim.solvers.base.multistep_loop`), no host sync, one finiteness check at the end.
+(:func:`~ddim.solvers.base.fold_linear`): two fused ops per step on one stacked buffer for small
+samples, in-place row updates for large ones (:func:`~ddim.solvers.base.multistep_loop`), no host
+sync, one finiteness check at the end.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def sample_plms(
     check_ode_args("plms", eta, variance)
     plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
     if denoise.linear:
-        # ε̂ is linear in (x, out): the run is one folded float64 table, each step two fused ops on the
-        # sample and the three carried ε̂ sums (see :func:`~ddim.solvers.base.multistep_loop`).
+        # ε̂ is linear in (x, out): the run is one folded float64 table applied to the sample and the
+        # (up to three) carried ε̂ sums (see :func:`~ddim.solvers.base.multistep_loop`).
         history = max(1, min(3, levels.timesteps.numel() - 1))
 
         def build_fused() -> list[MultistepRow]:

@@ -12,8 +12,9 @@ D_k = (m_{s_k} - m_s) / r_k, r_k = (λ_{s_k} - λ_s) / h, and ρ solving the ord
 (Eq. 7–8; :func:`_rhos`). All weights are built once in float64 by :func:`unipc_coefficients`.
 
 Without clipping or thresholding the whole run folds into one multistep table on x̂₀
-(:func:`unipc_multistep_table`, then :func:`~ddim.solvers.base.fold_multistep`): two fused ops per step
-on the sample and the carried x̂₀ sums, no host sync, one finiteness check at the end.
+(:func:`unipc_multistep_table`, then :func:`~ddim.solvers.base.fold_multistep`), applied to the sample
+and the carried x̂₀ sums by :func:`~ddim.solvers.base.multistep_loop`: no host sync, one finiteness check
+at the end.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def sample_unipc(
     plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
     if denoise.linear:
         # x̂₀ is linear in (x, out): predictor and corrector fold into one multistep table
-        # (:func:`unipc_multistep_table`), each step two fused ops on the sample and the carried x̂₀ sums.
+        # (:func:`unipc_multistep_table`), applied like DPM-Solver++'s.
         def build_fused() -> list[MultistepRow]:
             return multistep_rows(fold_multistep(plan, unipc_multistep_table(levels, order), order), x)
 
