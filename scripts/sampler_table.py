@@ -16,7 +16,7 @@ omitted (it equals "ddim" to 1e-12), and so are the stochastic samplers (they do
 
 (b) Model: images of the model (``ddim.load(--model)``, default the embedded one), class i mod 10 for
 image i with the model's default guidance (config sampling.guidance), seeds 0..n-1, each sampler at
-10 calls (heun: 5 steps = 9 calls) on ``--spacing`` (default logsnr), and DDIM at 50 and 1000 steps
+10 calls (``--calls``; heun: 5 steps = 9 calls) on ``--spacing`` (default logsnr), and DDIM at 50 and 1000 steps
 (``--ddim-spacing``, default leading, as the paper). Reported: the Fréchet distance between the shipped
 digit classifier's features of the n samples and of the 5,000 MNIST-5k digits, and the share of
 samples classified as their class. Small n inflates the distance (compare rows at equal n only).
@@ -87,7 +87,8 @@ def model_table(args: argparse.Namespace) -> str:
     clf = load_classifier()
     real, _ = clf.predict_features(mnist5k().images)
 
-    runs = [(s, steps_for(s, 10), args.spacing) for s in args.samplers]
+    budgets = [int(c) for c in args.calls.split(",") if c.strip()]
+    runs = [(s, steps_for(s, c), args.spacing) for c in budgets for s in args.samplers]
     runs += [("ddim", int(s), args.ddim_spacing) for s in args.ddim_steps.split(",") if s.strip()]
     lines = [
         f"Model {args.model or 'embedded default'}, n = {args.n}, guidance {guidance}, seeds 0..{args.n - 1}",
@@ -127,10 +128,11 @@ def main() -> None:
     ap.add_argument("--no-closed-form", action="store_true", help="Only table (b).")
     ap.add_argument("--model", default=None, help="Model folder or .safetensors [embedded default].")
     ap.add_argument("--n", type=int, default=1000, help="Images per row of table (b).")
-    ap.add_argument("--spacing", default="logsnr", help="Spacing of the 10-call rows.")
+    ap.add_argument("--calls", default="10", help="Network-call budgets of the sampler rows, e.g. 10,20.")
+    ap.add_argument("--spacing", default="logsnr", help="Spacing of the sampler rows.")
     ap.add_argument("--ddim-spacing", default="leading", help="Spacing of the DDIM reference rows.")
     ap.add_argument("--ddim-steps", default="50,1000", help="Steps of the DDIM reference rows.")
-    ap.add_argument("--samplers", default=",".join(ALL), help="Samplers of the 10-call rows.")
+    ap.add_argument("--samplers", default=",".join(ALL), help="Samplers of the --calls rows.")
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for table (b).")
     ap.add_argument("--progress", action="store_true")
