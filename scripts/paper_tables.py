@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--out", default="paper_tables")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="a small trial (n = 100 / 50, S up to 100)")
+    ap.add_argument("--class", dest="class_spec", default=None, help="Table 1 classes: all, none, ... [all]")
     ap.add_argument("--steps", default=None, help="Table 1 step counts, e.g. 10,20,50,100")
     ap.add_argument("--eta", default=None, help="Table 1 η values, e.g. 0,0.2,0.5,1")
     ap.add_argument("--n", type=int, default=None, help="Table 1 samples per cell")
@@ -45,7 +46,8 @@ def main() -> int:
     out = Path(args.out)
     common = (["--model", args.model] if args.model else []) + ["--device", args.device]
     common += [] if args.progress else ["--no-progress"]
-    t1 = ["eval", "table1", *common, "--steps", p["steps"], "--eta", p["eta"], "--n", str(p["n"])]
+    cls = ["--class", args.class_spec] if args.class_spec else []
+    t1 = ["eval", "table1", *common, *cls, "--steps", p["steps"], "--eta", p["eta"], "--n", str(p["n"])]
     t2 = ["eval", "table2", *common, "--steps", p["steps2"], "--n", str(p["n2"])]
     for argv, folder in ((t1, "table1"), (t2, "table2")):
         argv = [*argv, "--out", str(out / folder)]
