@@ -25,7 +25,7 @@ from ddim.evaluation.consistency import run_consistency
 from ddim.evaluation.extractors import FeatureExtractor
 from ddim.evaluation.interpolation import run_interpolation
 from ddim.evaluation.metrics import Reference
-from ddim.evaluation.paper import PAPER_TABLE1, PAPER_TABLE2, trend_checks
+from ddim.evaluation.paper import PAPER_TABLE1, PAPER_TABLE1_SIGMA_HAT, PAPER_TABLE2, trend_checks
 from ddim.evaluation.table1 import METRIC_LABELS, SIGMA_HAT, eta_label, metric_names, plot_table1, run_table1
 from ddim.evaluation.table2 import plot_table2, run_table2
 
@@ -323,7 +323,8 @@ def render_report(
         "<h3 class='paper'>For comparison: the paper, CIFAR-10 FID (Inception), same DDPM weights</h3>"
         + _table(
             ["", *[f"S = {x}" for x in steps_p]],
-            [[f"η = {e:g}"] + [PAPER_TABLE1[e][x] for x in steps_p] for e in PAPER_TABLE1],
+            [[f"η = {e:g}"] + [PAPER_TABLE1[e][x] for x in steps_p] for e in PAPER_TABLE1]
+            + [["σ̂"] + [PAPER_TABLE1_SIGMA_HAT[x] for x in steps_p]],
             cls="paper",
         )
         + "<p class='note'>Different data, model and feature space: compare trends (how the numbers move with S "
