@@ -55,7 +55,7 @@ def _features(f):
             "--features",
             default=None,
             help="Feature extractor: 'classifier' (shipped digit classifier), 'inception' (FID Inception-V3), "
-            "a TorchScript file, or 'package.module:factory'. [classifier for 1-channel models, else inception]",
+            "a TorchScript file, or 'package.module:factory'. [classifier for 1-channel images, else inception]",
         ),
         click.option(
             "--inception-weights",
@@ -67,7 +67,7 @@ def _features(f):
         click.option(
             "--data",
             default=None,
-            help="Reference images: 'mnist-all', 'digits', a .npz or an image folder [MNIST-5k for MNIST models].",
+            help="Reference images: 'mnist-all', 'digits', a .npz or an image folder [MNIST-5k for 28×28 digits].",
         ),
         click.option(
             "--cache",
@@ -339,31 +339,7 @@ def interpolation_cmd(
 
 @eval_group.command("samples")
 @click.argument("source")
-@click.option(
-    "--data",
-    default=None,
-    help="Reference images: 'mnist-all', 'mnist', 'digits', a .npz or an image folder "
-    "[all of MNIST-5k for 1×28×28 samples; required otherwise].",
-)
-@click.option(
-    "--features",
-    default=None,
-    help="Feature extractor: 'classifier' (shipped digit classifier), 'inception' (FID Inception-V3), "
-    "a TorchScript file, or 'package.module:factory'. [classifier for 1-channel images, else inception]",
-)
-@click.option(
-    "--inception-weights",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID weights) [$DDIM_INCEPTION_WEIGHTS "
-    "or ~/.cache/ddim/]. Never downloaded.",
-)
-@click.option(
-    "--cache",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Folder for cached reference features [$DDIM_CACHE or ~/.cache/ddim].",
-)
+@_features
 @click.option(
     "--batch",
     default=256,
