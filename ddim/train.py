@@ -69,6 +69,10 @@ class TrainConfig:
         checkpoint_every, sample_every, log_every: in steps (0 = never, except the final checkpoint).
         seed: seeds the data order, timesteps, noise, label dropout and the network's dropout.
         threads: torch CPU threads (0 = torch's default).
+        init: fine-tune: a model folder or checkpoint (anything :func:`ddim.load` reads) whose
+            weights start the run, raw and EMA alike; its architecture, schedule and prediction are
+            kept (they must agree with the data and the settings). The step count, optimizer and
+            learning-rate schedule start afresh. ``None`` (default) starts from random weights.
     """
 
     data: str = "mnist"
@@ -94,6 +98,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     guidance: float = 2.0
+    init: str | None = None
 
     def validate(self) -> None:
         if self.prediction not in TARGETS:
@@ -202,7 +207,29 @@ def _build(cfg: TrainConfig, data: ImageData) -> UNet:
     c, h = data.images.shape[1], data.images.shape[2]
     num_classes = data.num_classes if (cfg.class_cond and data.labels is not None) else 0
     arch = {"image_size": h, "in_channels": c, "num_classes": num_classes, **cfg.unet}
-    return UNet(UNetConfig(**arch))
+    if cfg.init is None:
+        return UNet(UNetConfig(**arch))
+    return _init_from(cfg, arch)
+
+
+def _init_from(cfg: TrainConfig, arch: dict[str, Any]) -> UNet:
+    """The network of ``cfg.init`` (fine-tuning), checked against the data and the settings."""
+    from ddim.checkpoint import load as load_model
+
+    model, _, config = load_model(cfg.init)
+    got, want = asdict(model.config), asdict(UNetConfig(**{**asdict(model.config), **arch}))
+    wrong = [f"{k} {got[k]!r} (the run wants {want[k]!r})" for k in got if got[k] != want[k]]
+    if wrong:
+        raise ValueError(f"init {cfg.init}: its network does not fit this run: " + ", ".join(wrong))
+    sched = config.get("schedule", {})
+    if config.get("prediction") != cfg.prediction:
+        raise ValueError(f"init {cfg.init}: it predicts {config.get('prediction')!r}, the run {cfg.prediction!r}")
+    if sched.get("name") != cfg.schedule or int(sched.get("T", -1)) != cfg.T:
+        raise ValueError(
+            f"init {cfg.init}: its schedule is {sched.get('name')!r} with T={sched.get('T')}, "
+            f"the run's {cfg.schedule!r} with T={cfg.T}"
+        )
+    return model.float().train().requires_grad_(True)
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -347,7 +374,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
 
 def _identity(d: dict[str, Any]) -> dict[str, Any]:
     """Settings that must agree between a run and its resumption."""
-    keys = ("data", "prediction", "schedule", "T", "class_cond", "image_size", "unet", "seed", "batch_size")
+    keys = ("data", "prediction", "schedule", "T", "class_cond", "image_size", "unet", "seed", "batch_size", "init")
     return {k: d.get(k) for k in keys}
 
 

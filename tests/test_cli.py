@@ -265,3 +265,17 @@ def test_interpolate_seeds_device(tiny, monkeypatch):
     monkeypatch.setattr(G, "sample", fake_sample)
     out = G.interpolate_seeds(model, schedule, 1, 2, frames=3, steps=3, label=1, guidance=2.0, device="meta")
     assert set(seen.values()) == {torch.device("meta")} and out.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--init", "/no/such/model"], "/no/such/model"),
+        (["--steps", "4", "--lr-decay-start", "4"], "--lr-decay-start"),
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+    ],
+)
+def test_train_bad_flags_one_line_exit_2(tmp_path, capsys, args, needle):
+    rc = run(["train", "--data", "digits", "--out", str(tmp_path / "run"), "--steps", "1", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err

@@ -122,3 +122,42 @@ def test_learning_rate_schedule():
     assert _lr_at(tail, 99) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
     lrs = [_lr_at(tail, s) for s in range(60, 100)]
     assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+
+
+def test_init_fine_tunes_from_a_model(tmp_path):
+    """--init starts raw and EMA weights from a model's weights; step count and optimizer start afresh."""
+    data = sklearn_digits()
+    base = train(cfg(tmp_path, "base", steps=2), progress=False, data=data)
+    start, _, _ = load(base)
+    tuned = cfg(tmp_path, "tuned", steps=1, init=str(base), lr=1e-9, label_dropout=0.5, seed=3)
+    train(tuned, progress=False, data=data)
+    state = load_file(tmp_path / "tuned" / "state.safetensors")
+    model, _, config = load(tmp_path / "tuned")
+    assert config["train"]["step"] == 1 and config["train"]["init"] == str(base)
+    for name, p in start.state_dict().items():  # one step at lr 1e-9 barely moves the weights
+        assert torch.allclose(model.state_dict()[name], p, atol=1e-6), name
+        assert torch.allclose(state[f"model.{name}"], p, atol=1e-6), name
+    fresh, _, _ = load(train(cfg(tmp_path, "fresh", steps=1, lr=1e-9, seed=3), progress=False, data=data))
+    assert any(not torch.allclose(p, start.state_dict()[k], atol=1e-3) for k, p in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"unet": {**TINY, "base_channels": 16}}, "base_channels"),
+        ({"prediction": "v_prediction"}, "predicts"),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"T": 50}, "T=100"),
+        ({"class_cond": False}, "num_classes"),
+    ],
+)
+def test_init_that_does_not_fit_is_refused(tmp_path, kw, match):
+    data = sklearn_digits()
+    base = train(cfg(tmp_path, "base", steps=1), progress=False, data=data)
+    with pytest.raises(ValueError, match=match):
+        train(cfg(tmp_path, "tuned", init=str(base), **kw), progress=False, data=data)
+
+
+def test_init_missing_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        train(cfg(tmp_path, init=str(tmp_path / "nowhere")), progress=False, data=sklearn_digits())

@@ -58,6 +58,12 @@ from ddim.cli.common import UsageError, main
 @click.option("--sample-every", default=1000, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="CPU threads (0 = torch).")
+@click.option(
+    "--init",
+    default=None,
+    help="Fine-tune: start from this model's weights (a run or model folder); its architecture is kept, "
+    "the step count, optimizer and LR schedule start afresh.",
+)
 @click.option("--fresh", is_flag=True, help="Start over even if the run folder holds a resumable state.")
 def train_cmd(fresh: bool, base_channels, channel_mults, **kw) -> None:
     """Train a U-Net with the DDPM objective; resumes exactly from the run folder's last checkpoint.
@@ -86,7 +92,7 @@ def train_cmd(fresh: bool, base_channels, channel_mults, **kw) -> None:
                 f"per process, effective batch {cfg.batch_size * ctx.world_size}"
             )
         out = train(cfg, resume=not fresh, progress=True)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     except ddist.RankError as e:
         raise click.ClickException(str(e)) from None
