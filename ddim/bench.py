@@ -12,9 +12,11 @@ the loop loses its asynchrony). Then, per run:
 - overhead per step = (wall time - time in the network) / network calls;
 - total = wall time; images/s = batch / total.
 
-The table gives medians over the repeats (runs of the two loops interleaved, the first one
-alternating, after one warm-up run of each loop with a one-op network, so caches are warm as in any
-second call), their ratios (diffusers ÷ ours: how many times less overhead / time ours takes), the
+The table gives medians over the repeats (the two loops take turns, the first one alternating;
+each timed run follows an untimed run of the same loop, so its code and data are in the CPU's
+caches, as the floor's are: timed strictly alternating, each loop would also pay for the other
+having pushed it out of cache: 20-90 µs more a run here, a large share of a 10-step run),
+their ratios (diffusers ÷ ours: how many times less overhead / time ours takes), the
 network's time per call, and the floor: two fused tensor ops on the batch (best of 7), the least a
 DDIM update can cost. ``max |Δ|`` is the largest difference between the two loops'
 final samples: it shows that both did the same work (the DPM-Solver++ row gives ours diffusers'
@@ -223,6 +225,7 @@ def bench_rows(
     guidance: float = 1.0,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
+    warm: bool = True,
 ) -> list[BenchRow]:
     """Time our loop and diffusers' on ``model`` for each algorithm and batch size.
 
@@ -237,6 +240,9 @@ def bench_rows(
             (at least one is always made). None: no limit.
         device: where x_T and the network live.
         log: called with a line after each row (progress).
+        warm: time each run right after an untimed run of the same loop (default), as the floor is
+            timed in a tight loop; False times the loops strictly alternating, each run following a
+            run of the other loop, whose code and data have pushed its own out of the CPU's caches.
 
     Returns:
         One :class:`BenchRow` per (algorithm, batch). An algorithm whose sampler is not registered
@@ -279,6 +285,8 @@ def bench_rows(
                 for k in range(repeats):
                     order = (("ours", ours), ("diffusers", theirs))
                     for key, loop in order if k % 2 == 0 else order[::-1]:  # alternate who goes first
+                        if warm:  # an untimed run of the same loop first: its code and data are in cache
+                            loop(_Timed(model, device))
                         m = _Timed(model, device)
                         tic = time.perf_counter()
                         finals[key] = loop(m)
