@@ -229,7 +229,7 @@ def _init_from(cfg: TrainConfig, arch: dict[str, Any]) -> UNet:
             f"init {cfg.init}: its schedule is {sched.get('name')!r} with T={sched.get('T')}, "
             f"the run's {cfg.schedule!r} with T={cfg.T}"
         )
-    return model.float().train().requires_grad_(True)
+    return model.train().requires_grad_(True)  # ddim.load gives float32 weights
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
