@@ -31,6 +31,7 @@ __all__ = [
     "init",
     "context",
     "teardown",
+    "finish",
     "shard",
     "check",
     "all_gather_objects",
@@ -81,6 +82,7 @@ class Context:
 
 
 _CTX = Context()
+_OWNED = False  # whether init() started the process group (finish() leaves only a group it started)
 
 
 def timeout_seconds() -> float:
@@ -127,7 +129,7 @@ def init(device: str | torch.device | None = None, backend: str | None = None) -
     rank 0 of 1. ``backend`` defaults to ``$DDIM_DIST_BACKEND``, else "nccl" when ``device`` is
     CUDA and "gloo" otherwise. With nccl each rank uses GPU ``LOCAL_RANK``.
     """
-    global _CTX
+    global _CTX, _OWNED
     if dist.is_available() and dist.is_initialized():
         if _CTX.world_size != dist.get_world_size():  # a process group someone else started
             backend = dist.get_backend()
@@ -160,16 +162,33 @@ def init(device: str | torch.device | None = None, backend: str | None = None) -
         backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_seconds()), **kwargs
     )
     _CTX = Context(rank, world, local_rank, backend, comm)
+    _OWNED = True
     atexit.register(teardown)
     return _CTX
 
 
 def teardown() -> None:
     """Leave the process group (at exit; harmless when there is none)."""
-    global _CTX
+    global _CTX, _OWNED
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _CTX = Context()
+    _CTX, _OWNED = Context(), False
+
+
+def finish() -> None:
+    """End a run that succeeded on every rank: wait for all ranks, then leave the process group.
+
+    Every rank calls it after its last collective (the CLI does, after a command returns). gloo
+    releases an operation's tensors on its worker thread *after* the caller has resumed, and a
+    tensor that Python created needs the GIL to be freed; a process that is already shutting its
+    interpreter down then aborts ("terminate called without an active exception"). The barrier
+    (which holds no tensors) lets those threads finish first. A no-op single-process or for a
+    process group that :func:`init` did not start. Do not call it on a failure path: a rank that
+    never arrives would keep the others waiting for the collective timeout.
+    """
+    if _OWNED and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        teardown()
 
 
 def shard(items: Sequence[T], ctx: Context | None = None) -> list[T]:

@@ -198,6 +198,8 @@ WORKER = textwrap.dedent(
                           checkpoint_every=2, sample_every=0, T=100, warmup=2), progress=False)
     with open(os.path.join(out, f"rank{ctx.rank}.json"), "w") as f:
         json.dump(res, f)
+    ddist.finish()  # every rank succeeded: leave the group before the interpreter shuts down
+    assert not torch.distributed.is_initialized() and ddist.context().world_size == 1
     """
 )
 
@@ -321,3 +323,18 @@ def test_eval_samples_bad_image_on_one_rank_fails_every_rank(reference, data_npz
     assert "ddim: error:" in r.stderr and "seed_000003.png is 16×16 but seed_000000.png is 8×8" in r.stderr, r.stderr
     assert "rank 1 of 2 failed" in r.stderr, r.stderr  # rank 0 names the rank that met it
     assert time.monotonic() - tic < 90
+
+
+def test_finish_leaves_only_a_group_ddim_started(tmp_path):
+    """finish() is a no-op in one process, and never tears down a process group someone else started."""
+    from ddim import distributed as ddist
+
+    ddist.finish()  # no group: nothing to do
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert ddist.init().world_size == 1
+        ddist.finish()
+        assert dist.is_initialized()  # the caller's group is the caller's to leave
+    finally:
+        dist.destroy_process_group()

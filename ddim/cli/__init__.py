@@ -32,6 +32,10 @@ def run(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("ddim: aborted", err=True)
         return 130
+    if rv in (None, 0):  # every rank got here: leave the process group before the interpreter shuts down
+        from ddim import distributed as ddist
+
+        ddist.finish()
     return rv if isinstance(rv, int) else 0
 
 
