@@ -570,17 +570,26 @@ def _zero_snr(levels: Levels) -> bool:
 
 
 def _no_grad(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``torch.no_grad()`` around ``fn``, entered only when gradients are on (under ``inference_mode``
-    or ``no_grad`` already, the call skips the context manager's cost)."""
+    """``fn`` with gradients off, as under ``torch.no_grad()``: switched off (and back on after) only when
+    they are on. It sets the grad mode directly, as ``torch.no_grad`` itself does, without the context
+    manager object, whose creation and enter/exit cost more than a whole short run's Python."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return fn(*args, **kwargs)
-        with torch.no_grad():
+        _set_grad_enabled(False)
+        try:
             return fn(*args, **kwargs)
+        finally:
+            _set_grad_enabled(True)
 
     return wrapper
+
+
+#: The grad-mode switch behind ``torch.no_grad`` / ``torch.set_grad_enabled`` (the public class, if a
+#: torch build lacks the function).
+_set_grad_enabled: Callable[[bool], Any] = getattr(torch._C, "_set_grad_enabled", torch.set_grad_enabled)
 
 
 @_no_grad
