@@ -10,7 +10,8 @@ Samplers live in :data:`SAMPLERS` (name -> :class:`SamplerSpec`) and share one s
     fn(denoise: Denoiser, x: Tensor, levels: Levels, *, eta, variance, noise, callback, progress) -> Tensor
 
 so other modules can add e.g. plms / dpmpp / unipc / heun with :func:`register_sampler`. Each spec
-knows its number of network evaluations in advance (:func:`nfe`).
+knows its number of network evaluations in advance (:func:`nfe`) and whether a run with a given η
+draws step noise (``noise`` is None for a run that does not).
 """
 
 from __future__ import annotations
@@ -226,10 +227,12 @@ class Levels:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A registered sampler: its function and its number of network evaluations for ``steps`` steps."""
+    """A registered sampler: its function, its number of network evaluations for ``steps`` steps, and
+    whether a run with a given η draws step noise (if not, :func:`sample` passes ``noise=None``)."""
 
     fn: Callable[..., torch.Tensor]
     nfe: Callable[[int], int]
+    noisy: Callable[[float], bool] = lambda eta: True
 
 
 #: name -> SamplerSpec. Add more with :func:`register_sampler`.
@@ -237,12 +240,16 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register_sampler(
-    name: str, nfe: Callable[[int], int] = lambda steps: steps
+    name: str,
+    nfe: Callable[[int], int] = lambda steps: steps,
+    noisy: Callable[[float], bool] = lambda eta: True,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Decorator registering a sampler under ``name``; ``nfe(steps)`` gives its network calls."""
+    """Decorator registering a sampler under ``name``; ``nfe(steps)`` gives its network calls and
+    ``noisy(eta)`` whether it draws step noise at that η (default: always given a noise source;
+    deterministic samplers say ``lambda eta: False`` and are passed ``noise=None``)."""
 
     def add(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        SAMPLERS[name] = SamplerSpec(fn, nfe)
+        SAMPLERS[name] = SamplerSpec(fn, nfe, noisy)
         return fn
 
     return add
@@ -364,7 +371,7 @@ def _run_linear(
     return x
 
 
-@register_sampler("ddim")
+@register_sampler("ddim", noisy=lambda eta: eta > 0)
 def sample_ddim(
     denoise: Denoiser,
     x: torch.Tensor,
@@ -698,7 +705,10 @@ def sample(
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
     )
-    noise = StepNoise(x_T.shape, seeds, device=x_T.device, dtype=x_T.dtype, block=ts.numel())
+    # a deterministic run makes no noise source (building one costs more than a step's arithmetic)
+    noise = (
+        StepNoise(x_T.shape, seeds, device=x_T.device, dtype=x_T.dtype, block=ts.numel()) if spec.noisy(eta) else None
+    )
     x = spec.fn(denoise, x_T, levels, eta=eta, variance=variance, noise=noise, callback=callback, progress=progress)
     if stats is not None:
         stats.update(nfe=denoise.nfe, timesteps=ts.tolist(), sampler=sampler)

@@ -278,6 +278,37 @@ def test_custom_sampler_registry(linear):
         del SAMPLERS["_test_two_calls"]
 
 
+def test_noise_source_only_for_runs_that_draw(linear, monkeypatch):
+    """A sampler registered with noisy(eta) False is passed noise=None; others get the seeded source."""
+    from ddim.noise import StepNoise
+
+    seen = []
+
+    @ddim.register_sampler("_test_maybe_noisy", noisy=lambda eta: eta > 0.5)
+    def maybe_noisy(denoise, x, levels, *, eta, variance, noise, callback, progress):
+        seen.append(noise)
+        return x
+
+    @ddim.register_sampler("_test_default")
+    def default(denoise, x, levels, *, eta, variance, noise, callback, progress):
+        seen.append(noise)
+        return x
+
+    try:
+        x = torch.randn(2, 2)
+        ddim.sample(dummy_model, x, linear, steps=3, sampler="_test_maybe_noisy", eta=0.2)
+        ddim.sample(dummy_model, x, linear, steps=3, sampler="_test_maybe_noisy", eta=1.0, seeds=[4, 5])
+        ddim.sample(dummy_model, x, linear, steps=3, sampler="_test_default")
+        assert seen[0] is None
+        assert isinstance(seen[1], StepNoise) and seen[1].seeds == [4, 5]
+        assert isinstance(seen[2], StepNoise)
+    finally:
+        del SAMPLERS["_test_maybe_noisy"], SAMPLERS["_test_default"]
+    # the built-in ODE samplers and η = 0 DDIM draw nothing; DDPM and the SDE solver always do
+    assert not any(SAMPLERS[s].noisy(0.0) for s in ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "plms", "euler", "heun"))
+    assert SAMPLERS["ddim"].noisy(0.3) and SAMPLERS["ddpm"].noisy(0.0) and SAMPLERS["dpmpp_2m_sde"].noisy(0.0)
+
+
 def test_progress_bar(linear, capsys):
     ddim.sample(dummy_model, torch.randn(1, 2), linear, steps=3, progress=True)
     assert "ddim" in capsys.readouterr().err  # tqdm wrote its bar to stderr

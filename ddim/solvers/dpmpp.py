@@ -153,7 +153,7 @@ def _dpmpp(
     return combine(x, rows[N - 1], [x0, *m[: order - 1]], orders[N - 1])
 
 
-@register_sampler("dpmpp_2m")
+@register_sampler("dpmpp_2m", noisy=lambda eta: False)
 def sample_dpmpp_2m(
     denoise: Denoiser,
     x: torch.Tensor,
@@ -176,7 +176,7 @@ def sample_dpmpp_2m(
     return _dpmpp("dpmpp_2m", 2, False, denoise, x, levels, noise, callback, progress)
 
 
-@register_sampler("dpmpp_3m")
+@register_sampler("dpmpp_3m", noisy=lambda eta: False)
 def sample_dpmpp_3m(
     denoise: Denoiser,
     x: torch.Tensor,

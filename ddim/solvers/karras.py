@@ -48,7 +48,7 @@ def heun_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
     return torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
 
 
-@register_sampler("euler")
+@register_sampler("euler", noisy=lambda eta: False)
 def sample_euler(
     denoise: Denoiser,
     x: torch.Tensor,
@@ -89,7 +89,7 @@ def sample_euler(
     return torch.mul(x, a).addcmul_(d, b)
 
 
-@register_sampler("heun", nfe=lambda steps: 2 * steps - 1)
+@register_sampler("heun", nfe=lambda steps: 2 * steps - 1, noisy=lambda eta: False)
 def sample_heun(
     denoise: Denoiser,
     x: torch.Tensor,

@@ -86,7 +86,7 @@ def plms_coefficients(levels: Levels) -> tuple[torch.Tensor, list[int]]:
     return torch.tensor(rows, dtype=torch.float64), orders
 
 
-@register_sampler("plms")
+@register_sampler("plms", noisy=lambda eta: False)
 def sample_plms(
     denoise: Denoiser,
     x: torch.Tensor,

@@ -145,7 +145,7 @@ def unipc_multistep_table(levels: Levels, order: int = 2) -> torch.Tensor:
     return torch.cat([p[:, :1], k, zero], dim=1)
 
 
-@register_sampler("unipc")
+@register_sampler("unipc", noisy=lambda eta: False)
 def sample_unipc(
     denoise: Denoiser,
     x: torch.Tensor,
