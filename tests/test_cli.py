@@ -279,3 +279,15 @@ def test_train_bad_flags_one_line_exit_2(tmp_path, capsys, args, needle):
     rc = run(["train", "--data", "digits", "--out", str(tmp_path / "run"), "--steps", "1", *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_finish_called_only_after_success(tmp_path, capsys, tiny, monkeypatch):
+    """run() leaves the process group (ddim.distributed.finish) after a command succeeded, never after an error."""
+    from ddim import distributed as ddist
+
+    calls = []
+    monkeypatch.setattr(ddist, "finish", lambda: calls.append(1))
+    args = ["sample", "--model", tiny, "--n", "2", "--steps", "2", "--no-progress"]
+    assert run([*args, "--out", str(tmp_path / "a.npz")]) == 0 and calls == [1]
+    assert run([*args, "--out", str(tmp_path / "a.txt")]) == 2 and calls == [1]  # a usage error
+    capsys.readouterr()
