@@ -24,7 +24,9 @@ How the scheduler config maps onto this package:
   recorded as ``config["sampling"]["variance"] = "large"`` (for ``sampler="ddpm"``; not applied by
   default, as diffusers' DDIM pipeline ignores it too).
 
-After clipping, ε̂ is always recomputed from the clipped x̂₀ (diffusers' ``use_clipped_model_output=True``).
+After clipping, ε̂ is the model's own, as in ``DDIMPipeline`` (diffusers' ``use_clipped_model_output`` is a
+``step`` argument, not a scheduler setting, and the pipelines leave it off): ``config["sampling"]`` gets
+``use_clipped_model_output: False``. A ddim model folder may set it to true (the embedded model does).
 """
 
 from __future__ import annotations
@@ -53,7 +55,14 @@ FORMAT = "diffusers-pipeline"
 INDEX = "model_index.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 #: Keys of ``config["sampling"]`` that are passed straight to :func:`ddim.sample`.
-_PASSED = ("set_alpha_to_one", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+_PASSED = (
+    "set_alpha_to_one",
+    "clip_sample_range",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "use_clipped_model_output",
+)
 
 
 def is_pipeline_folder(path: str | os.PathLike | None) -> bool:
@@ -158,6 +167,7 @@ def _sampling_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "thresholding": bool(cfg.get("thresholding", False)),
         "dynamic_thresholding_ratio": float(cfg.get("dynamic_thresholding_ratio", 0.995)),
         "sample_max_value": float(cfg.get("sample_max_value", 1.0)),
+        "use_clipped_model_output": False,
     }
     if cfg.get("variance_type") == "fixed_large":
         out["variance"] = "large"

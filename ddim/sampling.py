@@ -624,6 +624,7 @@ def sample(
     clip_sample_range: float = 1.0,
     dynamic_thresholding_ratio: float = 0.995,
     sample_max_value: float = 1.0,
+    use_clipped_model_output: bool = False,
     stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Sample x_0 from x_T with DDIM (default) or DDPM ancestral steps.
@@ -643,7 +644,12 @@ def sample(
         prediction: "epsilon" (default), "sample" or "v_prediction".
         clip_sample, clip_sample_range: clamp x̂₀ to ±range (default off, range 1.0).
         thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic thresholding of x̂₀
-            (default off, 0.995, 1.0). After clipping/thresholding ε̂ is recomputed from x̂₀.
+            (default off, 0.995, 1.0).
+        use_clipped_model_output: after clipping/thresholding, recompute ε̂ from the clipped x̂₀ (True,
+            guided-diffusion's convention) or keep the model's ε̂ (False, default: diffusers'
+            ``DDIMScheduler``/``DDIMPipeline``). Samplers that step on x̂₀ and x_t only ("ddpm", whose
+            posterior mean uses the clipped x̂₀ as diffusers' ``DDPMScheduler`` does, "dpmpp_*", "unipc")
+            give the same result either way. No effect without clipping or thresholding.
         seeds: one int per sample for the step noise (η > 0 or "ddpm"): sample i's noise comes from
             ``torch.Generator("cpu").manual_seed(seeds[i])`` (after skipping one draw, the x_T that
             ``ddim.randn`` makes from the same seed), drawn in float32 on CPU, so a batch of 8 equals 8
@@ -701,6 +707,7 @@ def sample(
         thresholding=thresholding,
         dynamic_thresholding_ratio=dynamic_thresholding_ratio,
         sample_max_value=sample_max_value,
+        use_clipped_model_output=use_clipped_model_output,
         guidance_scale=guidance_scale,
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
@@ -730,6 +737,9 @@ def invert(
     progress: bool = False,
     guidance_scale: float = 1.0,
     uncond_kwargs: Mapping[str, Any] | None = None,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    use_clipped_model_output: bool = False,
     stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """DDIM inversion: run the η = 0 ODE forward, x_0 -> x_T, mirroring :func:`sample` on the same timesteps.
@@ -749,7 +759,9 @@ def invert(
     The output is at level ᾱ_{s_{N-1}} (the largest listed t), ready for ``sample(..., timesteps=same)``;
     the round trip error falls as steps grow (the ODE is solved to first order).
 
-    Args: as :func:`sample` (x_0 [B, ...] floating; no noise, clipping or eta). ``callback(k, t, x, x0_pred)``
+    Args: as :func:`sample` (x_0 [B, ...] floating; no noise or eta). ``clip_sample``/``clip_sample_range``
+    clamp x̂₀ as diffusers' ``DDIMInverseScheduler`` does (default off: clipping makes the map
+    non-invertible); ``use_clipped_model_output`` as in :func:`sample`. ``callback(k, t, x, x0_pred)``
     gets the timestep t the network saw at step k and the point x it saw. ``stats`` gets "nfe"
     (= N) and "timesteps" (ascending). Runs under ``torch.no_grad()``.
 
@@ -762,10 +774,14 @@ def invert(
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     ts = torch.flip(_resolve_timesteps(schedule, steps, spacing, timesteps), dims=[0])  # ascending
     N = ts.numel()
+    _check_bool(clip_sample, "clip_sample")
     denoise = Denoiser(
         model,
         schedule,
         prediction,
+        clip_sample=clip_sample,
+        clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output,
         guidance_scale=guidance_scale,
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,

@@ -112,13 +112,24 @@ def test_v_prediction_at_zero_snr():
         assert torch.isfinite(x_s).all()
 
 
-def test_clipping_recomputes_eps():
+def test_clipping_keeps_the_models_eps_unless_asked_to_recompute_it():
     x = torch.tensor([[3.0, -0.2]], dtype=torch.float64)
     out = torch.tensor([[0.1, 0.3]], dtype=torch.float64)
     ab = 0.5
+    # default, as diffusers' DDIMScheduler.step: x̂₀ clipped, ε̂ the model's own
     x0, eps = to_x0_eps(x, out, ab, clip_sample=True)
     assert x0.abs().max() <= 1.0
-    torch.testing.assert_close(x, math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps)
+    torch.testing.assert_close(eps, out)
+    # use_clipped_model_output=True: ε̂ recomputed so that (x̂₀, ε̂) describe x_t again
+    x0c, epsc = to_x0_eps(x, out, ab, clip_sample=True, use_clipped_model_output=True)
+    torch.testing.assert_close(x0c, x0)
+    torch.testing.assert_close(x, math.sqrt(ab) * x0c + math.sqrt(1 - ab) * epsc)
+    assert not torch.allclose(epsc, out)
+    # v-prediction: ε̂ from the unclipped x̂₀ (diffusers computes it before clipping)
+    _, eps_v = to_x0_eps(x, out, ab, "v_prediction", clip_sample=True)
+    torch.testing.assert_close(eps_v, math.sqrt(ab) * out + math.sqrt(1 - ab) * x)
+    with pytest.raises(TypeError, match="use_clipped_model_output"):
+        to_x0_eps(x, out, ab, clip_sample=True, use_clipped_model_output=1)
 
 
 def test_dynamic_thresholding_per_sample():

@@ -45,6 +45,12 @@ from ddim.cli.common import (
     show_default=True,
     help="*.png grid, *.npz arrays (images, labels, seeds), or a folder of PNGs named by seed.",
 )
+@click.option(
+    "--use-clipped-model-output/--model-eps",
+    "use_clipped",
+    default=None,
+    help="With x̂₀ clipping: recompute ε̂ from the clipped x̂₀, or keep the model's ε̂ (diffusers' DDIM) [model]",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def sample_cmd(
     model_path,
@@ -64,6 +70,7 @@ def sample_cmd(
     guidance,
     batch,
     out,
+    use_clipped,
     progress,
 ) -> None:
     """Sample images (DDIM by default) from a model: the embedded MNIST model unless --model is given."""
@@ -81,6 +88,8 @@ def sample_cmd(
         # --spacing if given, else the model's (a diffusers scheduler's spacing, offset, clipping...)
         given = ctx.get_parameter_source("spacing") is not click.core.ParameterSource.DEFAULT
         skw = sampling_kwargs(config, schedule, steps, spacing if given else None, ts)
+        if use_clipped is not None:
+            skw["use_clipped_model_output"] = use_clipped
         # under torchrun: this rank's share; a folder: only the seeds not yet written
         settings = {k: v for k, v in ctx.params.items() if k not in RUNTIME_ONLY}
         job = SampleJob.plan(out, n=n, seed=seed, labels=labels, model=model, settings=settings)
