@@ -245,16 +245,19 @@ def sampling_kwargs(
         timesteps: an explicit list; it overrides spacing and offset.
 
     Returns:
-        ``{"spacing", "timesteps", "clip_sample", ...}``: with a ``steps_offset`` k > 0 and "leading"
-        spacing the timesteps are diffusers' ``[j·(T//S) + k]`` (given explicitly, as no spacing rule
-        has an offset); ``set_alpha_to_one``, ``clip_sample_range`` and the thresholding settings are
-        included when the config sets them.
+        ``{"spacing", "timesteps", "clip_sample", ...}``: with "leading" spacing, a diffusers pipeline
+        folder (or any ``steps_offset`` k > 0) gets diffusers' own ``[j·(T//S) + k]`` given explicitly
+        (this package's "leading" is the paper's ⌊i·T/S⌋, which differs where S does not divide T);
+        ``set_alpha_to_one``, ``clip_sample_range``, the thresholding settings and
+        ``use_clipped_model_output`` are included when the config sets them.
     """
     s = dict(config.get("sampling") or {})
     spacing = spacing or s.get("spacing", "leading")
     kw: dict[str, Any] = {"spacing": spacing, "timesteps": timesteps, "clip_sample": bool(s.get("clip_sample", False))}
     offset = int(s.get("steps_offset", 0) or 0)
-    if timesteps is None and offset and spacing == "leading":
+    # diffusers' "leading" is k·(T//S) + offset: equal to this package's ⌊i·T/S⌋ only where S divides T
+    # and the offset is 0, so a pipeline folder gets diffusers' exact list (DDIMPipeline parity at every S)
+    if timesteps is None and spacing == "leading" and (offset or config.get("format") == FORMAT):
         T = schedule.T
         ts = [j * (T // steps) + offset for j in reversed(range(steps))]
         if ts[0] > T - 1:

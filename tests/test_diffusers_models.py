@@ -135,6 +135,18 @@ def test_ddpm_pipeline_folder_with_default_clipping_equals_ddpm_pipeline(tmp_pat
     _check_same_images(ours, ref, n)
 
 
+@pytest.mark.parametrize("steps", [7, 30])
+def test_pipeline_folder_keeps_diffusers_leading_where_steps_do_not_divide_T(tmp_path, steps):
+    # diffusers' leading is k·(T//S); the package's own is ⌊i·T/S⌋: a pipeline folder keeps diffusers'
+    folder, pipe = _pipeline_folder(tmp_path)
+    model, schedule, config = ddim.load(folder)
+    pipe.scheduler.set_timesteps(steps)
+    assert sampling_kwargs(config, schedule, steps)["timesteps"] == pipe.scheduler.timesteps.tolist()
+    assert int(ddim.timesteps(schedule, steps, "leading")[0]) > pipe.scheduler.timesteps[0]
+    ref = _pipeline_uint8(pipe, 2, steps)
+    _check_same_images(_cli_uint8(folder, tmp_path, 2, steps), ref, 2)
+
+
 def test_load_maps_the_scheduler_config(tmp_path):
     folder, pipe = _pipeline_folder(
         tmp_path,
