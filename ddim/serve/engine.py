@@ -148,6 +148,11 @@ class Engine:
                 self.stats["hits"] += 1
                 return hit[0], JobInfo(True, 0.0, hit[1], dict(hit[2]))
             job = next((j for j in (self._running, *self._pending) if j is not None and j.key == key), None)
+            if client is not None:  # this client's older request gives way (first: it frees its place)
+                older = self._latest.get(client)
+                if older is not None and older is not job:
+                    older.clients.discard(client)
+                    self._drop_if_unwanted(older)
             if job is None:
                 if len(self._pending) >= self.queue_size:
                     self.stats["refused"] += 1
@@ -155,10 +160,6 @@ class Engine:
                 job = _Job(key, fn, arrived)
                 self._pending.append(job)
             if client is not None:
-                older = self._latest.get(client)
-                if older is not None and older is not job:
-                    older.clients.discard(client)
-                    self._drop_if_unwanted(older)
                 job.clients.add(client)
                 self._latest[client] = job
             job.waiters += 1
