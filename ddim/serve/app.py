@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 from ddim.images import _png_bytes
 from ddim.sampling import SAMPLERS
 from ddim.serve.drafts import Drafts, image_key
-from ddim.serve.engine import Engine, QueueFull, ShuttingDown, Superseded
+from ddim.serve.engine import Engine, JobInfo, QueueFull, ShuttingDown, Superseded
 from ddim.serve.params import BadParam, Limits, read_params
 from ddim.timesteps import SPACINGS
 
@@ -71,8 +71,9 @@ def _read_upload(field: str, channels: int, size: int, *, required: bool = True)
             if w * h > MAX_UPLOAD_PIXELS:
                 raise _Refused(413, f"{field}: {w}x{h} pixels is too large (at most {MAX_UPLOAD_PIXELS} pixels)")
             im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            if im.size != (size, size):  # area-average down (a k-times enlarged image comes back exactly)
+                down = im.width >= size and im.height >= size
+                im = im.resize((size, size), Image.Resampling.BOX if down else Image.Resampling.BICUBIC)
             a = np.asarray(im)
     except _Refused:
         raise
@@ -202,8 +203,9 @@ def create_app(
         h["Cache-Control"] = "no-store"
         return r
 
-    def run(key: tuple, fn: Callable[[], tuple[Any, dict]], kind: str) -> tuple[Any, Any]:
-        return engine.run(key, fn, client=client(kind))
+    def run(key: tuple, fn: Callable[[], tuple[Any, dict]], kind: str, priority: int = 1) -> tuple[Any, Any]:
+        """Drafts first (priority 0), then edits (1), then interpolation frames (2)."""
+        return engine.run(key, fn, client=client(kind), priority=priority)
 
     def params(kind: str) -> dict[str, Any]:
         return read_params(kind, request.args.to_dict(flat=False), limits)
@@ -246,17 +248,28 @@ def create_app(
     def api_sample() -> Response:
         p = params("sample")
         key = ("sample", *sorted(p.items()))
-        u8, inf = run(key, lambda: drafts.sample(p), "sample")
+        u8, inf = run(key, lambda: drafts.sample(p), "sample", priority=0)
         return png(u8[0], inf)
 
     @app.get("/api/interpolate")
     def api_interpolate() -> Response:
         p = params("interpolate")
         frame = p.pop("frame")
-        strip, inf = run(("strip", *sorted(p.items())), lambda: drafts.strip(p), "interpolate")
-        if frame is None:  # the whole strip, frames side by side
-            return png(np.concatenate(list(strip), axis=1), inf, frames=p["frames"])
-        return png(strip[frame], inf, frames=p["frames"], frame=frame)
+
+        def one(k: int) -> tuple[np.ndarray, Any]:  # each frame computed once, then cached
+            return run(("frame", k, *sorted(p.items())), lambda: drafts.frame(p, k), "interpolate", priority=2)
+
+        if frame is not None:
+            img, inf = one(frame)
+            return png(img[0], inf, frames=p["frames"], frame=frame)
+        parts = [one(k) for k in range(p["frames"])]  # the whole strip, frames side by side
+        inf = JobInfo(
+            all(i.cached for _, i in parts),
+            sum(i.queue_seconds for _, i in parts),
+            sum(i.compute_seconds for _, i in parts),
+            {"nfe": parts[0][1].meta["nfe"], "calls": sum(0 if i.cached else i.meta["nfe"] for _, i in parts)},
+        )
+        return png(np.concatenate([img[0] for img, _ in parts], axis=1), inf, frames=p["frames"])
 
     @app.post("/api/reconstruct")
     def api_reconstruct() -> Response:

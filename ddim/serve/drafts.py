@@ -1,4 +1,4 @@
-"""What ``ddim serve`` computes, with one loaded model: drafts, interpolation strips, reconstructions and edits.
+"""What ``ddim serve`` computes, with one loaded model: drafts, interpolation frames, reconstructions and edits.
 
 Each method takes settings already checked by :func:`ddim.serve.params.read_params` and calls the
 library (:func:`ddim.generate.generate`, :func:`ddim.sample`, :func:`ddim.invert`, :mod:`ddim.edit`); it
@@ -94,13 +94,14 @@ class Drafts:
         )
         return res.uint8, {"nfe": res.nfe}
 
-    def strip(self, p: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-        """All frames of a slerp strip between the noises of ``seed_a`` and ``seed_b``, sampled in one
-        batch (deterministic sampler). Returns uint8 [frames, H, W, C] and {"nfe"}."""
+    def frame(self, p: dict[str, Any], k: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Frame k of a slerp strip of ``p["frames"]`` frames between the noises of ``seed_a`` and ``seed_b``:
+        x_T = slerp(z_a, z_b, k / (frames - 1)), sampled with a deterministic sampler. Returns uint8
+        [1, H, W, C] and {"nfe"}."""
         za = randn((1, *self.shape), [p["seed_a"]])[0]
         zb = randn((1, *self.shape), [p["seed_b"]])[0]
-        x_T = slerp(za, zb, torch.linspace(0, 1, p["frames"])).to(self.device)
-        kwargs, uncond, g = self.condition(p["class"], p["frames"], p["guidance"])
+        x_T = slerp(za, zb, torch.linspace(0, 1, p["frames"])[k : k + 1]).to(self.device)
+        kwargs, uncond, g = self.condition(p["class"], 1, p["guidance"])
         skw = self.sampling(p["steps"], p["spacing"])
         with torch.inference_mode():
             x = sample(

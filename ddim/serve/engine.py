@@ -60,6 +60,7 @@ class _Job:
     key: Hashable
     fn: Callable[[], tuple[Any, dict[str, Any]]]
     submitted: float
+    order: tuple[int, int] = (0, 0)
     clients: set[Hashable] = field(default_factory=set)
     waiters: int = 0
     started: float | None = None
@@ -91,6 +92,7 @@ class Engine:
         self._cache: OrderedDict[Hashable, tuple[Any, float, dict[str, Any]]] = OrderedDict()
         self._latest: dict[Hashable, _Job] = {}  # client -> its newest job
         self._closed = False
+        self._seq = 0
         self.stats = {"computed": 0, "hits": 0, "refused": 0, "superseded": 0}
         self._thread = threading.Thread(target=self._work, name="ddim-serve-worker", daemon=True)
         self._thread.start()
@@ -132,9 +134,14 @@ class Engine:
         fn: Callable[[], tuple[Any, dict[str, Any]]],
         *,
         client: Hashable | None = None,
+        priority: int = 0,
     ) -> tuple[Any, JobInfo]:
         """The result of ``fn()`` (which returns ``(value, meta)``) for ``key``: cached, shared with an
         identical job, or computed on the worker after the jobs ahead of it. Blocks until then.
+
+        Waiting jobs start in order of ``priority`` (lower first; default 0), then of arrival: the
+        server puts drafts before edits and interpolation frames, so a slow edit never holds a draft
+        back by more than the one job already running.
 
         Raises QueueFull, Superseded or ShuttingDown (see the module docstring), or what ``fn`` raised.
         """
@@ -157,7 +164,8 @@ class Engine:
                 if len(self._pending) >= self.queue_size:
                     self.stats["refused"] += 1
                     raise QueueFull(f"busy: {len(self._pending)} requests are queued already; retry shortly")
-                job = _Job(key, fn, arrived)
+                self._seq += 1
+                job = _Job(key, fn, arrived, (priority, self._seq))
                 self._pending.append(job)
             if client is not None:
                 job.clients.add(client)
@@ -195,7 +203,8 @@ class Engine:
                     self._cond.wait()
                 if self._closed:
                     return
-                job = self._pending.pop(0)
+                job = min(self._pending, key=lambda j: j.order)
+                self._pending.remove(job)
                 job.started = time.perf_counter()
                 self._running = job
             try:

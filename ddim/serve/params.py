@@ -148,7 +148,7 @@ def read_params(kind: str, args: Mapping[str, Sequence[str]], limits: Limits) ->
     elif kind == "swap":
         if limits.num_classes == 0:
             raise BadParam("class swap needs a class-conditional model; this one is unconditional")
-        p["source"] = _int(args, "source", None, 0, limits.num_classes - 1)
+        p["source"] = _class(args, "source", limits.num_classes)  # -1: invert under the null class
         p["target"] = _int(args, "target", None, 0, limits.num_classes - 1)
     elif kind == "sdedit":
         p["strength"] = _float(args, "strength", 0.5, 0.0, 1.0)

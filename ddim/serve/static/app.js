@@ -191,15 +191,17 @@ async function edits() {
 }
 const editsSoon = debounce(edits, DEBOUNCE_MS);
 
-let painting = false;
+let painting = false, last = null;
 function paintAt(ev) {
+  // one opaque stroke on the mask canvas (shown half-transparent by CSS): where it is, regenerate
   const r = mask.getBoundingClientRect();
   const x = (ev.clientX - r.left) * mask.width / r.width, y = (ev.clientY - r.top) * mask.height / r.height;
-  mctx.fillStyle = "rgba(255, 40, 40, 0.55)";
-  mctx.beginPath(); mctx.arc(x, y, 18, 0, 2 * Math.PI); mctx.fill();
+  mctx.strokeStyle = "rgb(255, 40, 40)"; mctx.lineWidth = 36; mctx.lineCap = "round";
+  mctx.beginPath(); mctx.moveTo(...(last || [x, y])); mctx.lineTo(x, y); mctx.stroke();
+  last = [x, y];
   maskPainted = true;
 }
-mask.addEventListener("pointerdown", (e) => { painting = true; paintAt(e); });
+mask.addEventListener("pointerdown", (e) => { painting = true; last = null; paintAt(e); });
 mask.addEventListener("pointermove", (e) => { if (painting) paintAt(e); });
 window.addEventListener("pointerup", () => { if (painting) { painting = false; editsSoon(); } });
 $("clear-mask").addEventListener("click", () => { clearMask(); });
@@ -218,7 +220,7 @@ async function start() {
   const ids = Array.from({ length: info.num_classes }, (_, i) => String(i));
   fill($("class"), ["none", ...ids], ["none (unconditional)", ...names]);
   $("class").value = info.num_classes > 3 ? "3" : "none";
-  fill($("source"), ids, names); fill($("target"), ids, names);
+  fill($("source"), ["none", ...ids], ["unknown", ...names]); fill($("target"), ids, names);
   $("target").value = info.num_classes > 8 ? "8" : "0";
   for (const id of ["steps", "steps-b", "edit-steps"]) $(id).max = String(Math.min(100, info.max_steps));
   $("guidance").value = String(info.default_guidance);
