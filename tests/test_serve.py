@@ -16,7 +16,7 @@ pytest.importorskip("flask", reason="ddim serve needs the 'serve' extra (flask, 
 pytest.importorskip("waitress", reason="ddim serve needs the 'serve' extra (flask, waitress)")
 
 from PIL import Image  # noqa: E402
-from serve_process import start_server, stop_server  # noqa: E402
+from serve_harness import start_server, stop_server  # noqa: E402
 
 import ddim  # noqa: E402
 from ddim.images import _png_bytes, to_uint8  # noqa: E402
