@@ -6,6 +6,7 @@ import io
 import re
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -326,9 +327,8 @@ def test_full_queue_gets_503_and_same_client_is_superseded(loaded):
     try:
         hold = threading.Thread(target=engine.run, args=("hold", lambda: (release.wait(30), {})))
         hold.start()
-        while engine.cached("hold") is None and engine.stats["computed"] == 0 and engine.queued == 0:
+        while engine._running is None:  # until the worker has taken the holding job
             time.sleep(0.01)
-        time.sleep(0.05)  # the worker has taken the holding job
         c = small.test_client()
         first: dict = {}
         t = threading.Thread(
@@ -455,9 +455,26 @@ def test_cli_serves_on_loopback_and_stops_on_ctrl_c(loaded):
             assert e.code == 400 and b"steps" in e.read()
         else:
             raise AssertionError("steps=0 was accepted")
+        # Ctrl-C during a long request: it gets 503, the process stops at the model's next step, exit 0
+        answer: dict = {}
+
+        def long_request():
+            try:
+                urllib.request.urlopen(url + "api/sample?seed=5&steps=200&class=1", timeout=60)
+            except urllib.error.HTTPError as e:
+                answer["r"] = (e.code, e.read().decode())
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(1.0)
     finally:
+        tic = time.monotonic()
         err = stop_server(proc)
+        stopped_in = time.monotonic() - tic
+    t.join(30)
     assert "ddim serve: stopped" in err
+    assert answer["r"][0] == 503 and "shutting down" in answer["r"][1]
+    print(f"stopped in {stopped_in:.2f} s")
 
 
 def test_cli_usage_errors():

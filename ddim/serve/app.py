@@ -124,7 +124,8 @@ def create_app(
         net = prepare(net, device=device)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-    drafts = Drafts(net, schedule, config, device)
+    engine = Engine(queue_size=queue_size, cache_size=cache_size)
+    drafts = Drafts(net, schedule, config, device, stop=engine.stopping)
     sampling = config.get("sampling") or {}
     limits = Limits(
         max_steps=min(max_steps, schedule.T),
@@ -136,7 +137,6 @@ def create_app(
         default_guidance=float(sampling.get("guidance", 1.0)),
         default_spacing=str(sampling.get("spacing", "leading")),
     )
-    engine = Engine(queue_size=queue_size, cache_size=cache_size)
 
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
@@ -340,10 +340,12 @@ def serve(
             leaving connections waiting in the server).
         ready: called with the URL once the socket listens (e.g. to print it).
 
-    On a signal the engine is closed first (waiting requests get 503, the running one finishes), then
-    the server stops accepting and closes its connections; the function returns normally.
+    On a signal the engine is closed first (waiting requests get 503 at once), the server stops
+    accepting and closes its connections, and the job running on the model, if any, is let finish
+    (at most one job's time, bounded by ``max_steps``); then the function returns normally.
     """
     import signal
+    import threading
 
     from waitress.server import create_server
 
@@ -356,7 +358,8 @@ def serve(
         engine.close(timeout=0)
         raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         if ready is not None:
             ready(url)
@@ -366,5 +369,5 @@ def serve(
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        engine.close()
+        engine.close(timeout=None)  # the running job ends (torch must not be mid-kernel at exit)
         server.close()

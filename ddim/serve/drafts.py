@@ -8,6 +8,7 @@ returns uint8 images [N, H, W, C] and a dict of facts (network calls). Nothing h
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,21 @@ from ddim.interpolate import slerp
 from ddim.noise import randn
 from ddim.sampling import invert, nfe, sample
 from ddim.schedule import NoiseSchedule
+from ddim.serve.engine import ShuttingDown
 
 __all__ = ["Drafts", "image_key"]
+
+
+class _Stoppable:
+    """The model, called as itself, unless ``stop`` is set: then the call raises ShuttingDown."""
+
+    def __init__(self, model: torch.nn.Module, stop: threading.Event) -> None:
+        self.model, self.stop, self.config = model, stop, model.config
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> Any:
+        if self.stop.is_set():
+            raise ShuttingDown("the server is shutting down")
+        return self.model(x, t, **kwargs)
 
 
 def image_key(u8: np.ndarray) -> str:
@@ -38,10 +52,20 @@ class Drafts:
         schedule: its training schedule.
         config: the config of :func:`ddim.load` (prediction type, sampling defaults).
         device: where the model lives.
+        stop: when set, the next network call raises :class:`~ddim.serve.engine.ShuttingDown`, so a long
+            job ends within one step of a shutdown (the calls are otherwise the model's own).
     """
 
-    def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule, config: dict[str, Any], device: str) -> None:
-        self.model = model
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        schedule: NoiseSchedule,
+        config: dict[str, Any],
+        device: str,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.network = model
+        self.model = model if stop is None else _Stoppable(model, stop)
         self.schedule = schedule
         self.config = config
         self.device = torch.device(device)

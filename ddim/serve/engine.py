@@ -93,6 +93,8 @@ class Engine:
         self._latest: dict[Hashable, _Job] = {}  # client -> its newest job
         self._closed = False
         self._seq = 0
+        #: Set by :meth:`close`: long jobs may check it between steps and stop early (raising ShuttingDown).
+        self.stopping = threading.Event()
         self.stats = {"computed": 0, "hits": 0, "refused": 0, "superseded": 0}
         self._thread = threading.Thread(target=self._work, name="ddim-serve-worker", daemon=True)
         self._thread.start()
@@ -228,8 +230,10 @@ class Engine:
             return len(self._pending)
 
     def close(self, timeout: float | None = 5.0) -> None:
-        """Refuse new jobs, fail the waiting ones with :class:`ShuttingDown`, and let the running one end
-        (waiting up to ``timeout`` seconds for it)."""
+        """Refuse new jobs, fail the waiting ones with :class:`ShuttingDown`, set :attr:`stopping` (a job
+        that checks it stops at its next step) and wait up to ``timeout`` seconds (None: as long as it
+        takes) for the running job to end."""
+        self.stopping.set()
         with self._cond:
             self._closed = True
             self._pending.clear()
