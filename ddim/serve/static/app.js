@@ -80,10 +80,12 @@ function fill(select, values, labels) {
 }
 
 function settings() {
-  return {
+  const s = {
     seed: $("seed").value || "0", steps: $("steps").value, eta: $("eta").value, sampler: $("sampler").value,
     spacing: $("spacing").value, class: $("class").value, guidance: $("guidance").value,
   };
+  if (s.sampler === "ddpm" && !["0", "1"].includes(s.eta)) s.eta = "1";  // ddpm's noise is fixed at η = 1
+  return s;
 }
 
 const query = (o) => new URLSearchParams(o).toString();
