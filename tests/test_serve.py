@@ -505,3 +505,11 @@ def test_engine_runs_drafts_before_slower_work():
         t.join(10)
     assert order == ["draft", "edit", "frame"]
     e.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_steps": 0}, {"max_frames": 1}, {"queue_size": 0}, {"cache_size": -1}, {"max_upload_bytes": True}]
+)
+def test_create_app_checks_its_arguments_before_loading(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        create_app("/nonexistent/model", **kwargs)  # refused before the (missing) model is looked for

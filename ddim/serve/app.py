@@ -117,13 +117,20 @@ def create_app(
     from ddim.checkpoint import load
     from ddim.perf import prepare
 
+    for name, value, least in (
+        ("max_steps", max_steps, 1),
+        ("max_frames", max_frames, 2),
+        ("max_upload_bytes", max_upload_bytes, 1),
+        ("queue_size", queue_size, 1),
+        ("cache_size", cache_size, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if isinstance(model, tuple):
         net, schedule, config = model
     else:
         net, schedule, config = load(None if model is None else str(model), device=device)
         net = prepare(net, device=device)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     engine = Engine(queue_size=queue_size, cache_size=cache_size)
     drafts = Drafts(net, schedule, config, device, stop=engine.stopping)
     sampling = config.get("sampling") or {}

@@ -70,7 +70,8 @@ class Drafts:
         self.config = config
         self.device = torch.device(device)
         cfg = model.config
-        self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        size = getattr(cfg, "image_size", None) or cfg.sample_size  # ours, or a diffusers UNet2DModel's
+        self.shape = (int(cfg.in_channels), int(size), int(size))
         self.num_classes = int(getattr(cfg, "num_classes", 0) or 0)
         self.prediction = config.get("prediction", "epsilon")
 
