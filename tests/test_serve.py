@@ -483,6 +483,13 @@ def test_cli_usage_errors():
     assert run(["serve", "--port", "70000"]) == 2
     assert run(["serve", "--queue", "0"]) == 2
     assert run(["serve", "--model", "/nonexistent/model"]) == 2
+    assert run(["serve", "--host", "no-such-host.invalid"]) == 2
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert run(["serve", "--port", str(taken.getsockname()[1])]) == 2
 
 
 def test_engine_runs_drafts_before_slower_work():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import click
 
@@ -16,6 +17,21 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Raise UsageError unless a socket can be bound at host:port now."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UsageError(f"--host {host}: {e}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 @main.command("serve")
@@ -60,6 +76,7 @@ def serve_cmd(model_path, host, port, device, threads, queue_size, cache_size, m
         raise click.ClickException(f"ddim serve needs the 'serve' extra: pip install 'ddim[serve]' ({e})") from None
     from ddim.perf import set_threads
 
+    _check_listen(host, port)  # before the model loads: a taken port or a foreign address fails at once
     set_threads(threads)
     loopback = _is_loopback(host)
     try:

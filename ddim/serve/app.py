@@ -145,6 +145,8 @@ def create_app(
         default_spacing=str(sampling.get("spacing", "leading")),
     )
 
+    # what the page shows: never a server path, only the model folder's own name
+    model_name = "embedded" if model is None else "loaded" if isinstance(model, tuple) else Path(str(model)).name
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     app.config["TRUSTED_HOSTS"] = list(trusted_hosts) if trusted_hosts is not None else None
@@ -233,7 +235,7 @@ def create_app(
     def info() -> Response:
         return jsonify(
             {
-                "model": str(config.get("name") or ("embedded" if model is None else "given")),
+                "model": model_name,
                 "image_size": S,
                 "channels": C,
                 "num_classes": limits.num_classes,
