@@ -171,6 +171,7 @@ def inpaint(
     guidance_scale: float = 1.0,
     prediction: str = "epsilon",
     clip_sample: bool = False,
+    use_clipped_model_output: bool = False,
 ) -> torch.Tensor:
     """Regenerate ``x_0`` inside ``mask`` with DDIM (η-family), keeping the rest.
 
@@ -183,8 +184,8 @@ def inpaint(
         x_0: float [B, C, H, W] in model space, the known image.
         mask: [B or 1, 1 or C, H, W], 1 (or True) = regenerate, 0 = keep; values in [0, 1] blend.
         seeds: one int per image.
-        steps, spacing, eta, model_kwargs, uncond_kwargs, guidance_scale, prediction, clip_sample: as
-            :func:`ddim.sample`.
+        steps, spacing, eta, model_kwargs, uncond_kwargs, guidance_scale, prediction, clip_sample,
+            use_clipped_model_output: as :func:`ddim.sample`.
 
     Returns:
         float [B, C, H, W], x_0's dtype and device.
@@ -208,6 +209,7 @@ def inpaint(
         schedule,
         prediction,
         clip_sample=clip_sample,
+        use_clipped_model_output=use_clipped_model_output,
         guidance_scale=guidance_scale,
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs if guidance_scale != 1.0 else None,

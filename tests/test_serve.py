@@ -61,6 +61,7 @@ def direct_png(loaded, *, seed=0, steps=10, eta=0.0, sampler="ddim", spacing="le
         spacing=spacing,
         seeds=[seed],
         clip_sample=bool(config["sampling"]["clip_sample"]),
+        use_clipped_model_output=bool(config["sampling"].get("use_clipped_model_output", False)),
         model_kwargs={"y": y},
         guidance_scale=guidance if guided else 1.0,
         uncond_kwargs={"y": torch.tensor([k])} if guided else None,
@@ -211,7 +212,8 @@ def test_interpolation_frames_computed_once(client, loaded):
     for k in (0, 2, 4):
         x_T = ddim.slerp(za[0], zb[0], torch.linspace(0, 1, 5)[k : k + 1])
         x = ddim.sample(model, x_T, schedule, steps=4, clip_sample=True, model_kwargs={"y": torch.tensor([7])},
-                        guidance_scale=2.0, uncond_kwargs={"y": torch.tensor([10])})  # fmt: skip
+                        guidance_scale=2.0, uncond_kwargs={"y": torch.tensor([10])},
+                        use_clipped_model_output=config["sampling"]["use_clipped_model_output"])  # fmt: skip
         assert frames[k] == _png_bytes(to_uint8(x)[0])
     assert not np.array_equal(png_array(frames[0]), png_array(frames[4]))
 

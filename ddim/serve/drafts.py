@@ -216,6 +216,7 @@ class Drafts:
                 guidance_scale=g,
                 prediction=self.prediction,
                 clip_sample=skw["clip_sample"],
+                use_clipped_model_output=skw.get("use_clipped_model_output", False),
             )
         return to_uint8(out), {"nfe": max(1, round(p["strength"] * p["steps"]))}
 
@@ -239,5 +240,6 @@ class Drafts:
                 guidance_scale=g,
                 prediction=self.prediction,
                 clip_sample=skw["clip_sample"],
+                use_clipped_model_output=skw.get("use_clipped_model_output", False),
             )
         return to_uint8(out), {"nfe": p["steps"]}
