@@ -625,6 +625,7 @@ def sample(
     dynamic_thresholding_ratio: float = 0.995,
     sample_max_value: float = 1.0,
     stats: dict[str, Any] | None = None,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Sample x_0 from x_T with DDIM (default) or DDPM ancestral steps.
 
@@ -655,7 +656,8 @@ def sample(
         sampler: a key of :data:`SAMPLERS`: "ddim" (default) or "ddpm".
         set_alpha_to_one: the last step lands on ᾱ = 1, returning x̂₀ (default True); False lands on
             ᾱ_0 = alphas_cumprod[0] (latent diffusion / diffusers' set_alpha_to_one=False).
-        guidance_scale, uncond_kwargs: classifier-free guidance, see :class:`~ddim.prediction.Denoiser`.
+        guidance_scale, uncond_kwargs, guidance_rescale: classifier-free guidance and Lin et al.'s
+            rescale φ (default 0), see :class:`~ddim.prediction.Denoiser`.
         variance: "eta" (default, Eq. 16) or "large" (DDIM: σ = η·sqrt(1-ᾱ_t/ᾱ_prev) with the direction
             term clamped at 0; DDPM: σ² = β as in Ho et al.).
         stats: if a dict is given it is filled with "nfe" (network evaluations made, equal to
@@ -704,6 +706,7 @@ def sample(
         guidance_scale=guidance_scale,
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
+        guidance_rescale=guidance_rescale,
     )
     # a deterministic run makes no noise source (building one costs more than a step's arithmetic)
     noise = (
