@@ -327,17 +327,19 @@ def write_uint8(
 
 
 # ------------------------------------------------------------------ inversion and interpolation
-def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
-    """Read image files as float32 [N, channels, size, size] in [-1, 1] (converted, resized if needed)."""
+def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """Read image files as float32 [N, channels, H, W] in [-1, 1] (converted, resized if needed); ``size``
+    is H = W or (H, W)."""
     from PIL import Image, UnidentifiedImageError
 
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     arrs = []
     for p in paths:
         try:
             with Image.open(p) as im:
                 im = im.convert("L" if channels == 1 else "RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BICUBIC)
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.Resampling.BICUBIC)
                 a = np.asarray(im)
         except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {p}: {e}") from e

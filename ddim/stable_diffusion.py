@@ -38,6 +38,7 @@ and only when such a folder is loaded (``pip install 'ddim[diffusers]'``).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from ddim.schedule import NoiseSchedule
 
 __all__ = [
     "FORMAT",
+    "invert_text_images",
     "LatentConfig",
     "PromptConditioning",
     "StableDiffusionModel",
@@ -270,10 +272,13 @@ def _load_component(folder: Path, index: dict[str, Any], name: str, libs: dict[s
     if not sub.is_dir():
         raise FileNotFoundError(f"{folder}: the {name} folder {sub} is missing")
     cls = getattr(libs[lib_name], cls_name)
+    kw: dict[str, Any] = {"local_files_only": True}
+    if lib_name == "diffusers" and importlib.util.find_spec("accelerate") is None:
+        kw["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, without its warning
     try:
         if name == "tokenizer":
-            return cls.from_pretrained(sub, local_files_only=True)
-        return cls.from_pretrained(sub, local_files_only=True).eval()
+            return cls.from_pretrained(sub, **kw)
+        return cls.from_pretrained(sub, **kw).eval()
     except Exception as e:  # noqa: BLE001 - any failure to read a component is reported as that component's
         msg = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(f"{folder}: cannot read the {name} ({cls_name}) in {sub}: {msg[:300]}") from e
@@ -321,7 +326,14 @@ def load_stable_diffusion(
     sampling["guidance"] = DEFAULT_GUIDANCE
     diffusers, transformers = _require()
     libs = {"diffusers": diffusers, "transformers": transformers}
-    parts = {name: _load_component(folder, index, name, libs) for name in COMPONENTS}
+    tlog = transformers.utils.logging
+    bars = not tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()  # no "Loading weights" bar on stderr
+    try:
+        parts = {name: _load_component(folder, index, name, libs) for name in COMPONENTS}
+    finally:
+        if not bars:
+            tlog.enable_progress_bar()
     model = StableDiffusionModel(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"])
     model = model.to(device=device, dtype=dtype).eval()
     config = {
@@ -534,3 +546,59 @@ def text_to_image(
         decode=model.decode,
         **generate_kwargs,
     )
+
+
+# --------------------------------------------------------------------------- inversion
+def invert_text_images(
+    model: StableDiffusionModel,
+    schedule: NoiseSchedule,
+    config: dict[str, Any],
+    images: torch.Tensor,
+    prompt: str = "",
+    *,
+    steps: int = 50,
+    guidance: float = 1.0,
+    spacing: str | None = None,
+) -> dict[str, Any]:
+    """DDIM inversion in latent space: encode ``images`` with the VAE, invert the latents to z_T under
+    ``prompt``, sample them back on the same timesteps and decode.
+
+    Args:
+        images: float32 [N, 3, H, W] in [-1, 1], sides multiples of the VAE factor.
+        prompt: the text the inversion conditions on ("" = unconditional).
+        steps: S. guidance: classifier-free guidance during inversion and reconstruction (default 1:
+            none; large weights make inversion drift, see Mokady et al. 2023).
+        spacing: default the folder scheduler's timesteps (:func:`pipeline_sampling_kwargs`).
+
+    Returns:
+        ``{"latents": z_T [N, C, h, w], "encoded": z_0 = VAE latents, "reconstruction": decoded
+        images [N, 3, H, W], "latent_mse": per-image MSE between z_0 and the sampled-back latents
+        (the inversion's own error, falling with S), "mse": per-image MSE between images and
+        reconstruction on the [0, 1] scale (includes the VAE's error), "timesteps", "seconds"}``.
+    """
+    import time
+
+    from ddim.sampling import invert, sample
+    from ddim.timesteps import timesteps as make_timesteps
+
+    tic = time.perf_counter()
+    n = images.shape[0]
+    with torch.inference_mode():
+        z0 = model.encode(images)
+        kw = pipeline_sampling_kwargs(config, schedule, steps, spacing)
+        ts = kw["timesteps"] if kw["timesteps"] is not None else make_timesteps(schedule, steps, kw["spacing"]).tolist()
+        mk, uk = PromptConditioning.from_prompts(model, [prompt])(range(n), z0.device)
+        g = dict(guidance_scale=guidance, uncond_kwargs=uk) if guidance != 1.0 else {}
+        pred = config["prediction"]
+        zT = invert(model, z0, schedule, timesteps=ts, prediction=pred, model_kwargs=mk, **g)
+        z0_back = sample(model, zT, schedule, timesteps=ts, prediction=pred, model_kwargs=mk, **g)
+        rec = model.decode(z0_back)
+    return {
+        "latents": zT,
+        "encoded": z0,
+        "reconstruction": rec,
+        "latent_mse": ((z0_back - z0) ** 2).flatten(1).mean(1),
+        "mse": (((rec.clamp(-1, 1) - images.to(rec.device)) / 2) ** 2).flatten(1).mean(1),
+        "timesteps": list(ts),
+        "seconds": time.perf_counter() - tic,
+    }
