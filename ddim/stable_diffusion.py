@@ -316,7 +316,11 @@ def load_stable_diffusion(
         )
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if name not in index or index[name] is None or _entry_class(index, name) is None:
-            raise ValueError(f"{folder}: the Stable Diffusion pipeline has no {name} (model_index.json names none)")
+            raise ValueError(
+                f"{folder}: the Stable Diffusion pipeline has no {name} (model_index.json names none); "
+                "supported are pipelines with a pixel-space UNet2DModel, and SD 1.x/2.x pipelines with "
+                "unet, vae, text_encoder, tokenizer and scheduler"
+            )
     sched_cfg = _read_json(folder / SCHEDULER_CONFIG)
     schedule = schedule_from_scheduler_config(sched_cfg)
     prediction = sched_cfg.get("prediction_type", "epsilon")

@@ -120,9 +120,7 @@ def tiny_stable_diffusion(
     )
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(tempfile.mkdtemp(prefix="tiny-clip-"))
     write_tiny_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(
-        vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"), model_max_length=max_length
-    )
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
     cfg = dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
