@@ -161,7 +161,10 @@ class StableDiffusionModel(torch.nn.Module):
                 "a Stable Diffusion model needs text embeddings: pass model_kwargs={'encoder_hidden_states': "
                 "model.encode_prompt([...])}"
             )
-        e = encoder_hidden_states.to(device=x.device, dtype=self.unet.dtype)
+        e = encoder_hidden_states
+        dtype = next(self.unet.parameters()).dtype  # (unet.dtype walks every parameter: ~3 ms a call)
+        if e.dtype != dtype or e.device != x.device:
+            e = e.to(device=x.device, dtype=dtype)
         return self.unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
 
     # ----------------------------------------------------------------- text

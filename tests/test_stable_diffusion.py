@@ -245,3 +245,13 @@ def test_bad_input_is_one_line_naming_the_part(tmp_path_factory, tmp_path, capsy
     model, schedule, _ = ddim.load(folder)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         ddim.sample(model, torch.zeros(1, 4, 8, 8), schedule, steps=2)
+
+
+def test_bench_has_a_tiny_sd_row():
+    from ddim.bench import format_table, sd_bench_rows
+
+    rows = sd_bench_rows(batches=[2], algorithms=["DPM-Solver++-10"], repeats=1)
+    (row,) = rows
+    assert row.model == "tiny-sd" and row.ours.calls == row.diffusers.calls == 10
+    assert row.max_diff < 1e-4  # both made the same images
+    assert "tiny-sd" in format_table(rows)
