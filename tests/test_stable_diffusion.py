@@ -255,3 +255,16 @@ def test_bench_has_a_tiny_sd_row():
     assert row.model == "tiny-sd" and row.ours.calls == row.diffusers.calls == 10
     assert row.max_diff < 1e-4  # both made the same images
     assert "tiny-sd" in format_table(rows)
+
+
+def test_every_sampler_runs_unchanged_and_image_i_depends_only_on_its_seed(tmp_path_factory):
+    folder, _ = _pipeline(tmp_path_factory)
+    model, schedule, config = ddim.load(folder)
+    for sampler in sorted(ddim.SAMPLERS):
+        eta = 1.0 if sampler in ("ddpm",) else 0.0
+        res = text_to_image(model, schedule, config, PROMPTS, n=2, steps=6, sampler=sampler, eta=eta)
+        assert res.images.shape == (2, 3, 16, 16) and torch.isfinite(res.images).all(), sampler
+        assert res.nfe == ddim.nfe(sampler, 6)
+    whole = text_to_image(model, schedule, config, PROMPTS, n=3, steps=4, eta=1.0, batch=3)
+    one = text_to_image(model, schedule, config, PROMPTS, seeds=[2], seed=0, steps=4, eta=1.0, batch=1)
+    torch.testing.assert_close(one.images[0], whole.images[2], rtol=1e-4, atol=1e-4)  # seed 2, prompt 2 mod 2
