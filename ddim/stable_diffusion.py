@@ -341,6 +341,16 @@ def load_stable_diffusion(
     finally:
         if not bars:
             tlog.enable_progress_bar()
+    ucfg, vcfg = parts["unet"].config, parts["vae"].config
+    if getattr(ucfg, "addition_embed_type", None) is not None:
+        raise ValueError(
+            f"{folder}: the unet takes added conditioning ({ucfg.addition_embed_type!r}, as SDXL's): not supported"
+        )
+    if int(ucfg.in_channels) != int(vcfg.latent_channels) or int(ucfg.out_channels) != int(vcfg.latent_channels):
+        raise ValueError(
+            f"{folder}: the unet has {ucfg.in_channels} input / {ucfg.out_channels} output channels but the vae "
+            f"{vcfg.latent_channels} latent channels (inpainting and depth pipelines are not supported)"
+        )
     model = StableDiffusionModel(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"])
     model = model.to(device=device, dtype=dtype).eval()
     config = {

@@ -105,6 +105,17 @@ def test_library_text_to_image_with_guidance_rescale_equals_pipeline(tmp_path_fa
     assert (res.images - plain.images).abs().max() > 1e-3  # φ changed the images
 
 
+def test_a_pndm_folder_as_sd_1_5_ships_samples_as_the_pipeline_with_ddim(tmp_path_factory, tmp_path):
+    # SD 1.x folders ship a PNDMScheduler config; `--sampler ddim` is then StableDiffusionPipeline with
+    # DDIMScheduler.from_config(that config): leading spacing, steps_offset=1, last step to ᾱ_0.
+    folder, pipe = _pipeline(tmp_path_factory, "PNDMScheduler", "epsilon", {"skip_prk_steps": True})
+    ddim_pipe = diffusers.StableDiffusionPipeline(
+        **{**pipe.components, "scheduler": diffusers.DDIMScheduler.from_config(pipe.scheduler.config)}
+    )
+    ddim_pipe.set_progress_bar_config(disable=True)
+    _same(_cli(folder, tmp_path, 3, 10), _reference(ddim_pipe, 3, 10))
+
+
 def test_load_maps_the_pipeline(tmp_path_factory):
     folder, pipe = _pipeline(tmp_path_factory)
     model, schedule, config = ddim.load(folder)
