@@ -464,9 +464,6 @@ class PromptConditioning:
         return {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}
 
 
-Conditioning = Callable[[Sequence[int], torch.device], tuple[dict[str, Any], dict[str, Any] | None]]
-
-
 # --------------------------------------------------------------------------- text to image
 def pipeline_sampling_kwargs(
     config: dict[str, Any],

@@ -38,7 +38,13 @@ from ddim.cli.common import (
     help="Class: an int, a comma list, or 'all' (image i gets class i mod K). Absent: unconditional.",
 )
 @click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default].")
-@click.option("--batch", default=256, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option(
+    "--batch",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per batch (8 for Stable Diffusion folders unless given).",
+)
 @click.option(
     "--out",
     default="samples.png",
@@ -127,6 +133,8 @@ def sample_cmd(
             from ddim.stable_diffusion import PromptConditioning
 
             skw["guidance_rescale"] = guidance_rescale
+            if ctx.get_parameter_source("batch") is click.core.ParameterSource.DEFAULT:
+                batch = 8  # 2 × 8 latents of 64×64 per guided forward of SD at 512×512
             prompts, shape = text
             cond = PromptConditioning.from_prompts(model, prompts, negative_prompt, first_seed=seed)
             extra = dict(image_shape=shape, conditioning=cond, decode=model.decode)
