@@ -61,6 +61,7 @@ def tiny_stable_diffusion(
     cross_attention_dim: int = 32,
     max_length: int = 16,
     tokenizer_dir: str | os.PathLike | None = None,
+    layout: str = "sd1",
 ) -> Any:
     """A ``StableDiffusionPipeline`` with random weights (seeded) and no safety checker.
 
@@ -74,6 +75,8 @@ def tiny_stable_diffusion(
         cross_attention_dim: the text embedding width.
         max_length: the tokenizer's ``model_max_length`` (tokens per prompt).
         tokenizer_dir: where to write the tokenizer files (default: a temporary folder).
+        layout: "sd1" (default: SD 1.x's UNet and CLIP, quick-GELU) or "sd2" (SD 2.x's: linear
+            projections in the transformer blocks, per-level attention head sizes, a GELU text encoder).
 
     Needs diffusers and transformers (``pip install 'ddim[diffusers]'``).
     """
@@ -82,6 +85,9 @@ def tiny_stable_diffusion(
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    if layout not in ("sd1", "sd2"):
+        raise ValueError(f"layout must be 'sd1' or 'sd2', got {layout!r}")
+    sd2 = layout == "sd2"
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
         sample_size=sample_size,
@@ -92,7 +98,8 @@ def tiny_stable_diffusion(
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=2,
+        attention_head_dim=(2, 4) if sd2 else 2,
+        use_linear_projection=sd2,
         norm_num_groups=4,
     )
     vae = diffusers.AutoencoderKL(
@@ -116,6 +123,7 @@ def tiny_stable_diffusion(
             num_hidden_layers=2,
             vocab_size=600,
             max_position_embeddings=max(77, max_length),
+            hidden_act="gelu" if sd2 else "quick_gelu",
         )
     )
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(tempfile.mkdtemp(prefix="tiny-clip-"))

@@ -31,10 +31,12 @@ _BUILT: dict = {}
 
 
 def _pipeline(tmp_path_factory, scheduler="DDIMScheduler", prediction="epsilon", cfg=None):
-    """A saved tiny pipeline (built once per configuration) and the pipeline object."""
+    """A saved tiny pipeline (built once per configuration) and the pipeline object; v-prediction
+    pipelines have SD 2.x's layout."""
     key = (scheduler, prediction, json.dumps(cfg or {}, sort_keys=True))
     if key not in _BUILT:
-        pipe = tiny_stable_diffusion(prediction=prediction, scheduler=scheduler, scheduler_config=cfg)
+        layout = "sd2" if prediction == "v_prediction" else "sd1"
+        pipe = tiny_stable_diffusion(prediction=prediction, scheduler=scheduler, scheduler_config=cfg, layout=layout)
         pipe.set_progress_bar_config(disable=True)
         folder = tmp_path_factory.mktemp("sd") / "pipe"
         pipe.save_pretrained(folder)
@@ -97,6 +99,8 @@ def test_cli_sample_equals_stable_diffusion_pipeline(tmp_path_factory, tmp_path,
 def test_library_text_to_image_with_guidance_rescale_equals_pipeline(tmp_path_factory):
     folder, pipe = _pipeline(tmp_path_factory, "DDIMScheduler", "v_prediction", SD2V)
     model, schedule, config = ddim.load(folder)
+    assert model.unet.config.use_linear_projection and model.text_encoder.config.hidden_act == "gelu"  # SD 2.x
+    assert schedule.alphas_cumprod[-1] == 0  # zero terminal SNR, from the scheduler config
     ref = _reference(pipe, 3, 10, negative="dog", guidance=5.0, rescale=0.7)
     res = text_to_image(model, schedule, config, PROMPTS, negative_prompt="dog", n=3, steps=10, guidance=5.0,
                         guidance_rescale=0.7, batch=2)  # fmt: skip
