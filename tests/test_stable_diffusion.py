@@ -283,3 +283,15 @@ def test_every_sampler_runs_unchanged_and_image_i_depends_only_on_its_seed(tmp_p
     whole = text_to_image(model, schedule, config, PROMPTS, n=3, steps=4, eta=1.0, batch=3)
     one = text_to_image(model, schedule, config, PROMPTS, seeds=[2], seed=0, steps=4, eta=1.0, batch=1)
     torch.testing.assert_close(one.images[0], whole.images[2], rtol=1e-4, atol=1e-4)  # seed 2, prompt 2 mod 2
+
+
+def test_reduced_precision(tmp_path_factory, tmp_path):
+    folder, _ = _pipeline(tmp_path_factory)
+    full = _cli(folder, tmp_path, 3, 4)
+    bf16 = _cli(folder, tmp_path, 3, 4, "--dtype", "bf16")  # UNet, text encoder and VAE in bf16
+    assert np.abs(full.astype(int) - bf16.astype(int)).mean() < 2
+    # an fp16 VAE with force_upcast (SD 1.x/2.x's) decodes in float32, as diffusers' upcast_vae
+    model, _, _ = ddim.load(folder)
+    model.vae.half()
+    assert model.vae.config.force_upcast and model._vae_dtype() == torch.float32
+    assert next(model.vae.parameters()).dtype == torch.float32
