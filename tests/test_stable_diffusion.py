@@ -256,6 +256,9 @@ def test_bad_input_is_one_line_naming_the_part(tmp_path_factory, tmp_path, capsy
     assert "--prompts" in _one_error_line(
         capsys, ["sample", "--model", str(folder), "--prompts", str(tmp_path / "empty.txt"), "--out", out]
     )
+    # commands without prompts refuse SD folders
+    line = _one_error_line(capsys, ["interpolate", "--model", str(folder), "--out", str(tmp_path / "i.png")])
+    assert "interpolate" in line
     # the library refuses a model call without text embeddings
     model, schedule, _ = ddim.load(folder)
     with pytest.raises(ValueError, match="encoder_hidden_states"):

@@ -326,6 +326,8 @@ def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, st
     from ddim.images import make_grid, save_png, to_uint8
 
     model, schedule, config = _load_model(model_path)
+    if hasattr(model, "encode_prompt"):
+        raise UsageError("--model: ddim interpolate does not take Stable Diffusion folders (it has no --prompt)")
     label = -1 if class_spec is None else class_spec
     if label >= 0 and not 0 <= label < model.config.num_classes:
         raise UsageError(f"--class {label} is out of range for this model")
@@ -367,6 +369,8 @@ def compare_cmd(model_path, seeds, steps_list, ddpm_steps, class_spec, guidance,
     from ddim.compare import compare_samplers, plot_comparison
 
     model, schedule, config = _load_model(model_path)
+    if hasattr(model, "encode_prompt"):
+        raise UsageError("--model: ddim compare does not take Stable Diffusion folders (it has no --prompt)")
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         steps = [int(s) for s in steps_list.split(",") if s.strip()]
