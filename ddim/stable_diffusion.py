@@ -474,9 +474,11 @@ def pipeline_sampling_kwargs(
 ) -> dict[str, Any]:
     """:func:`ddim.diffusers_io.sampling_kwargs`, then (with neither ``spacing`` nor ``timesteps``
     given) the timesteps and final level of the folder's own scheduler (:func:`scheduler_timesteps`)."""
+    from ddim.diffusers_io import FORMAT as PIPELINE
     from ddim.diffusers_io import sampling_kwargs
 
-    kw = sampling_kwargs(config, schedule, steps, spacing, timesteps)
+    # an SD folder is a diffusers pipeline folder: its "leading" timesteps are diffusers' k·(T//S) + offset
+    kw = sampling_kwargs({**config, "format": PIPELINE}, schedule, steps, spacing, timesteps)
     if spacing is None and timesteps is None:
         own = scheduler_timesteps(config, steps)
         if own is not None:

@@ -125,18 +125,39 @@ def test_multistep_parity_with_diffusers(sampler, cls, cfg, spacing, steps, fina
     assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize("linear_path", [True, False])
 @pytest.mark.parametrize("steps", [4, 10])
-def test_dpmpp_2m_sde_parity_with_diffusers_given_the_same_noise(steps):
+def test_dpmpp_2m_sde_parity_with_diffusers_given_the_same_noise(steps, linear_path, final):
+    # diffusers draws noise at every step, the last included: into σ = 0 ("zero", ᾱ = 1) it is multiplied
+    # by 0; into σ_min ("sigma_min", ᾱ_0) it adds σ_N sqrt(1 - e^{-2h}) z, and so must we
     from diffusers import DPMSolverMultistepScheduler
 
-    sch = DPMSolverMultistepScheduler(**BASE, algorithm_type="sde-dpmsolver++", timestep_spacing="linspace")
+    sch = DPMSolverMultistepScheduler(
+        **BASE, algorithm_type="sde-dpmsolver++", timestep_spacing="linspace", final_sigmas_type=final
+    )
     x, seeds = _x(), [3, 4, 5, 6]
     draw = ddim.StepNoise(x.shape, seeds)
-    noises = [draw().clone() for _ in range(steps - 1)] + [torch.zeros_like(x)]
+    noises = [draw().clone() for _ in range(steps)]
     ref, ts = _diffusers_run(sch, x, steps, "linspace", noises)
     schedule = NoiseSchedule.from_alphas_cumprod(sch.alphas_cumprod.double())
-    ours = ddim.sample(dummy_model, x, schedule, timesteps=ts, sampler="dpmpp_2m_sde", seeds=seeds)
+    # clipping at a range nothing reaches takes the general (non-fused) path with the same result
+    kw = {} if linear_path else {"clip_sample": True, "clip_sample_range": 1e6}
+    ours = ddim.sample(
+        dummy_model,
+        x,
+        schedule,
+        timesteps=ts,
+        sampler="dpmpp_2m_sde",
+        seeds=seeds,
+        set_alpha_to_one=final == "zero",
+        **kw,
+    )
     assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    if final == "sigma_min":  # the last step's noise is there: without it the result differs
+        noises[-1] = torch.zeros_like(x)
+        without, _ = _diffusers_run(sch, x, steps, "linspace", noises)
+        assert (ours - without).abs().max().item() > 1e-3 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("sampler, cls", [("euler", "EulerDiscreteScheduler"), ("heun", "HeunDiscreteScheduler")])

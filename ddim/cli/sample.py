@@ -51,6 +51,12 @@ from ddim.cli.common import (
     show_default=True,
     help="*.png grid, *.npz arrays (images, labels, seeds), or a folder of PNGs named by seed.",
 )
+@click.option(
+    "--use-clipped-model-output/--model-eps",
+    "use_clipped",
+    default=None,
+    help="With x̂₀ clipping: recompute ε̂ from the clipped x̂₀, or keep the model's ε̂ (diffusers' DDIM) [model]",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--prompt", default=None, help='Text prompt (Stable Diffusion folders) [""].')
 @click.option("--negative-prompt", default=None, help='Negative prompt: the unconditional half of guidance [""].')
@@ -94,6 +100,7 @@ def sample_cmd(
     guidance,
     batch,
     out,
+    use_clipped,
     progress,
     prompt,
     negative_prompt,
@@ -124,6 +131,8 @@ def sample_cmd(
         if text is not None:  # the timesteps of the folder's own scheduler (DDIM, DPM-Solver, UniPC, Euler)
             from ddim.stable_diffusion import pipeline_sampling_kwargs as sampling_kwargs
         skw = sampling_kwargs(config, schedule, steps, spacing if given else None, ts)
+        if use_clipped is not None:
+            skw["use_clipped_model_output"] = use_clipped
         # under torchrun: this rank's share; a folder: only the seeds not yet written
         settings = {k: v for k, v in ctx.params.items() if k not in RUNTIME_ONLY}
         job = SampleJob.plan(out, n=n, seed=seed, labels=labels, model=model, settings=settings)
