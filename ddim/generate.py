@@ -214,30 +214,28 @@ def generate(
             else:
                 kwargs, uncond = conditioning(seeds[sl], device)
                 guided = guidance != 1.0 and uncond is not None
-            x0 = (
-                sample(
-                    model,
-                    x_T,
-                    schedule,
-                    steps=steps,
-                    eta=eta,
-                    spacing=spacing,
-                    timesteps=timesteps,
-                    prediction=prediction,
-                    clip_sample=clip_sample,
-                    variance=variance,
-                    seeds=seeds[sl],
-                    sampler=sampler,
-                    model_kwargs=kwargs,
-                    guidance_scale=guidance if guided else 1.0,
-                    uncond_kwargs=uncond if guided else None,
-                    **sample_kwargs,
-                )
-                .float()
-                .cpu()
+            x0 = sample(
+                model,
+                x_T,
+                schedule,
+                steps=steps,
+                eta=eta,
+                spacing=spacing,
+                timesteps=timesteps,
+                prediction=prediction,
+                clip_sample=clip_sample,
+                variance=variance,
+                seeds=seeds[sl],
+                sampler=sampler,
+                model_kwargs=kwargs,
+                guidance_scale=guidance if guided else 1.0,
+                uncond_kwargs=uncond if guided else None,
+                **sample_kwargs,
             )
             if decode is not None:
-                x0 = decode(x0).float().cpu()
+                x0 = decode(x0)  # on the device, before the images come to the CPU
+            x0 = x0.float().cpu()
+            if decode is not None:
                 if u8 is None and keep == "uint8":
                     u8 = np.empty((n, *x0.shape[2:], x0.shape[1]), dtype=np.uint8)
             if keep == "float":
