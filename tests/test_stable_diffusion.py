@@ -298,3 +298,18 @@ def test_reduced_precision(tmp_path_factory, tmp_path):
     model.vae.half()
     assert model.vae.config.force_upcast and model._vae_dtype() == torch.float32
     assert next(model.vae.parameters()).dtype == torch.float32
+
+
+def test_a_resumed_folder_keeps_prompt_i_mod_p_and_seed_k_plus_i(tmp_path_factory, tmp_path):
+    from PIL import Image
+
+    folder, _ = _pipeline(tmp_path_factory)
+    whole = _cli(folder, tmp_path, 4, 3, "--seed", "5")
+    prompts = tmp_path / "prompts.txt"
+    out = tmp_path / "shots"
+    base = ["sample", "--model", str(folder), "--steps", "3", "--seed", "5", "--prompts", str(prompts)]
+    assert run([*base, "--n", "3", "--out", str(out), "--no-progress"]) == 0
+    assert run([*base, "--n", "4", "--out", str(out), "--no-progress"]) == 0  # makes only image 3 (seed 8)
+    for i in range(4):
+        with Image.open(out / f"seed_{5 + i:06d}.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), whole[i])
