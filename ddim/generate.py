@@ -132,6 +132,8 @@ def generate(
     keep: str = "float",
     device: str | torch.device = "cpu",
     sample_kwargs: dict[str, Any] | None = None,
+    conditioning: Callable[[Sequence[int], torch.device], tuple[dict, dict | None]] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SampleResult:
     """Sample ``n`` images, image i from seed ``seed + i``, in chunks of ``batch``.
 
@@ -158,6 +160,12 @@ def generate(
         sample_kwargs: further :func:`ddim.sample` arguments (e.g. ``set_alpha_to_one``,
             ``clip_sample_range``, thresholding: what :func:`ddim.diffusers_io.sampling_kwargs` reads
             from a model's config).
+        conditioning: ``conditioning(seeds, device) -> (model_kwargs, uncond_kwargs)`` for the images of
+            a chunk, replacing the class labels (e.g. a :class:`ddim.stable_diffusion.PromptConditioning`:
+            text embeddings). Guidance applies when ``guidance != 1`` and uncond_kwargs is not None.
+        decode: ``decode(x0) -> images`` applied to each sampled chunk (a latent model's VAE decoder,
+            e.g. ``model.decode``); ``image_shape`` is then the shape sampled (the latents) and the
+            results hold the decoded images.
 
     Returns:
         A :class:`SampleResult` (images on the CPU).
@@ -188,7 +196,7 @@ def generate(
     seeds = [seed + i for i in range(n)] if seeds is None else [int(s) for s in seeds]
     device = torch.device(device)
     chunks: list[torch.Tensor] = []
-    u8 = np.empty((n, *image_shape[1:], image_shape[0]), dtype=np.uint8) if keep == "uint8" else None
+    u8 = np.empty((n, *image_shape[1:], image_shape[0]), dtype=np.uint8) if keep == "uint8" and decode is None else None
     calls = nfe(sampler, len(timesteps) if timesteps is not None else steps)
     bar = None
     if progress:
@@ -200,30 +208,36 @@ def generate(
         for start in range(0, n, batch):
             sl = slice(start, min(n, start + batch))
             x_T = randn((sl.stop - sl.start, *image_shape), seeds[sl], device=device)
-            kwargs, uncond = _class_kwargs(model, labels[sl], device)
-            guided = guidance != 1.0 and uncond is not None and bool((labels[sl] >= 0).any())
-            x0 = (
-                sample(
-                    model,
-                    x_T,
-                    schedule,
-                    steps=steps,
-                    eta=eta,
-                    spacing=spacing,
-                    timesteps=timesteps,
-                    prediction=prediction,
-                    clip_sample=clip_sample,
-                    variance=variance,
-                    seeds=seeds[sl],
-                    sampler=sampler,
-                    model_kwargs=kwargs,
-                    guidance_scale=guidance if guided else 1.0,
-                    uncond_kwargs=uncond if guided else None,
-                    **sample_kwargs,
-                )
-                .float()
-                .cpu()
+            if conditioning is None:
+                kwargs, uncond = _class_kwargs(model, labels[sl], device)
+                guided = guidance != 1.0 and uncond is not None and bool((labels[sl] >= 0).any())
+            else:
+                kwargs, uncond = conditioning(seeds[sl], device)
+                guided = guidance != 1.0 and uncond is not None
+            x0 = sample(
+                model,
+                x_T,
+                schedule,
+                steps=steps,
+                eta=eta,
+                spacing=spacing,
+                timesteps=timesteps,
+                prediction=prediction,
+                clip_sample=clip_sample,
+                variance=variance,
+                seeds=seeds[sl],
+                sampler=sampler,
+                model_kwargs=kwargs,
+                guidance_scale=guidance if guided else 1.0,
+                uncond_kwargs=uncond if guided else None,
+                **sample_kwargs,
             )
+            if decode is not None:
+                x0 = decode(x0)  # on the device, before the images come to the CPU
+            x0 = x0.float().cpu()
+            if decode is not None:
+                if u8 is None and keep == "uint8":
+                    u8 = np.empty((n, *x0.shape[2:], x0.shape[1]), dtype=np.uint8)
             if keep == "float":
                 chunks.append(x0)
             elif u8 is not None:
@@ -311,17 +325,19 @@ def write_uint8(
 
 
 # ------------------------------------------------------------------ inversion and interpolation
-def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
-    """Read image files as float32 [N, channels, size, size] in [-1, 1] (converted, resized if needed)."""
+def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """Read image files as float32 [N, channels, H, W] in [-1, 1] (converted, resized if needed); ``size``
+    is H = W or (H, W)."""
     from PIL import Image, UnidentifiedImageError
 
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     arrs = []
     for p in paths:
         try:
             with Image.open(p) as im:
                 im = im.convert("L" if channels == 1 else "RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BICUBIC)
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.Resampling.BICUBIC)
                 a = np.asarray(im)
         except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {p}: {e}") from e

@@ -389,6 +389,10 @@ class Denoiser:
             run in ONE forward of batch 2B and are combined on the raw output: out = u + s·(c - u).
         model_kwargs: extra keyword arguments of the network (default none).
         uncond_kwargs: the unconditional ones; required when guidance_scale != 1, with the same keys.
+        guidance_rescale: φ in [0, 1] of Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample
+            Steps are Flawed", Eq. 15-16), for zero-SNR / v-prediction models: the guided output g is
+            replaced by φ·g·std(c)/std(g) + (1-φ)·g, std per sample (default 0: off). As diffusers,
+            it acts on the raw output (ε or v).
 
     Attributes:
         nfe: number of network evaluations so far. One guided forward (batch 2B) counts as 1 NFE,
@@ -410,6 +414,7 @@ class Denoiser:
         guidance_scale: float = 1.0,
         model_kwargs: Mapping[str, Any] | None = None,
         uncond_kwargs: Mapping[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -425,6 +430,11 @@ class Denoiser:
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
             raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
         self.guidance_scale = float(guidance_scale)
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
+            raise TypeError(f"guidance_rescale must be a float, got {type(guidance_rescale).__name__}")
+        if not 0.0 <= float(guidance_rescale) <= 1.0:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+        self.guidance_rescale = float(guidance_rescale)
         for name, kw in (("model_kwargs", model_kwargs), ("uncond_kwargs", uncond_kwargs)):
             if kw is not None and not isinstance(kw, Mapping):
                 raise TypeError(f"{name} must be a dict, got {type(kw).__name__}")
@@ -622,6 +632,8 @@ class Denoiser:
         if self.guided:
             cond, uncond = out.chunk(2)
             out = torch.lerp(uncond, cond, self.guidance_scale)  # u + s·(c - u)
+            if self.guidance_rescale:
+                out = _rescale_guided(out, cond, self.guidance_rescale)
         return out
 
     def _shape_error(self, out: torch.Tensor, x_in: torch.Tensor, step: int | None, t_desc: Any) -> ValueError:
@@ -629,6 +641,13 @@ class Denoiser:
             f"model output at step {step} (timestep t={t_desc}) has shape {tuple(out.shape)}, "
             f"expected {tuple(x_in.shape)} (the shape of x_t{' doubled for guidance' if self.guided else ''})"
         )
+
+
+def _rescale_guided(out: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023 Eq. 15-16: φ·g·std(c)/std(g) + (1-φ)·g, std over all but the batch dim."""
+    dims = list(range(1, out.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
+    return out * (phi * ratio + (1.0 - phi))
 
 
 def _tensor_output(out: Any) -> torch.Tensor:

@@ -626,6 +626,7 @@ def sample(
     sample_max_value: float = 1.0,
     use_clipped_model_output: bool = False,
     stats: dict[str, Any] | None = None,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Sample x_0 from x_T with DDIM (default) or DDPM ancestral steps.
 
@@ -661,7 +662,8 @@ def sample(
         sampler: a key of :data:`SAMPLERS`: "ddim" (default) or "ddpm".
         set_alpha_to_one: the last step lands on ᾱ = 1, returning x̂₀ (default True); False lands on
             ᾱ_0 = alphas_cumprod[0] (latent diffusion / diffusers' set_alpha_to_one=False).
-        guidance_scale, uncond_kwargs: classifier-free guidance, see :class:`~ddim.prediction.Denoiser`.
+        guidance_scale, uncond_kwargs, guidance_rescale: classifier-free guidance and Lin et al.'s
+            rescale φ (default 0), see :class:`~ddim.prediction.Denoiser`.
         variance: "eta" (default, Eq. 16) or "large": DDPM's larger variance σ̂² = 1 - ᾱ_t/ᾱ_prev (β of the
             respaced chain). ``sampler="ddpm", variance="large"`` is the paper's σ̂ row of Table 1 (the
             reference code's DDPM step: posterior mean from x_t and x̂₀, noise σ̂); "ddim" with η keeps
@@ -713,6 +715,7 @@ def sample(
         guidance_scale=guidance_scale,
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
+        guidance_rescale=guidance_rescale,
     )
     # a deterministic run makes no noise source (building one costs more than a step's arithmetic)
     noise = (
