@@ -515,3 +515,151 @@ def report_cmd(
     except ValueError as e:
         raise UsageError(str(e)) from None
     click.echo(f"-> {out_path} (results in {work_dir}/)")
+
+
+# ------------------------------------------------------------------ the evidence users ask for (issue 21)
+def _grid(text: str, name: str, kind: type = int, minimum: float | None = None) -> list:
+    """A comma list of distinct values >= ``minimum``, else a UsageError naming ``name``."""
+    from ddim.evaluation.common import parse_list
+    from ddim.evaluation.cost import check_grid
+
+    try:
+        return check_grid(parse_list(text, kind, name), name, minimum=minimum, integer=kind is int)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _sampler_list(text: str) -> list[str]:
+    from ddim.evaluation.cost import check_samplers
+
+    try:
+        return check_samplers([s.strip() for s in text.split(",") if s.strip()], "--sampler")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _setup_options(f):
+    """--model, --class, --guidance, --spacing, --seed, --progress, --device (no --batch)."""
+    from ddim.timesteps import SPACINGS
+
+    opts = [
+        click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default]."),
+        click.option(
+            "--class",
+            "class_spec",
+            default="default",
+            show_default=True,
+            help="Classes as in `ddim sample`, or 'none' for unconditional. default: 'all' for class-conditional "
+            "models.",
+        ),
+        click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default]."),
+        click.option("--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS))),
+        click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed K+i."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+        _device_option,
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@eval_group.command("cost")
+@_setup_options
+@click.option("--steps", "steps_list", default="10,25,50,100", show_default=True, help="Step counts S (distinct).")
+@click.option("--batches", "batch_list", default="1,16", show_default=True, help="Batch sizes (distinct).")
+@click.option("--sampler", "sampler_list", default="ddim,ddpm,dpmpp_2m", show_default=True, help="Samplers.")
+@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η of the ddim cells.")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Timed runs per cell.")
+@click.option("--out", default="eval/cost", show_default=True, help="Output folder (resumes what it holds).")
+def cost_cmd(
+    model_path, class_spec, guidance, spacing, seed, progress, device, steps_list, batch_list, sampler_list, eta,
+    repeats, out,
+) -> None:  # fmt: skip
+    """Wall time, network calls and peak memory (RSS on CPU, CUDA allocated on GPU) against S and batch size.
+
+    Writes OUT/cost.csv, cost.md (with, per sampler, whether memory depends on S), cost.png; cells are
+    cached in OUT/cells (delete them to measure again).
+    """
+    from ddim.evaluation.cost import run_cost
+
+    steps = _grid(steps_list, "--steps", int, 1)
+    batches = _grid(batch_list, "--batches", int, 1)
+    samplers = _sampler_list(sampler_list)
+    setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, max(batches), device)
+    try:
+        run_cost(
+            setup, out, steps=steps, batches=batches, samplers=samplers, eta=eta, repeats=repeats, progress=progress
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "cost.md").read_text())
+    click.echo(f"-> {out}/cost.csv, cost.md, cost.png")
+
+
+def _extractor(setup, features, inception_weights):
+    from ddim.evaluation.sources import extractor_for
+
+    try:
+        return extractor_for(setup.model, features, inception_weights).to(setup.device)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--features: {e}") from None
+
+
+_feature_options = [
+    click.option(
+        "--features",
+        default=None,
+        help="Feature extractor: 'classifier', 'inception', a TorchScript file or 'package.module:factory' "
+        "[classifier for 1-channel images, else inception].",
+    ),
+    click.option("--inception-weights", default=None, type=click.Path(dir_okay=False), help="FID Inception weights."),
+]
+
+
+@eval_group.command("memorization")
+@_setup_options
+@_feature_options[0]
+@_feature_options[1]
+@click.option("--n", "-n", default=500, show_default=True, type=click.IntRange(min=1), help="Samples.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps S.")
+@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η (ddim).")
+@click.option("--sampler", default="ddim", show_default=True, help="Sampler.")
+@click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1), help="Closest pairs in the figure.")
+@click.option("--train-data", default=None, help="The model's training images (load_data spec) [from its config].")
+@click.option("--heldout-data", default=None, help="Real images it never saw [the 500 held-out MNIST-5k digits].")
+@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--out", default="eval/memorization", show_default=True, help="Output folder (resumes what it holds).")
+def memorization_cmd(
+    model_path, class_spec, guidance, spacing, seed, progress, device, features, inception_weights, n, steps, eta,
+    sampler, pairs, train_data, heldout_data, batch, out,
+) -> None:  # fmt: skip
+    """Does the model copy its training data? Each sample's nearest training image (pixels and features)
+    against the nearest held-out image; the share of samples nearer a training image, beside real
+    unseen images as a control; a figure of the closest pairs."""
+    from ddim.evaluation.memorization import run_memorization, training_data
+    from ddim.evaluation.sources import heldout_data as heldout
+
+    _sampler_list(sampler)
+    if pairs > n:
+        raise UsageError(f"--pairs ({pairs}) must be at most --n ({n})")
+    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    try:
+        train, train_name = training_data(setup.model, config, train_data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--train-data: {e}") from None
+    try:
+        held, held_name = heldout(setup.model, config, heldout_data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--heldout-data: {e}") from None
+    extractor = _extractor(setup, features, inception_weights)
+    try:
+        run_memorization(
+            setup, out, extractor, train.images, held.images, n=n, steps=steps, eta=eta, sampler=sampler,
+            pairs=pairs, train_name=train_name, heldout_name=held_name, progress=progress,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "memorization.md").read_text())
+    click.echo(f"-> {out}/memorization.csv, memorization.md, memorization.png, memorization_hist.png")

@@ -1,0 +1,187 @@
+"""`ddim eval cost|memorization|diversity|guidance` on a tiny random model: files, numbers checked by hand,
+caching, and one-line errors for bad grids and sizes."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddim import NoiseSchedule
+from ddim.checkpoint import save_model
+from ddim.cli import run
+from ddim.unet import UNet, UNetConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random class-conditional 8×8 model (4 classes, T = 100, guidance 2), saved as a model folder."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_heads=2, num_classes=4))
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("tiny")
+    save_model(folder, model, NoiseSchedule.linear(100), "epsilon", {"sampling": {"guidance": 2.0}})
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Real 8×8 digits as .npz files: a training set (60) and a held-out set (10)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    u8 = np.round(d.images * (255 / 16)).astype(np.uint8)
+    folder = tmp_path_factory.mktemp("digits")
+    np.savez(folder / "train.npz", images=u8[:60], labels=d.target[:60] % 4)
+    np.savez(folder / "held.npz", images=u8[100:110], labels=d.target[100:110] % 4)
+    return str(folder / "train.npz"), str(folder / "held.npz")
+
+
+def ok(args, capsys):
+    rc = run(args)
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return out.out
+
+
+def fails(args, capsys, *needles):
+    rc = run(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    for s in needles:
+        assert s in err, err
+    return err
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ cost
+def test_cost_files_numbers_and_cached_rerun(tmp_path, capsys, tiny):
+    out = tmp_path / "cost"
+    args = ["eval", "cost", "--model", tiny, "--steps", "2,6", "--batches", "1,3", "--sampler", "ddim,ddpm"]
+    text = ok(args + ["--out", str(out), "--no-progress"], capsys)
+    assert "Does memory depend on the number of steps?" in text and "**ddpm**" in text
+    rows = read_csv(out / "cost.csv")
+    assert [(r["sampler"], r["batch"], r["steps"]) for r in rows] == [
+        (s, b, st) for s in ("ddim", "ddpm") for b in ("1", "3") for st in ("2", "6")
+    ]
+    for r in rows:
+        assert r["calls"] == r["nfe"] == r["steps"]  # one forward call per step, whatever the batch
+        assert float(r["rows_per_image"]) == 2  # guided: conditional and unconditional rows in one call
+        assert float(r["seconds"]) > 0 and float(r["peak_mb"]) >= 0 and r["memory"] == "RSS"
+    for name in ("cost.md", "cost.png", "cost.json"):
+        assert (out / name).stat().st_size > 0
+    verdicts = json.loads((out / "cost.json").read_text())["verdicts"]
+    assert {(v["sampler"], v["batch"]) for v in verdicts} == {("ddim", 1), ("ddim", 3), ("ddpm", 1), ("ddpm", 3)}
+    cells = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert len(cells) == 8
+    ok(args + ["--out", str(out), "--no-progress"], capsys)  # measured once: read back, not measured again
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == cells
+
+
+def test_peak_memory_sees_an_allocation():
+    from pathlib import Path
+
+    from ddim.evaluation.cost import _PeakMemory
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc")
+    with _PeakMemory(torch.device("cpu")) as small:
+        torch.ones(1000).sum()
+    with _PeakMemory(torch.device("cpu")) as big:
+        x = torch.ones(40 * 2**20 // 4)  # 40 MiB, touched
+        del x
+    assert big.mb is not None and big.mb > 35 and small.mb < 10
+
+
+def test_memory_verdicts_by_hand():
+    from ddim.evaluation.cost import memory_verdicts, verdict_sentences
+
+    rows = [
+        {"sampler": "ddim", "batch": 4, "steps": 10, "peak_mb": 50.0},
+        {"sampler": "ddim", "batch": 4, "steps": 100, "peak_mb": 51.0},  # +1 MiB: flat
+        {"sampler": "ddpm", "batch": 4, "steps": 10, "peak_mb": 50.0},
+        {"sampler": "ddpm", "batch": 4, "steps": 100, "peak_mb": 80.0},  # +30 MiB: grows
+    ]
+    v = {x["sampler"]: x["depends"] for x in memory_verdicts(rows)}
+    assert v == {"ddim": False, "ddpm": True}
+    text = " ".join(verdict_sentences(rows, 0.0, sample_numel=784))
+    assert "**ddim**: peak memory does not measurably depend" in text and "**ddpm**: peak memory grows" in text
+    assert "0.1 → 1.2 MiB here" in text  # 10 and 100 steps × 4 × 784 × 4 bytes
+
+
+def test_cost_refuses_bad_grids(tmp_path, capsys, tiny):
+    base = ["eval", "cost", "--model", tiny, "--out", str(tmp_path / "c"), "--no-progress"]
+    fails(base + ["--steps", "2,2"], capsys, "--steps repeats 2")
+    fails(base + ["--steps", "0,2"], capsys, "--steps values must be >= 1")
+    fails(base + ["--batches", "1,x"], capsys, "--batches")
+    fails(base + ["--sampler", "ddim,ddim"], capsys, "--sampler repeats")
+    fails(base + ["--sampler", "nope"], capsys, "--sampler", "valid")
+    fails(base + ["--steps", "500"], capsys, "at most the model's T = 100")
+    assert not (tmp_path / "c" / "cells").exists() or not list((tmp_path / "c" / "cells").iterdir())
+
+
+# ------------------------------------------------------------------ memorization
+def test_memorization_helpers_by_hand():
+    from ddim.evaluation.memorization import closer_fraction, nearest, pixel_distance, split_heldout
+
+    d, i = nearest(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[3.0, 0.0], [3.0, 4.1]]))
+    assert i.tolist() == [0, 1] and d[0].item() == pytest.approx(3.0) and d[1].item() == pytest.approx(0.1)
+    imgs = torch.rand(3, 1, 4, 4) * 2 - 1
+    d, i = pixel_distance(imgs, torch.cat([imgs.flip(0), -imgs]))
+    assert i.tolist() == [2, 1, 0] and d.max().item() == 0.0  # each image finds its own copy
+    assert closer_fraction(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 1.0, 3.0, 5.0])) == 0.625
+    a, b = split_heldout(7)
+    assert a.tolist() == [1, 3, 5] and b.tolist() == [0, 2, 4, 6]
+    with pytest.raises(ValueError, match="at least 4"):
+        split_heldout(3)
+
+
+def test_memorization_files_and_a_model_that_copies(tmp_path, capsys, tiny, digits):
+    out = tmp_path / "m"
+    args = ["eval", "memorization", "--model", tiny, "--n", "8", "--steps", "3", "--pairs", "3", "--no-progress"]
+    text = ok(args + ["--train-data", digits[0], "--heldout-data", digits[1], "--out", str(out)], capsys)
+    assert "closer to a training image" in text and "control" in text
+    summary = json.loads((out / "memorization.json").read_text())
+    assert summary["heldout"] == {"name": digits[1], "n": 10, "control": 5, "comparison": 5}
+    assert summary["exact_copies"] == 0 and len(summary["closest"]) == 3
+    rows = read_csv(out / "memorization.csv")
+    assert len(rows) == 8 and all(0 < float(r["train_px"]) <= 1 for r in rows)
+    px = sorted(float(r["train_px"]) for r in rows)
+    assert [c["train_px"] for c in summary["closest"]] == pytest.approx(px[:3])
+    for name in ("memorization.png", "memorization_hist.png", "memorization.md"):
+        assert (out / name).stat().st_size > 0
+    # Training "data" that holds the samples themselves: every sample is a copy, and the test says so.
+    with np.load(out / summary["samples"]) as z:
+        copied = np.concatenate([z["images"], z["images"]])
+    np.savez(tmp_path / "copies.npz", images=copied)
+    out2 = tmp_path / "m2"
+    text = ok(args + ["--train-data", str(tmp_path / "copies.npz"), "--heldout-data", digits[1], "--out", str(out2)],
+              capsys)  # fmt: skip
+    copy = json.loads((out2 / "memorization.json").read_text())
+    assert copy["exact_copies"] == 8 and copy["min_train_px"] == 0.0
+    assert copy["fraction"]["samples_px"] == 1.0 and copy["fraction"]["samples_feat"] == 1.0
+    assert "8 sample(s) equal a training image exactly" in text
+
+
+def test_memorization_errors(tmp_path, capsys, tiny, digits):
+    base = ["eval", "memorization", "--model", tiny, "--steps", "2", "--pairs", "2", "--out", str(tmp_path / "m")]
+    base += ["--no-progress"]
+    fails(base + ["--n", "4", "--pairs", "5"], capsys, "--pairs (5) must be at most --n (4)")
+    fails(base + ["--n", "4", "--heldout-data", digits[1]], capsys, "--train-data")  # no known training data
+    fails(base + ["--n", "4", "--train-data", digits[0]], capsys, "--heldout-data")
+    fails(base + ["--n", "4", "--sampler", "nope", "--train-data", digits[0]], capsys, "--sampler")
+    np.savez(tmp_path / "few.npz", images=np.zeros((3, 8, 8), np.uint8))
+    fails(base + ["--n", "4", "--train-data", digits[0], "--heldout-data", str(tmp_path / "few.npz")], capsys,
+          "at least 4")  # fmt: skip
+    np.savez(tmp_path / "big.npz", images=np.zeros((4, 16, 16), np.uint8))
+    fails(base + ["--n", "4", "--train-data", str(tmp_path / "big.npz"), "--heldout-data", digits[1]], capsys,
+          "--train-data")  # fmt: skip
