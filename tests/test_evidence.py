@@ -185,3 +185,47 @@ def test_memorization_errors(tmp_path, capsys, tiny, digits):
     np.savez(tmp_path / "big.npz", images=np.zeros((4, 16, 16), np.uint8))
     fails(base + ["--n", "4", "--train-data", str(tmp_path / "big.npz"), "--heldout-data", digits[1]], capsys,
           "--train-data")  # fmt: skip
+
+
+# ------------------------------------------------------------------ diversity
+def test_within_class_distance_by_hand():
+    from ddim.evaluation.diversity import within_class_distance
+
+    f = torch.tensor([[0.0], [3.0], [0.0], [4.0], [9.0]])
+    assert within_class_distance(f, [0, 0, 1, 1, 2]) == pytest.approx(3.5)  # class 2 has one sample: skipped
+    assert within_class_distance(f[:3], None) == pytest.approx((3 + 0 + 3) / 3)
+    with pytest.raises(ValueError, match="at least two"):
+        within_class_distance(f[:2], [0, 1])
+
+
+def test_diversity_files_and_numbers(tmp_path, capsys, tiny, digits):
+    out = tmp_path / "d"
+    args = ["eval", "diversity", "--model", tiny, "--eta", "0,1", "--sampler", "ddim,ddpm,dpmpp_2m", "--steps", "3"]
+    args += ["--n", "8", "--seeds-shown", "3", "--data", digits[0], "--cache", str(tmp_path), "--no-progress"]
+    text = ok(args + ["--out", str(out)], capsys)
+    assert "within-class diversity" in text
+    rows = read_csv(out / "diversity.csv")
+    assert [(r["sampler"], r["eta"]) for r in rows] == [
+        ("ddim", "0"), ("ddim", "1"), ("ddpm", ""), ("dpmpp_2m", ""), ("data", "")
+    ]  # fmt: skip
+    by = {(r["sampler"], r["eta"]): r for r in rows}
+    anchor = by[("ddim", "0")]
+    assert float(anchor["spread_px"]) == 0 and float(anchor["spread_feat"]) == 0  # the anchor cell itself
+    assert float(by[("ddim", "1")]["spread_px"]) > 0 and float(by[("ddpm", "")]["spread_ratio"]) > 0
+    for r in rows:
+        assert float(r["diversity"]) > 0 and 0 <= float(r["recall"]) <= 1
+    assert by[("data", "")]["spread_px"] == ""
+    for name in ("diversity.md", "diversity.png", "diversity_seeds.png", "diversity.json"):
+        assert (out / name).stat().st_size > 0
+    # the η = 1 cell is table1's η = 1 cell: the same file name scheme, cached
+    assert len(list((out / "cells").glob("*.npz"))) == 4
+
+
+def test_diversity_errors(tmp_path, capsys, tiny, digits):
+    base = ["eval", "diversity", "--model", tiny, "--steps", "2", "--data", digits[0], "--cache", str(tmp_path)]
+    base += ["--out", str(tmp_path / "d"), "--no-progress"]
+    fails(base + ["--eta", "0,0.5,0"], capsys, "--eta repeats 0")
+    fails(base + ["--eta", "0,-1"], capsys, "--eta")
+    fails(base + ["--eta", "0,nan"], capsys, "--eta")
+    fails(base + ["--n", "100"], capsys, "--n (100) is larger than the reference set (60 images)")
+    fails(base + ["--n", "5", "--seeds-shown", "6"], capsys, "--seeds-shown (6) must be at most --n (5)")

@@ -663,3 +663,56 @@ def memorization_cmd(
         raise UsageError(str(e)) from None
     click.echo((Path(out) / "memorization.md").read_text())
     click.echo(f"-> {out}/memorization.csv, memorization.md, memorization.png, memorization_hist.png")
+
+
+def _reference_with_labels(setup, config, extractor, data, cache, progress):
+    """(reference features, their labels or None) of the model's reference set (see --data)."""
+    from ddim.evaluation.metrics import reference_features
+    from ddim.evaluation.sources import reference_data
+
+    try:
+        ref_data, name = reference_data(setup.model, config, data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--data: {e}") from None
+    reference = reference_features(ref_data.images, extractor, name=name, cache_dir=cache, progress=progress)
+    return reference, ref_data.labels
+
+
+@eval_group.command("diversity")
+@_setup_options
+@_features
+@click.option("--eta", "eta_list", default="0,0.2,0.5,1", show_default=True, help="DDIM η values (distinct).")
+@click.option(
+    "--sampler", "sampler_list", default="ddim,ddpm,dpmpp_2m,dpmpp_2m_sde", show_default=True, help="Samplers."
+)
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps S.")
+@click.option("--n", "-n", default=500, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
+@click.option("--seeds-shown", default=6, show_default=True, type=click.IntRange(min=1), help="Rows of the figure.")
+@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--out", default="eval/diversity", show_default=True, help="Output folder (resumes what it holds).")
+def diversity_cmd(
+    model_path, class_spec, guidance, spacing, seed, progress, device, features, inception_weights, data, cache,
+    eta_list, sampler_list, steps, n, seeds_shown, batch, out,
+) -> None:  # fmt: skip
+    """η and diversity: within-class feature diversity, recall and quality for each η (DDIM) and sampler,
+    and how far the same x_T's image moves as η grows."""
+    from ddim.evaluation.diversity import run_diversity
+
+    etas = _grid(eta_list, "--eta", float, 0.0)
+    samplers = _sampler_list(sampler_list)
+    if seeds_shown > n:
+        raise UsageError(f"--seeds-shown ({seeds_shown}) must be at most --n ({n})")
+    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    extractor = _extractor(setup, features, inception_weights)
+    reference, labels = _reference_with_labels(setup, config, extractor, data, cache, progress)
+    if n > len(reference.features):
+        raise UsageError(f"--n ({n}) is larger than the reference set ({len(reference.features)} images)")
+    try:
+        run_diversity(
+            setup, out, extractor, reference, reference_labels=labels, etas=etas, samplers=samplers, steps=steps,
+            n=n, seeds_shown=seeds_shown, progress=progress,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "diversity.md").read_text())
+    click.echo(f"-> {out}/diversity.csv, diversity.md, diversity.png, diversity_seeds.png")
