@@ -229,3 +229,72 @@ def test_diversity_errors(tmp_path, capsys, tiny, digits):
     fails(base + ["--eta", "0,nan"], capsys, "--eta")
     fails(base + ["--n", "100"], capsys, "--n (100) is larger than the reference set (60 images)")
     fails(base + ["--n", "5", "--seeds-shown", "6"], capsys, "--seeds-shown (6) must be at most --n (5)")
+
+
+# ------------------------------------------------------------------ guidance
+def _g(space, steps, w, fd, acc=1.0):
+    return {"sampler": "ddim", "steps": steps, "guidance": w, "features": space, "fd": fd, "accuracy": acc}
+
+
+def test_choose_guidance_by_hand():
+    from ddim.evaluation.guidance import best_guidance, choose_guidance
+
+    rows = [_g("A", 10, 1.0, 10.0), _g("A", 10, 2.0, 5.0), _g("A", 20, 1.0, 8.0), _g("A", 20, 2.0, 4.0)]
+    rows += [_g("B", 10, 1.0, 3.0), _g("B", 10, 2.0, 2.0), _g("B", 20, 1.0, 1.0), _g("B", 20, 2.0, 2.0)]
+    assert best_guidance(rows) == {("ddim", 10, "A"): 2.0, ("ddim", 20, "A"): 2.0, ("ddim", 10, "B"): 2.0,
+                                   ("ddim", 20, "B"): 1.0}  # fmt: skip
+    c = choose_guidance(rows)
+    assert c["per_space"]["A"]["guidance"] == 2.0 and c["per_space"]["A"]["scores"] == {1.0: 2.0, 2.0: 1.0}
+    assert c["per_space"]["B"]["scores"] == {1.0: 1.25, 2.0: 1.5} and c["per_space"]["B"]["guidance"] == 1.0
+    assert c["overall_scores"] == {1.0: 1.625, 2.0: 1.25} and c["guidance"] == 2.0 and not c["agree"]
+    rows[5]["accuracy"] = 0.5  # the second space's classifier is not the judge of accuracy
+    assert choose_guidance(rows, min_accuracy=0.95)["excluded"] == []
+    rows[1]["accuracy"] = 0.5  # w = 2 misclassifies in one cell of the first space: it may not be the default
+    c = choose_guidance(rows, min_accuracy=0.95)
+    assert c["excluded"] == [2.0] and c["guidance"] == 1.0 and c["per_space"]["A"]["guidance"] == 1.0
+
+
+def test_guidance_files_two_feature_spaces(tmp_path, capsys, tiny, digits):
+    out = tmp_path / "g"
+    args = ["eval", "guidance", "--model", tiny, "--guidances", "1,3", "--steps", "2,4", "--n", "8"]
+    args += ["--features", "classifier,classifier-check", "--data", digits[0], "--cache", str(tmp_path)]
+    text = ok(args + ["--out", str(out), "--no-progress"], capsys)
+    assert "Over all feature spaces" in text and "The model's default w = 2" in text  # 2 is not on this grid
+    rows = read_csv(out / "guidance.csv")
+    assert len(rows) == 2 * 2 * 2 and {r["features"] for r in rows} == {"digit classifier", "checking classifier"}
+    for key in {(r["steps"], r["features"]) for r in rows}:
+        group = [r for r in rows if (r["steps"], r["features"]) == key]
+        best = [r for r in group if r["best"] == "True"]
+        assert len(best) == 1 and float(best[0]["fd"]) == min(float(r["fd"]) for r in group)
+    for r in rows:
+        assert float(r["fd"]) > 0 and 0 <= float(r["accuracy"]) <= 1 and r["nfe"] == r["steps"]
+    meta = json.loads((out / "guidance.json").read_text())["meta"]
+    assert meta["choice"]["guidance"] in (1.0, 3.0) and meta["default"] == 2.0
+    assert len(list((out / "cells").glob("*.npz"))) == 4  # one cell per (S, w), scored in both spaces
+    assert "**" in (out / "guidance.md").read_text() and (out / "guidance.png").stat().st_size > 0
+
+
+def test_guidance_errors(tmp_path, capsys, tiny, digits):
+    base = ["eval", "guidance", "--model", tiny, "--steps", "2", "--data", digits[0], "--cache", str(tmp_path)]
+    base += ["--features", "classifier", "--out", str(tmp_path / "g"), "--no-progress", "--n", "8"]
+    fails(base + ["--guidances", "1,2,1"], capsys, "--guidances repeats 1")
+    fails(base + ["--guidances", "1,-2"], capsys, "--guidances")
+    fails(base + ["--steps", "3,3"], capsys, "--steps repeats 3")
+    fails(base + ["--class", "none"], capsys, "class-conditional")
+    fails(base + ["--n", "100"], capsys, "--n (100) is larger than the reference set (60 images)")
+    fails(base + ["--features", "classifier,classifier"], capsys, "distinct")
+
+
+def test_the_checking_classifier_is_another_network_that_reads_digits():
+    from ddim.classifier import CheckClassifier, DigitClassifier, check_classifier_path, load_classifier
+    from ddim.data import mnist5k_split
+    from ddim.evaluation.extractors import load_extractor
+
+    check, main = load_classifier(check_classifier_path()), load_classifier()
+    assert isinstance(check, CheckClassifier) and isinstance(main, DigitClassifier)
+    assert all(p.dtype == torch.float32 for p in check.parameters())  # stored fp16, loaded float32
+    held = mnist5k_split("holdout")
+    _, pred = check.predict_features(held.images)
+    assert (pred == held.labels).double().mean() > 0.85
+    ex = load_extractor("classifier-check")
+    assert ex.name == "checking classifier" and ex(held.images[:3]).shape == (3, CheckClassifier.FEATURE_DIM)

@@ -444,6 +444,13 @@ _REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
 @click.option(
     "--frames", default=_REPORT.frames, show_default=True, type=click.IntRange(min=3), help="Frames per strip."
 )
+@click.option(
+    "--evidence/--no-evidence",
+    default=True,
+    show_default=True,
+    help="Add guidance × steps, η and diversity, memorization and cost sections.",
+)
+@click.option("--train-data", default=None, help="The model's training images, for memorization [from its config].")
 def report_cmd(
     model_path,
     class_spec,
@@ -468,8 +475,11 @@ def report_cmd(
     consistency_n,
     pairs,
     frames,
+    evidence,
+    train_data,
 ) -> None:
-    """One self-contained HTML page with Table 1, Table 2, consistency and interpolation for a model.
+    """One self-contained HTML page with Table 1, Table 2, consistency and interpolation for a model, and
+    (unless --no-evidence) guidance × steps, η and diversity, memorization and cost.
 
     Defaults are small (a few minutes on a CPU for the default model); raise --n and friends to scale
     up. Results are cached in --work, so a second run (or a killed one) only does what is missing.
@@ -487,6 +497,7 @@ def report_cmd(
         consistency_n=consistency_n,
         pairs=pairs,
         frames=frames,
+        evidence=evidence,
     )
     if len(set(settings.consistency_steps)) < 2:
         raise UsageError("--consistency-steps needs at least two step counts")
@@ -497,6 +508,9 @@ def report_cmd(
         held = heldout_subset(held, table2_n)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--heldout-data: {e}") from None
+    extra = {}
+    if evidence:
+        extra = _evidence_inputs(setup, config, extractor, features, data, cache, train_data, progress)
     out_path = Path(out)
     work_dir = Path(work) if work else out_path.with_name(out_path.stem + "_files")
     try:
@@ -511,10 +525,31 @@ def report_cmd(
             held_name,
             settings,
             progress=progress,
+            **extra,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
     click.echo(f"-> {out_path} (results in {work_dir}/)")
+
+
+def _evidence_inputs(setup, config, extractor, features, data, cache, train_data, progress) -> dict:
+    """build_report's evidence inputs: the training images (None when unknown, unless --train-data names
+    them), the reference set's labels, and the checking classifier's space for 1×28×28 digit models."""
+    from ddim.evaluation.memorization import training_data
+
+    out = {}
+    try:
+        train, out["train_name"] = training_data(setup.model, config, train_data)
+        out["train"] = train.images
+    except (ValueError, RuntimeError) as e:
+        if train_data is not None:
+            raise UsageError(f"--train-data: {e}") from None
+    _, out["reference_labels"] = _reference_with_labels(setup, config, extractor, data, cache, progress)
+    cfg = setup.model.config
+    if features in (None, "classifier") and (cfg.in_channels, cfg.image_size) == (1, 28):
+        check = _extractor(setup, "classifier-check", None)
+        out["extra_spaces"] = [(check, _reference_with_labels(setup, config, check, data, cache, progress)[0])]
+    return out
 
 
 # ------------------------------------------------------------------ the evidence users ask for (issue 21)
@@ -716,3 +751,70 @@ def diversity_cmd(
         raise UsageError(str(e)) from None
     click.echo((Path(out) / "diversity.md").read_text())
     click.echo(f"-> {out}/diversity.csv, diversity.md, diversity.png, diversity_seeds.png")
+
+
+@eval_group.command("guidance")
+@_setup_options
+@click.option(
+    "--features",
+    "features_list",
+    default=None,
+    help="Comma list of feature spaces, each judged apart: 'classifier', 'classifier-check' (the second, "
+    "independently trained network), 'inception', a TorchScript file... "
+    "[classifier,classifier-check for 1×28×28 models, else inception]",
+)
+@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False), help="FID Inception weights.")
+@click.option("--data", default=None, help="Reference images (as for `ddim eval table1`) [MNIST-5k for 28×28 digits].")
+@click.option("--cache", default=None, type=click.Path(file_okay=False), help="Folder for cached reference features.")
+@click.option("--guidances", "guidance_list", default="1,1.5,2,3,4", show_default=True, help="Guidance weights w.")
+@click.option("--steps", "steps_list", default="10,20,50", show_default=True, help="Step counts S (distinct).")
+@click.option("--sampler", "sampler_list", default="ddim", show_default=True, help="Samplers.")
+@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η of the ddim cells.")
+@click.option("--n", "-n", default=200, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
+@click.option(
+    "--min-accuracy",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="The default may only be a w whose class accuracy stays at or above this in every cell.",
+)
+@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--out", default="eval/guidance", show_default=True, help="Output folder (resumes what it holds).")
+def guidance_cmd(
+    model_path, class_spec, guidance, spacing, seed, progress, device, features_list, inception_weights, data, cache,
+    guidance_list, steps_list, sampler_list, eta, n, min_accuracy, batch, out,
+) -> None:  # fmt: skip
+    """Guidance × steps: Fréchet distance, precision, recall and class accuracy for each w, S and sampler in
+    each feature space, the best w per step count marked, and the default w they point to."""
+    from ddim.evaluation.guidance import run_guidance
+
+    ws = _grid(guidance_list, "--guidances", float, 0.0)
+    steps = _grid(steps_list, "--steps", int, 1)
+    samplers = _sampler_list(sampler_list)
+    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    if not setup.num_classes or setup.class_spec is None:
+        raise UsageError("--class: guidance needs a class-conditional model and classes (not 'none')")
+    if features_list is None:
+        cfg = setup.model.config
+        digits = (cfg.in_channels, cfg.image_size) == (1, 28)
+        specs = ["classifier", "classifier-check"] if digits else [None]
+    else:
+        specs = [s.strip() for s in features_list.split(",") if s.strip()]
+        if not specs or len(set(specs)) < len(specs):
+            raise UsageError(f"--features must name distinct feature spaces, got {features_list!r}")
+    spaces = []
+    for spec in specs:
+        extractor = _extractor(setup, spec, inception_weights)
+        reference, _ = _reference_with_labels(setup, config, extractor, data, cache, progress)
+        if n > len(reference.features):
+            raise UsageError(f"--n ({n}) is larger than the reference set ({len(reference.features)} images)")
+        spaces.append((extractor, reference))
+    try:
+        run_guidance(
+            setup, out, spaces, guidances=ws, steps=steps, samplers=samplers, n=n, eta=eta,
+            min_accuracy=min_accuracy, progress=progress,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "guidance.md").read_text())
+    click.echo(f"-> {out}/guidance.csv, guidance.md, guidance.png")

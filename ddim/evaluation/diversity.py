@@ -97,12 +97,14 @@ def run_diversity(
     steps: int = 50,
     n: int = 500,
     seeds_shown: int = 6,
+    cells: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every cell and write the diversity files into ``out``; returns the rows.
 
     ``reference_labels``: int64 [N] classes of the reference images, for the data row's within-class
-    diversity (None: over all of them). Raises ValueError for repeated or negative η, unknown or repeated
+    diversity (None: over all of them). ``cells``: where samples are cached (default ``out/cells``; another
+    evaluation's folder shares its cells). Raises ValueError for repeated or negative η, unknown or repeated
     samplers, ``n`` above the reference set's size, or ``seeds_shown`` above ``n``.
     """
     etas = [float(e) for e in check_grid(etas, "η values", minimum=0.0)]
@@ -113,7 +115,7 @@ def run_diversity(
     if not 1 <= seeds_shown <= n:
         raise ValueError(f"seeds shown must be in [1, n = {n}], got {seeds_shown}")
     out = Path(out)
-    cells_dir = out / "cells"
+    cells_dir = Path(cells) if cells is not None else out / "cells"
     cells = table1_cells([steps], etas, samplers)
     work = sum(cell_work(s, st, n) for s, st, _ in cells)
     done = sum(cached_work(setup, cells_dir, n=n, steps=st, sampler=s, **_cell_eta(e)) for s, st, e in cells)
@@ -143,7 +145,7 @@ def run_diversity(
         row["spread_px"] = float(((imgs - a_imgs).abs() / 2).mean())
         row["spread_feat"] = float((feats.double() - a_feats.double()).norm(dim=1).mean())
         row["spread_ratio"] = row["spread_feat"] / between if between > 0 else None
-        row["samples"] = str(cell["path"].relative_to(out))
+        row["samples"] = os.path.relpath(cell["path"], out)
         rows.append(row)
     g = torch.Generator().manual_seed(setup.seed + 1)
     idx = torch.randperm(n_ref, generator=g)[:n]

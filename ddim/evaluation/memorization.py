@@ -140,6 +140,7 @@ def run_memorization(
     pairs: int = 8,
     train_name: str = "training images",
     heldout_name: str = "held-out images",
+    cells: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Sample (or read) ``n`` images and measure how near they lie to the training set (see the module).
@@ -147,7 +148,8 @@ def run_memorization(
     ``train``, ``heldout``: model-space images [N, C, H, W] (the model trained on ``train`` and never saw
     ``heldout``). ``pairs``: closest pairs shown in the figure (at most ``n``). Returns the summary (also
     ``memorization.json``): fractions and median distances for samples and control, in pixels and
-    features, and the closest pairs. Raises ValueError for too few images or image shapes that differ.
+    features, and the closest pairs. ``cells``: where samples are cached (default ``out/cells``). Raises
+    ValueError for too few images or image shapes that differ.
     """
     shape = tuple(train.shape[1:])
     if train.ndim != 4 or len(train) < 2:
@@ -158,7 +160,7 @@ def run_memorization(
         raise ValueError(f"pairs must be in [1, n = {n}], got {pairs}")
     a_idx, b_idx = split_heldout(len(heldout))
     out = Path(out)
-    cells_dir = out / "cells"
+    cells_dir = Path(cells) if cells is not None else out / "cells"
     work = cell_work(sampler, steps, n)
     done = cached_work(setup, cells_dir, n=n, steps=steps, eta=eta, sampler=sampler)
     bar = Progress(work, done, "memorization", enabled=progress)
@@ -234,7 +236,7 @@ def run_memorization(
         "min_train_px": float(tr_px.min()),
         "exact_copies": int((tr_px == 0).sum()),
         "closest": [rows[i] for i in closest],
-        "samples": str(cell["path"].relative_to(out)),
+        "samples": os.path.relpath(cell["path"], out),
     }
     ratios = {
         "samples": (s_tr / s_ho.clamp_min(1e-12)).numpy(),
