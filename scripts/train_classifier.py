@@ -5,7 +5,7 @@
 Trains on the 4,500 training digits of MNIST-5k and prints the accuracy on the 500 held-out ones.
 The checking network (another architecture and seed, fp16 storage):
 
-    python scripts/train_classifier.py --arch check --seed 1 --epochs 8 --half \
+    python scripts/train_classifier.py --arch check --seed 1 --epochs 16 --half \
         --out ddim/weights/classifier_check.safetensors
 """
 

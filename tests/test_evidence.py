@@ -295,6 +295,6 @@ def test_the_checking_classifier_is_another_network_that_reads_digits():
     assert all(p.dtype == torch.float32 for p in check.parameters())  # stored fp16, loaded float32
     held = mnist5k_split("holdout")
     _, pred = check.predict_features(held.images)
-    assert (pred == held.labels).double().mean() > 0.85
+    assert (pred == held.labels).double().mean() > 0.95  # 95.6% when shipped
     ex = load_extractor("classifier-check")
     assert ex.name == "checking classifier" and ex(held.images[:3]).shape == (3, CheckClassifier.FEATURE_DIM)

@@ -179,8 +179,9 @@ def render_evidence(results: dict[str, Any], work: Path) -> list[str]:
     else:
         f = m["fraction"]
         parts.append(
-            f"<p>{m['n']} samples against {m['train']['n']} {esc(m['train']['name'])} and {m['heldout']['n']} "
-            f"{esc(m['heldout']['name'])}: the nearest image in pixels (RMS on [0, 1]) and in features. Control: half "
+            f"<p>{m['n']} samples against the training images ({esc(m['train']['name'])}, {m['train']['n']}) and "
+            f"held-out images ({esc(m['heldout']['name'])}, {m['heldout']['n']}): the nearest image in pixels "
+            "(RMS on [0, 1]) and in features. Control: half "
             "the held-out images (never trained on) asked the same question against the training set and the "
             "other half.</p>"
         )

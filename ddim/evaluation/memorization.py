@@ -275,8 +275,9 @@ def markdown_memorization(summary: dict[str, Any]) -> str:
         "",
         f"Model `{s.get('model')}` (weights {s.get('model_id')}), {summary['n']} samples ({summary['sampler']}, "
         f"S = {summary['steps']}, η = {summary['eta']:g}, class `{s.get('class')}`, guidance {s.get('guidance')}), "
-        f"{summary['train']['n']} {summary['train']['name']}, {summary['heldout']['n']} {summary['heldout']['name']} "
-        f"(control half {summary['heldout']['control']}, comparison half {summary['heldout']['comparison']}). "
+        f"training images: {summary['train']['name']} ({summary['train']['n']}), held-out images: "
+        f"{summary['heldout']['name']} ({summary['heldout']['n']}; control half {summary['heldout']['control']}, "
+        f"comparison half {summary['heldout']['comparison']}). "
         f"Features: {summary['extractor']}.",
         "",
         verdict(summary),
