@@ -105,17 +105,25 @@ def test_peak_memory_sees_an_allocation():
 def test_memory_verdicts_by_hand():
     from ddim.evaluation.cost import memory_verdicts, verdict_sentences
 
+    def row(sampler, steps, mb, batch=4, seconds=1.0):
+        return {"sampler": sampler, "batch": batch, "steps": steps, "peak_mb": mb, "calls": steps, "nfe": steps,
+                "seconds": seconds}  # fmt: skip
+
     rows = [
-        {"sampler": "ddim", "batch": 4, "steps": 10, "peak_mb": 50.0},
-        {"sampler": "ddim", "batch": 4, "steps": 100, "peak_mb": 51.0},  # +1 MiB: flat
-        {"sampler": "ddpm", "batch": 4, "steps": 10, "peak_mb": 50.0},
-        {"sampler": "ddpm", "batch": 4, "steps": 100, "peak_mb": 80.0},  # +30 MiB: grows
+        row("ddim", 10, 50.0),
+        row("ddim", 100, 51.0, seconds=9.0),  # +1 MiB: flat
+        row("ddpm", 10, 50.0),
+        row("ddpm", 100, 80.0),  # +30 MiB: grows
+        row("ddim", 100, 5.0, batch=1),
     ]
     v = {x["sampler"]: x["depends"] for x in memory_verdicts(rows)}
     assert v == {"ddim": False, "ddpm": True}
     text = " ".join(verdict_sentences(rows, 0.0, sample_numel=784))
     assert "**ddim**: peak memory does not measurably depend" in text and "**ddpm**: peak memory grows" in text
     assert "0.1 → 1.2 MiB here" in text  # 10 and 100 steps × 4 × 784 × 4 bytes
+    assert "ddim, batch 4: 9.0× the time for 10.0× the steps" in text
+    assert "From batch 1 to 4 at S = 100: ddim 5.0 → 51.0 MiB." in text
+    assert "calls equal the sampler's NFE in every cell" in text
 
 
 def test_cost_refuses_bad_grids(tmp_path, capsys, tiny):

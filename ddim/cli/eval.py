@@ -504,13 +504,14 @@ def report_cmd(
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
     try:
-        held, held_name = heldout(setup.model, config, heldout_data)
-        held = heldout_subset(held, table2_n)
+        held_all, held_name = heldout(setup.model, config, heldout_data)
+        held = heldout_subset(held_all, table2_n)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--heldout-data: {e}") from None
     extra = {}
     if evidence:
         extra = _evidence_inputs(setup, config, extractor, features, data, cache, train_data, progress)
+        extra["memorization_heldout"] = held_all.images
     out_path = Path(out)
     work_dir = Path(work) if work else out_path.with_name(out_path.stem + "_files")
     try:

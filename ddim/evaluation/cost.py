@@ -345,19 +345,41 @@ def verdict_sentences(rows: list[dict[str, Any]], eta: float = 0.0, sample_numel
             f"S = {v['steps_lo']}, {v['mb_hi']:.1f} MiB at S = {v['steps_hi']})."
         )
         if _noisy(sampler, eta):
-            text += " Its step noise for the whole run is drawn before the loop (S·B·values·4 bytes, capped at 64 MiB"
+            text += " Its step noise for the whole run is drawn before the loop: S·B·values·4 bytes (capped at 64 MiB)"
             if sample_numel:
                 mb = [min(64.0, s * v["batch"] * sample_numel * 4 / 2**20) for s in (v["steps_lo"], v["steps_hi"])]
-                text += f": {mb[0]:.1f} → {mb[1]:.1f} MiB here"
-            text += "), so its memory does grow with S, by that much."
+                text += f", {mb[0]:.1f} → {mb[1]:.1f} MiB here"
+            text += ", the part of its memory that grows with S."
         else:
             text += " It keeps a fixed number of tensors whatever S (deterministic: no step noise is drawn)."
         lines.append(text)
     if rows:
+        same = all(r["calls"] == r["nfe"] for r in rows)
         lines.append(
-            "Time and network calls grow linearly with S for every sampler (one forward call per NFE, whatever the "
-            "batch); memory grows with the batch size."
+            "Network forward calls equal the sampler's NFE in every cell, whatever the batch size."
+            if same
+            else "Network forward calls differ from the NFE in some cells: see the calls table."
         )
+        for sampler in dict.fromkeys(r["sampler"] for r in rows):
+            b = max(r["batch"] for r in rows if r["sampler"] == sampler)
+            cells = sorted((r for r in rows if r["sampler"] == sampler and r["batch"] == b), key=lambda r: r["steps"])
+            if len(cells) >= 2 and cells[0]["seconds"] > 0:
+                lo, hi = cells[0], cells[-1]
+                lines.append(
+                    f"{sampler}, batch {b}: {hi['seconds'] / lo['seconds']:.1f}× the time for "
+                    f"{hi['steps'] / lo['steps']:.1f}× the steps (S = {lo['steps']} → {hi['steps']})."
+                )
+        batches = sorted({r["batch"] for r in rows})
+        if len(batches) >= 2:
+            s_hi = max(r["steps"] for r in rows)
+            by = {(r["sampler"], r["batch"]): r["peak_mb"] for r in rows if r["steps"] == s_hi}
+            pairs = [
+                f"{sa} {by[(sa, batches[0])]:.1f} → {by[(sa, batches[-1])]:.1f} MiB"
+                for sa in dict.fromkeys(r["sampler"] for r in rows)
+                if by.get((sa, batches[0])) is not None and by.get((sa, batches[-1])) is not None
+            ]
+            if pairs:
+                lines.append(f"From batch {batches[0]} to {batches[-1]} at S = {s_hi}: " + "; ".join(pairs) + ".")
     return lines
 
 

@@ -39,13 +39,15 @@ def run_evidence(
     train_name: str = "training images",
     reference_labels: torch.Tensor | None = None,
     extra_spaces: list[tuple[FeatureExtractor, Reference]] | None = None,
+    memorization_heldout: torch.Tensor | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run the four parts; returns ({part: result or {"skipped": why}}, {part: seconds}).
 
     ``settings``: a :class:`~ddim.evaluation.report.ReportSettings`. ``train``: the model's training
     images (memorization is skipped without them). ``extra_spaces``: further (extractor, reference)
-    pairs judging the guidance grid (e.g. the checking classifier).
+    pairs judging the guidance grid (e.g. the checking classifier). ``memorization_heldout``: the held-out
+    images for memorization (default ``heldout``, which the report cuts to Table 2's size).
     """
     s = settings
     cells = work / "table1" / "cells"  # shared with Table 1 where settings coincide
@@ -78,9 +80,10 @@ def run_evidence(
     timings["diversity"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    if train is not None and len(heldout) >= 4:
+    memo_held = heldout if memorization_heldout is None else memorization_heldout
+    if train is not None and len(memo_held) >= 4:
         summary = run_memorization(
-            setup, work / "memorization", extractor, train, heldout, n=n, steps=mid, pairs=min(8, n),
+            setup, work / "memorization", extractor, train, memo_held, n=n, steps=mid, pairs=min(8, n),
             train_name=train_name, heldout_name=heldout_name, cells=cells, progress=progress,
         )  # fmt: skip
         out["memorization"] = summary
@@ -119,8 +122,14 @@ def render_evidence(results: dict[str, Any], work: Path) -> list[str]:
         parts.append(
             f"<p>{meta['n']} class-conditional samples per cell; Fréchet distance, precision, recall and class "
             f"accuracy in each feature space ({esc(', '.join(meta['features']))}); the best w of each step count "
-            "marked ★. The second space is an independently trained network, so that a choice is not tuned to "
-            "one network's features.</p>"
+            "marked ★."
+            + (
+                " The other spaces are independently trained networks, so that a choice is not tuned to one "
+                "network's features."
+                if len(meta["features"]) > 1
+                else ""
+            )
+            + "</p>"
         )
         parts.append("<div class='findings'>" + ul(choice_sentences(meta["choice"], meta.get("default"))) + "</div>")
         ws = meta["guidances"]

@@ -72,6 +72,7 @@ def build_report(
     train_name: str = "training images",
     reference_labels: torch.Tensor | None = None,
     extra_spaces: list[tuple[FeatureExtractor, Reference]] | None = None,
+    memorization_heldout: torch.Tensor | None = None,
 ) -> Path:
     """Run (or resume) every part into ``work`` and write the page to ``out``; returns ``out``.
 
@@ -80,7 +81,8 @@ def build_report(
     and the memorization control. With ``settings.evidence`` the page also holds guidance × steps
     (judged in ``extractor``'s features and those of ``extra_spaces``), η and diversity
     (``reference_labels``: the reference images' classes), memorization (needs ``train``, the model's
-    training images) and cost: see :mod:`ddim.evaluation.evidence_report`.
+    training images; ``memorization_heldout``: all the held-out images, default ``heldout``) and cost:
+    see :mod:`ddim.evaluation.evidence_report`.
     """
     s = settings or ReportSettings()
     work = Path(work)
@@ -106,7 +108,8 @@ def build_report(
 
         evidence, more = run_evidence(
             setup, work, s, extractor, reference, heldout=heldout, heldout_name=heldout_name, train=train,
-            train_name=train_name, reference_labels=reference_labels, extra_spaces=extra_spaces, progress=progress,
+            train_name=train_name, reference_labels=reference_labels, extra_spaces=extra_spaces,
+            memorization_heldout=memorization_heldout, progress=progress,
         )  # fmt: skip
         timings.update(more)
     page = render_report(
