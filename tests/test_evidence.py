@@ -175,7 +175,7 @@ def test_memorization_files_and_a_model_that_copies(tmp_path, capsys, tiny, digi
     text = ok(args + ["--train-data", str(tmp_path / "copies.npz"), "--heldout-data", digits[1], "--out", str(out2)],
               capsys)  # fmt: skip
     copy = json.loads((out2 / "memorization.json").read_text())
-    assert copy["exact_copies"] == 8 and copy["min_train_px"] == 0.0
+    assert copy["exact_copies"] == 8 and copy["min_train_px"] == 0.0 and copy["near_copies"] == 8
     assert copy["fraction"]["samples_px"] == 1.0 and copy["fraction"]["samples_feat"] == 1.0
     assert "8 sample(s) equal a training image exactly" in text
 

@@ -235,6 +235,8 @@ def run_memorization(
         },
         "min_train_px": float(tr_px.min()),
         "exact_copies": int((tr_px == 0).sum()),
+        "control_min_train_px": float(c_tr.min()),
+        "near_copies": int((tr_px < c_tr.min()).sum()),
         "closest": [rows[i] for i in closest],
         "samples": os.path.relpath(cell["path"], out),
     }
@@ -247,24 +249,34 @@ def run_memorization(
 
 
 def verdict(summary: dict[str, Any]) -> str:
-    """One plain sentence from the fractions (no judgement beyond what they show)."""
-    f = summary["fraction"]
+    """Plain sentences from the fractions (with their standard error) and the copy counts."""
+    f, n = summary["fraction"], summary["n"]
+    m = summary["heldout"]["control"]
     gap = f["samples_px"] - f["control_px"]
-    copies = summary["exact_copies"]
+    se = float(np.sqrt(f["samples_px"] * (1 - f["samples_px"]) / n + f["control_px"] * (1 - f["control_px"]) / m))
     text = (
         f"{f['samples_px']:.1%} of the samples are closer (in pixels) to a training image than to any image of the "
         f"held-out comparison half, against {f['control_px']:.1%} for real images the model never saw "
-        f"({gap:+.1%}); in features {f['samples_feat']:.1%} against {f['control_feat']:.1%}. "
+        f"({gap:+.1%} ± {se:.1%} standard error); in features {f['samples_feat']:.1%} against "
+        f"{f['control_feat']:.1%}. "
     )
+    if gap > 2 * se:
+        text += "The samples lean towards the training images beyond sampling noise. "
+    else:
+        text += "The difference is within sampling noise. "
+    copies, near = summary["exact_copies"], summary["near_copies"]
     text += (
         f"{copies} sample(s) equal a training image exactly. "
         if copies
         else f"No sample equals a training image (the nearest lies {summary['min_train_px']:.3f} RMS away on [0, 1]). "
     )
-    if gap > 0.15:
-        text += "The samples lean towards the training images well beyond the control: look at the closest pairs."
-    else:
-        text += "The samples are not markedly nearer the training set than unseen real images are."
+    text += (
+        f"{near} sample(s) lie nearer a training image than any unseen real image does "
+        f"({summary['control_min_train_px']:.3f}): look at the closest pairs."
+        if near
+        else f"None lies nearer a training image than the nearest unseen real image does "
+        f"({summary['control_min_train_px']:.3f})."
+    )
     return text
 
 
