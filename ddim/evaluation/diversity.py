@@ -12,7 +12,8 @@ same seeds (image i from seed i, the same x_T and class in every cell). Per cell
 - ``spread_px`` / ``spread_feat``: how far each seed's image moved from the anchor cell's image of the
   same seed (DDIM at the smallest η of the grid): mean |Δ| per pixel on [0, 1] and feature distance;
   ``spread_ratio`` divides ``spread_feat`` by the mean feature distance between *different* seeds of
-  the same class in the anchor cell (1: η changes an image as much as drawing another x_T does).
+  the same class in the anchor cell (1: η changes an image as much as drawing another x_T does), and
+  ``spread_px_ratio`` does the same in pixels.
 
 Written to ``out``: ``diversity.csv``, ``diversity.md``, ``diversity.json``, ``diversity.png``
 (diversity, recall, precision and spread against η) and ``diversity_seeds.png`` (the same x_T across
@@ -63,6 +64,7 @@ COLUMNS = (
     "spread_px",
     "spread_feat",
     "spread_ratio",
+    "spread_px_ratio",
 )
 
 
@@ -83,6 +85,18 @@ def within_class_distance(features: torch.Tensor, labels: torch.Tensor | np.ndar
     if not means:
         raise ValueError("within-class distance needs a class with at least two samples")
     return float(np.mean(means))
+
+
+def _within_class_pixels(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean |Δ| per pixel on [0, 1] between distinct pairs of images of the same class (averaged over classes)."""
+    flat = images.reshape(len(images), -1).double() / 2
+    means = []
+    for c in labels.unique().tolist():
+        g = flat[labels == c]
+        if len(g) >= 2:
+            d = torch.cdist(g, g, p=1) / g.shape[1]
+            means.append(float(d.sum() / (len(g) * (len(g) - 1))))
+    return float(np.mean(means)) if means else 0.0
 
 
 def run_diversity(
@@ -133,6 +147,7 @@ def run_diversity(
     a_feats, _ = extractor.features_and_predictions(a_imgs)
     labels = torch.as_tensor(anchor[2]["labels"])
     between = within_class_distance(a_feats, labels)  # different seeds, same class, anchor cell
+    between_px = _within_class_pixels(a_imgs, labels)
     rows = []
     for sampler, eta, cell in results:
         imgs = images_of(cell)
@@ -145,6 +160,7 @@ def run_diversity(
         row["spread_px"] = float(((imgs - a_imgs).abs() / 2).mean())
         row["spread_feat"] = float((feats.double() - a_feats.double()).norm(dim=1).mean())
         row["spread_ratio"] = row["spread_feat"] / between if between > 0 else None
+        row["spread_px_ratio"] = row["spread_px"] / between_px if between_px > 0 else None
         row["samples"] = os.path.relpath(cell["path"], out)
         rows.append(row)
     g = torch.Generator().manual_seed(setup.seed + 1)
@@ -165,6 +181,7 @@ def run_diversity(
             "spread_px": None,
             "spread_feat": None,
             "spread_ratio": None,
+            "spread_px_ratio": None,
         }
     )
     meta = {
@@ -177,6 +194,7 @@ def run_diversity(
         "n": n,
         "anchor": eta_label(anchor[0], anchor[1]),
         "between_seeds_feat": between,
+        "between_seeds_px": between_px,
         "seeds_shown": seeds_shown,
     }
     write_diversity(rows, out, meta)
@@ -207,7 +225,8 @@ def findings(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         out.append(
             f"The same x_T: at η = {hi['eta']:g} an image lies {hi['spread_feat']:.3g} from its η = {lo['eta']:g} "
             f"version in features, {hi['spread_ratio']:.2f}× the distance between different seeds of a class "
-            f"({hi['spread_px']:.3f} mean |Δ| per pixel)."
+            f"({hi['spread_px']:.3f} mean |Δ| per pixel, {hi['spread_px_ratio']:.2f}× the distance between different "
+            "seeds in pixels)."
         )
     if data is not None and ddim:
         best = max(ddim, key=lambda r: r["diversity"])
@@ -228,16 +247,17 @@ def markdown_diversity(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"class `{s.get('class')}`, guidance {s.get('guidance')}; the same seeds (x_T) in every cell. Features: "
         f"{meta['extractor']}; reference {ref.get('data')} ({ref.get('n')} images). Spread: distance of each "
         f"seed's image to its image in the anchor cell ({meta['anchor']}); ratio to the mean distance between "
-        f"different seeds of a class there ({meta['between_seeds_feat']:.3g}).",
+        f"different seeds of a class there ({meta['between_seeds_feat']:.3g} in features, "
+        f"{meta.get('between_seeds_px', float('nan')):.3g} mean |Δ| per pixel).",
         "",
     ]
     lines += [f"- {t}" for t in findings(rows, meta)]
     lines.append("")
     header = ["", "diversity ↑", "recall ↑", "precision ↑", "Fréchet distance ↓", "accuracy ↑", "spread (pixels)"]
-    header += ["spread (features)", "spread / between seeds"]
+    header += ["spread / between seeds (pixels)", "spread (features)", "spread / between seeds (features)"]
     body = [
         [_label(r), r["diversity"], r["recall"], r["precision"], r["fd"], r["accuracy"], r["spread_px"]]
-        + [r["spread_feat"], r["spread_ratio"]]
+        + [r.get("spread_px_ratio"), r["spread_feat"], r["spread_ratio"]]
         for r in rows
     ]
     lines.append(markdown_table(header, body))
