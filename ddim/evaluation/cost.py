@@ -11,8 +11,8 @@ timed runs of :func:`ddim.generate.generate` on ``batch`` images (image i from s
   ``torch.cuda.max_memory_allocated`` (reset before the run) less the memory allocated before; on
   the CPU, the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) less its
   resident set before. glibc's heap is set to give large blocks back to the system (a fixed
-  ``mmap`` threshold), so one cell's freed memory does not hide the next cell's needs; the model's
-  weights and torch's own buffers are in the baseline, not in ``peak_mb``.
+  ``mmap`` threshold) and trimmed before each run (``malloc_trim``), so memory freed earlier does not
+  hide a run's needs; the model's weights and torch's own buffers are in the baseline, not in ``peak_mb``.
 
 Cells are cached as JSON in ``out/cells/`` (keyed by every setting and the device): a rerun measures
 only what is missing; delete the folder to measure again (times are this machine's).
@@ -115,6 +115,15 @@ def _glibc_give_back() -> bool:
         return False
 
 
+def _trim() -> None:
+    """Give the heap's free memory back to the system (glibc ``malloc_trim``), so the baseline holds none."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _status_kb(field: str) -> int | None:
     try:
         m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
@@ -146,6 +155,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
+            _trim()
             self.ok = _reset_peak_rss()
             self.base = _status_kb("VmRSS")
         return self
