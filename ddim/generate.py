@@ -31,6 +31,7 @@ __all__ = [
     "SampleResult",
     "parse_classes",
     "generate",
+    "sample_shape",
     "invert_images",
     "interpolate_seeds",
     "write_images",
@@ -108,6 +109,15 @@ def _class_kwargs(model: torch.nn.Module, labels: torch.Tensor, device: torch.de
     return {"y": y}, {"y": torch.full_like(y, k)}
 
 
+def sample_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    """The shape of one sample of ``model`` from its config: ``config.sample_shape`` when it has one
+    (:class:`~ddim.unet.UNetConfig`: (C, L), (C, H, W) or (C, F, H, W)), else (C, S, S) from
+    ``in_channels`` and ``image_size``."""
+    cfg = model.config
+    shape = getattr(cfg, "sample_shape", None)
+    return tuple(shape) if shape is not None else (cfg.in_channels, cfg.image_size, cfg.image_size)
+
+
 def generate(
     model: torch.nn.Module,
     schedule: NoiseSchedule,
@@ -149,7 +159,8 @@ def generate(
             σ̂ row of Table 1 of Song et al.).
         batch: images per network batch; results do not depend on it. Memory: one chunk in flight,
             plus what ``keep`` keeps.
-        image_shape: [C, H, W]; default from ``model.config``.
+        image_shape: [C, H, W] (or [C, L], [C, F, H, W], any shape the model takes); default from
+            ``model.config`` (:func:`sample_shape`).
         on_batch: called as ``on_batch(first_index, images_chunk)`` after each chunk (float32
             [b, C, H, W] on the CPU), e.g. to write it out (streaming).
         keep: what the result holds (:data:`KEEP`): "float" (default) every image in float32;
@@ -190,9 +201,10 @@ def generate(
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape [{n}], got {tuple(labels.shape)}")
     if image_shape is None:
-        cfg = model.config
-        image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        image_shape = sample_shape(model)
     image_shape = tuple(int(d) for d in image_shape)
+    if keep == "uint8" and len(image_shape) != 3:
+        raise ValueError(f"keep='uint8' needs images [C, H, W]; these samples are {list(image_shape)}: keep 'float'")
     seeds = [seed + i for i in range(n)] if seeds is None else [int(s) for s in seeds]
     device = torch.device(device)
     chunks: list[torch.Tensor] = []
@@ -286,7 +298,23 @@ def write_images(result: SampleResult, out: str | os.PathLike, nrow: int | None 
     PNG per image named by its seed (``seed_000042.png``). Returns the paths written.
 
     Takes ``result.uint8`` when :func:`generate` kept only that (``keep="uint8"``), else converts
-    ``result.images``: the files are the same either way."""
+    ``result.images``: the files are the same either way.
+
+    Samples that are not images ([N, C, L] signals, [N, C, F, H, W] video) go to ``*.npz`` only, as
+    ``samples`` float32 [N, C, ...] in model space ([-1, 1]), with ``labels`` and ``seeds``."""
+    if result.uint8 is None and result.images.ndim not in (0, 4) and result.images.shape[0] == len(result.seeds):
+        out = Path(out)
+        if out.suffix.lower() != ".npz":
+            raise ValueError(
+                f"samples shaped {list(result.images.shape[1:])} are not images: out must end in .npz, got {str(out)!r}"
+            )
+        save_npz(
+            out,
+            samples=result.images.float().numpy(),
+            labels=torch.as_tensor(result.labels).numpy().astype(np.int64),
+            seeds=np.asarray(result.seeds, dtype=np.int64),
+        )
+        return [out]
     if result.uint8 is not None:
         u8 = result.uint8
     elif result.images.shape[0] == len(result.seeds):

@@ -49,7 +49,8 @@ from ddim.cli.common import (
     "--out",
     default="samples.png",
     show_default=True,
-    help="*.png grid, *.npz arrays (images, labels, seeds), or a folder of PNGs named by seed.",
+    help="*.png grid, *.npz arrays (images, labels, seeds), or a folder of PNGs named by seed. Models of "
+    "signals or video: *.npz only (samples float32 [N, C, ...], labels, seeds).",
 )
 @click.option(
     "--use-clipped-model-output/--model-eps",
@@ -116,7 +117,7 @@ def sample_cmd(
     --negative-prompt, --guidance (default 7.5), --height/--width."""
     from ddim.diffusers_io import sampling_kwargs
     from ddim.distributed import RankError, local_device
-    from ddim.generate import generate, parse_classes
+    from ddim.generate import generate, parse_classes, sample_shape
     from ddim.shard import SampleJob
 
     ts = _parse_timesteps(timesteps_list)
@@ -135,6 +136,12 @@ def sample_cmd(
             skw["use_clipped_model_output"] = use_clipped
         # under torchrun: this rank's share; a folder: only the seeds not yet written
         settings = {k: v for k, v in ctx.params.items() if k not in RUNTIME_ONLY}
+        images = len(sample_shape(model)) == 3  # else signals [C, L] or video [C, F, H, W]: float arrays
+        if not images and Path(out).suffix.lower() != ".npz":
+            raise ValueError(
+                f"this model makes samples shaped {list(sample_shape(model))}, not images: "
+                f"--out must end in .npz, got {out!r}"
+            )
         job = SampleJob.plan(out, n=n, seed=seed, labels=labels, model=model, settings=settings)
         fast = _prepare_model(model, device, precision, compile_model, channels_last, threads)
         extra = {}
@@ -151,6 +158,10 @@ def sample_cmd(
         # nothing; a .npz/.png keeps only the uint8 images it will write (under torchrun each rank
         # keeps its float images for ddim.shard's gather, as before).
         keep = "none" if job.kind == "folder" else "float" if job.ctx.distributed else "uint8"
+        if not images:
+            if job.ctx.distributed:
+                raise ValueError(f"samples shaped {list(sample_shape(model))} are written by one process (no torchrun)")
+            keep = "float"
         result = generate(
             fast,
             schedule,
