@@ -32,8 +32,8 @@ import torch
 import ddim
 from ddim import GaussianMixture, NoiseSchedule
 
-ODE = ["ddim", "plms", "dpmpp_2m", "dpmpp_3m", "unipc", "heun"]
-ALL = ["ddim", "ddpm", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun"]
+ODE = ["ddim", "plms", "plms4", "dpmpp_2m", "dpmpp_3m", "unipc", "heun"]
+ALL = ["ddim", "ddpm", "plms", "plms4", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun"]
 SPACINGS = ["leading", "trailing", "linspace", "quadratic", "logsnr", "karras"]
 BUDGETS = [5, 10, 20, 50]
 
