@@ -208,6 +208,13 @@ def _accuracy(preds: torch.Tensor | None, labels: np.ndarray) -> float | None:
     return float((preds[cond] == labels[cond]).double().mean())
 
 
+def _cell_eta(eta: Eta | None) -> dict[str, Any]:
+    """The (eta, variance) keyword arguments of a cell for a Table 1 η entry (sampler unchanged; see
+    :func:`_cell_run` for the σ̂ row's sampler)."""
+    e, variance = _eta_and_variance(eta)
+    return {"eta": e, "variance": variance}
+
+
 def eta_label(sampler: str, eta: Eta | None) -> str:
     """The row label of a (sampler, η) group: "η = 0.5", "σ̂", or the sampler's name."""
     if eta is None:
