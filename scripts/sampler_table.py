@@ -80,7 +80,7 @@ def model_table(args: argparse.Namespace) -> str:
 
     torch.set_num_threads(args.threads)
     model, schedule, config = ddim.load(args.model)
-    guidance = float(config.get("sampling", {}).get("guidance", 1.0))
+    guidance = float(config.get("sampling", {}).get("guidance", 1.0)) if args.guidance is None else args.guidance
     clip = bool(config.get("sampling", {}).get("clip_sample", False))
     clipped_eps = bool(config.get("sampling", {}).get("use_clipped_model_output", False))
     k = model.config.num_classes
@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--ddim-spacing", default="leading", help="Spacing of the DDIM reference rows.")
     ap.add_argument("--ddim-steps", default="50,1000", help="Steps of the DDIM reference rows.")
     ap.add_argument("--samplers", default=",".join(ALL), help="Samplers of the --calls rows.")
+    ap.add_argument("--guidance", type=float, default=None, help="Guidance of table (b) [the model's default].")
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for table (b).")
     ap.add_argument("--progress", action="store_true")
