@@ -131,7 +131,8 @@ def test_identical_parameters_identical_bytes_cached_or_not(client, loaded):
 def test_defaults_are_the_models(client, loaded):
     # absent: seed 0, 10 steps, η 0, ddim, the model's spacing and guidance, unconditional
     assert client.get("/api/sample").data == direct_png(loaded, steps=10, label=-1)
-    assert client.get("/api/sample?class=3").data == direct_png(loaded, steps=10, label=3, guidance=2.0)
+    guidance = loaded[2]["sampling"]["guidance"]
+    assert client.get("/api/sample?class=3").data == direct_png(loaded, steps=10, label=3, guidance=guidance)
     assert client.get("/api/sample?class=3&eta=-0").data == client.get("/api/sample?class=3").data
 
 

@@ -155,44 +155,44 @@ def _plms(
     return x
 
 
-@register_sampler("plms", noisy=lambda eta: False)
-def sample_plms(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    *,
-    eta: float = 0.0,
-    variance: str = "eta",
-    noise: Callable[[], torch.Tensor] | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def _plms_sampler(name: str, order: Callable[[int], int], doc: str) -> Callable[..., torch.Tensor]:
+    """A registered PLMS sampler whose highest order for an N-step run is ``order(N)``."""
+
+    def fn(
+        denoise: Denoiser,
+        x: torch.Tensor,
+        levels: Levels,
+        *,
+        eta: float = 0.0,
+        variance: str = "eta",
+        noise: Callable[[], torch.Tensor] | None = None,
+        callback: Callback | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        check_ode_args(name, eta, variance)
+        return _plms(name, order(levels.timesteps.numel()), denoise, x, levels, callback, progress)
+
+    fn.__name__ = fn.__qualname__ = f"sample_{name}"
+    fn.__doc__ = doc
+    return register_sampler(name, noisy=lambda eta: False)(fn)
+
+
+sample_plms = _plms_sampler(
+    "plms",
+    plms_order,
     """PLMS (PNDM, Liu et al. 2022, Eq. 9–12) with its Adams–Bashforth order capped at 3.
 
     Step i: ε' = the Adams–Bashforth combination of order min(i+1, 3) of the last ε̂'s (the fixed weights
     of that order; :func:`plms_order` says why 3), then the DDIM transfer from t_i to t_{i+1} with ε'.
     The last step, to ᾱ_final, is the same transfer (to ᾱ = 1 it returns x̂₀'). One network call per
-    step. Deterministic: ``eta`` must be 0.
-    "plms4" is the paper's method, fourth order at every step count.
-    """
-    check_ode_args("plms", eta, variance)
-    return _plms("plms", plms_order(levels.timesteps.numel()), denoise, x, levels, callback, progress)
+    step. Deterministic: ``eta`` must be 0. "plms4" is the paper's method, fourth order at every step count.
+    """,
+)
 
-
-@register_sampler("plms4", noisy=lambda eta: False)
-def sample_plms4(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    *,
-    eta: float = 0.0,
-    variance: str = "eta",
-    noise: Callable[[], torch.Tensor] | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+sample_plms4 = _plms_sampler(
+    "plms4",
+    lambda steps: 4,
     """PLMS exactly as published (PNDM, Liu et al. 2022, Eq. 12): fourth-order Adams–Bashforth from the
     fourth step on, whatever the step count, with the warm-up of :func:`sample_plms`. One network call per
-    step. Deterministic: ``eta`` must be 0."""
-    check_ode_args("plms4", eta, variance)
-    return _plms("plms4", 4, denoise, x, levels, callback, progress)
+    step. Deterministic: ``eta`` must be 0.""",
+)
