@@ -643,7 +643,8 @@ def sample(
         eta: η ≥ 0 (default 0: deterministic DDIM; 1: DDPM posterior noise). For "ddpm" leave 0 or 1.
         spacing: "leading" (default), "trailing", "linspace", "quadratic" (see :func:`ddim.timesteps`).
         timesteps: an explicit strictly descending list of ints in [0, T-1]; overrides steps/spacing.
-        prediction: "epsilon" (default), "sample" or "v_prediction".
+        prediction: "epsilon" (default), "sample", "v_prediction" or "flow" (a velocity model on
+            :meth:`NoiseSchedule.flow`, see :class:`~ddim.prediction.Denoiser`).
         clip_sample, clip_sample_range: clamp x̂₀ to ±range (default off, range 1.0).
         thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic thresholding of x̂₀
             (default off, 0.995, 1.0).
