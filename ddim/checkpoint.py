@@ -25,7 +25,7 @@ __all__ = ["load", "save_model", "default_model_path", "atomic_write", "FORMAT"]
 FORMAT = "ddim-unet"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-PREDICTIONS = ("epsilon", "sample", "v_prediction")
+PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow")
 
 
 def default_model_path() -> Path:

@@ -1,18 +1,27 @@
 """The one model adapter: raw network output -> the canonical pair (x̂₀, ε̂).
 
-Every sampler works on (x̂₀, ε̂) only; what the network predicts ("epsilon", "sample" or
-"v_prediction"), x̂₀ clipping, Imagen's dynamic thresholding and classifier-free guidance are all
+Every sampler works on (x̂₀, ε̂) only; what the network predicts ("epsilon", "sample",
+"v_prediction" or "flow"), x̂₀ clipping, Imagen's dynamic thresholding and classifier-free guidance are all
 handled here, once. With x_t = √ᾱ x₀ + √(1-ᾱ) ε (Ho et al. 2020) and v = √ᾱ ε - √(1-ᾱ) x₀
 (Salimans & Ho 2022):
 
 - epsilon:      x̂₀ = (x_t - √(1-ᾱ) out) / √ᾱ,      ε̂ = out
 - sample:       x̂₀ = out,                            ε̂ = (x_t - √ᾱ out) / √(1-ᾱ)
 - v_prediction: x̂₀ = √ᾱ x_t - √(1-ᾱ) out,           ε̂ = √ᾱ out + √(1-ᾱ) x_t
+- flow:         x̂₀ = k x_t - τ out,                   ε̂ = k x_t + (1-τ) out
+
+Flow models (flow matching, rectified flow) predict the velocity v = ε - x₀ of the straight path
+z_τ = (1-τ) x₀ + τ ε. The VP state with the same SNR is x_t = z_τ / √((1-τ)² + τ²), i.e.
+√ᾱ = (1-τ)/√((1-τ)² + τ²), so from ᾱ alone τ = √(1-ᾱ)/(√ᾱ + √(1-ᾱ)) and z_τ = k x_t with
+k = 1/(√ᾱ + √(1-ᾱ)) (:func:`input_scale`). The network is called with k·x_t (a per-call scalar, so
+x̂₀ = z - τ v and ε̂ = z + (1-τ) v stay linear in (x_t, out)); its timestep t indexes the flow grid
+of :meth:`ddim.schedule.NoiseSchedule.flow` (τ_t = (t+1)/T), the only schedule it is accepted on.
 
 Each is linear in (x_t, out), so the coefficients are computed once in float64 (for all steps of a
 run) and applied with two fused tensor ops. At ᾱ = 1 (no noise) ε̂ is not identifiable and is set
 to 0 where a formula would divide by √(1-ᾱ) = 0. At ᾱ = 0 (zero terminal SNR) ε-prediction cannot
-give x̂₀ and is refused with a ValueError; the other two stay finite (v: x̂₀ = -v, ε̂ = x_t).
+give x̂₀ and is refused with a ValueError; the others stay finite (v: x̂₀ = -v, ε̂ = x_t; flow: τ = 1,
+x̂₀ = x_t - v, ε̂ = x_t).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ __all__ = [
     "coefficient_dtype",
     "conversion_coefficients",
     "dynamic_threshold",
+    "input_scale",
     "memo",
     "scalar_rows",
     "tensor_key",
@@ -43,7 +53,7 @@ __all__ = [
 ]
 
 #: What a network may predict.
-PREDICTIONS = ("epsilon", "sample", "v_prediction")
+PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow")
 
 Model = Callable[..., Any]
 
@@ -112,7 +122,8 @@ def conversion_coefficients(alpha_bar: torch.Tensor, prediction: str) -> torch.T
 
     Columns: x̂₀ = c0·x_t + c1·out; ε̂ = c2·x_t + c3·out; and, after x̂₀ was clipped, the consistent
     ε̂ = c4·x_t + c5·x̂₀ = (x_t - √ᾱ x̂₀)/√(1-ᾱ). ε-prediction at ᾱ = 0 gives inf (callers refuse it
-    first with :func:`check_zero_snr`).
+    first with :func:`check_zero_snr`). For "flow", x_t is the VP state and ``out`` the velocity the
+    network returned at its input :func:`input_scale` · x_t.
     """
     check_prediction(prediction)
     ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
@@ -123,10 +134,24 @@ def conversion_coefficients(alpha_bar: torch.Tensor, prediction: str) -> torch.T
         cols = [1.0 / a, -b / a, zero, one]
     elif prediction == "sample":
         cols = [zero, one, inv_b, -a * inv_b]
+    elif prediction == "flow":  # z = k·x_t, τ = k·√(1-ᾱ), 1 - τ = k·√ᾱ
+        k = 1.0 / (a + b)
+        cols = [k, -b * k, k, a * k]
     else:  # v_prediction
         cols = [a, -b, b, a]
     cols += [inv_b, -a * inv_b]
     return torch.stack(torch.broadcast_tensors(*cols), dim=-1)
+
+
+def input_scale(alpha_bar: torch.Tensor | float, prediction: str) -> torch.Tensor | None:
+    """The factor the VP state x_t is multiplied by before the network sees it, float64 shaped like
+    ``alpha_bar``; None (no scaling) for every prediction but "flow", whose networks take
+    z_τ = x_t / (√ᾱ + √(1-ᾱ)) (the point (1-τ) x₀ + τ ε of the straight path with the same SNR;
+    1 at ᾱ = 0 and at ᾱ = 1)."""
+    if check_prediction(prediction) != "flow":
+        return None
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    return 1.0 / (ab.sqrt() + (1.0 - ab).clamp(min=0.0).sqrt())
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
@@ -233,7 +258,8 @@ def to_x0_eps(
         model_output: the network's output, same shape as ``x_t``.
         alpha_bar: ᾱ of x_t: a float, a 0-d tensor, a [B] tensor (one per sample) or any shape
             broadcastable to x_t (e.g. [B, 1, 1, 1]). Coefficients are computed in float64.
-        prediction: "epsilon" (default), "sample" or "v_prediction".
+        prediction: "epsilon" (default), "sample", "v_prediction" or "flow" (then ``model_output`` is the
+            velocity the network returned at :func:`input_scale` · x_t).
         clip_sample: clamp x̂₀ to [-clip_sample_range, clip_sample_range] (default off: clipping
             ruins latent-space models).
         thresholding: Imagen dynamic thresholding of x̂₀ (see :func:`dynamic_threshold`); takes
@@ -327,6 +353,8 @@ class Plan:
         conv: the same coefficients in float64 on the CPU, for :meth:`fuse`.
         t_rows: the N rows of ``t_in``, split once so that call i indexes a list (no tensor indexing,
             no host sync in the loop); :attr:`rows` does the same for ``coefs``.
+        scales: None, or (flow models) N 0-d tensors: call i feeds the network ``scales[i]·x``
+            (:func:`input_scale`); the coefficients already account for it.
 
     Made by :meth:`Denoiser.plan`, which caches everything but ``kwargs`` and ``bad``: the lists and
     tensors of a plan are shared with later plans for the same timesteps, so never modify them.
@@ -340,6 +368,7 @@ class Plan:
     conv: torch.Tensor | None = None
     t_rows: list[torch.Tensor] = field(default_factory=list)
     _rows: list[tuple[torch.Tensor, ...]] | None = field(default=None, repr=False)
+    scales: list[torch.Tensor] | None = None
 
     @property
     def rows(self) -> list[tuple[torch.Tensor, ...]]:
@@ -379,7 +408,10 @@ class Denoiser:
             device, returning a tensor shaped like x_t or an object with ``.sample`` (diffusers'
             UNet2DModel output).
         schedule: the training schedule (ᾱ_t = ``schedule.alphas_cumprod[t]``).
-        prediction: "epsilon" (default), "sample" or "v_prediction".
+        prediction: "epsilon" (default), "sample", "v_prediction" or "flow" (velocity ε - x₀ of the
+            straight path; needs a :meth:`~ddim.schedule.NoiseSchedule.flow` schedule, and the network
+            is called with the flow state z = :func:`input_scale` · x_t and the int timestep t of that
+            grid, τ_t = (t+1)/T). Samplers see no difference.
         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value:
             x̂₀ clipping / dynamic thresholding, see :func:`to_x0_eps` (default: neither).
         use_clipped_model_output: with clipping/thresholding, recompute ε̂ from the clipped x̂₀ (default
@@ -423,6 +455,12 @@ class Denoiser:
         self.model = model
         self.schedule = schedule
         self.prediction = check_prediction(prediction)
+        if self.prediction == "flow" and not getattr(schedule, "is_flow", False):
+            raise ValueError(
+                f"prediction='flow' needs the flow time grid NoiseSchedule.flow(T, shift) (timestep t is flow "
+                f"time τ = (t+1)/T), got {schedule!r}: its timesteps do not name the times a flow model was "
+                "trained at"
+            )
         rng, ratio, max_value = _check_threshold_args(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
         self.clip_range = rng if clip_sample else None
         self.threshold = (ratio, max_value) if thresholding else None
@@ -494,9 +532,9 @@ class Denoiser:
             parts = self._plan_parts(timesteps, x, alpha_bars, key)
         else:
             parts = cache(key, lambda: self._plan_parts(timesteps, x, alpha_bars, key))
-        timesteps_list, t_in, coefs, conv, t_rows, rows = parts  # shared with later plans: read only
+        timesteps_list, t_in, coefs, conv, t_rows, rows, scales = parts  # shared with later plans: read only
         bad = None if x.is_cpu else torch.zeros(len(timesteps_list), dtype=torch.bool, device=device)
-        return Plan(timesteps_list, t_in, coefs, self._forward_kwargs(B), bad, conv, t_rows, rows)
+        return Plan(timesteps_list, t_in, coefs, self._forward_kwargs(B), bad, conv, t_rows, rows, scales)
 
     def _plan_parts(
         self, timesteps: torch.Tensor, x: torch.Tensor, alpha_bars: torch.Tensor | None, key: tuple
@@ -512,7 +550,9 @@ class Denoiser:
             conv = conversion_coefficients(ab, self.prediction)
             coefs = conv.to(device=device, dtype=cdtype)
             rows = list(zip(*coefs.t().unbind(0), strict=True))
-            return ts.tolist(), t_in, coefs, conv, list(t_in.unbind(0)), rows
+            k = input_scale(ab, self.prediction)
+            scales = None if k is None else list(k.to(device=device, dtype=cdtype).unbind(0))
+            return ts.tolist(), t_in, coefs, conv, list(t_in.unbind(0)), rows, scales
 
         return memo((*key, tensor_key(ts), tensor_key(ab)), build)
 
@@ -521,10 +561,11 @@ class Denoiser:
         shape and, unless ``check=False``, for NaN/Inf (one reduction per call). With a :attr:`linear`
         denoiser, (x̂₀, ε̂) are the columns of ``plan.rows[i]`` applied to (x, output); see
         :meth:`Plan.fuse`. A loop that skips the NaN/Inf check must check its result (:meth:`finite`)."""
+        scale = None if plan.scales is None else plan.scales[i]
         if check or self.guidance_scale != 1.0:
-            return self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad, check)
+            return self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad, check, scale)
         # the fused loops' path (unguided, unchecked): the call and its shape check, nothing else
-        out = self.model(x, plan.t_rows[i], **plan.kwargs)
+        out = self.model(x if scale is None else x * scale, plan.t_rows[i], **plan.kwargs)
         if type(out) is not torch.Tensor:
             out = _tensor_output(out)
         self.nfe += 1
@@ -540,7 +581,8 @@ class Denoiser:
 
     def predict(self, x: torch.Tensor, plan: Plan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂₀, ε̂) for call i of ``plan`` at the current sample x [B, ...]. No host sync off CPU."""
-        out = self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad)
+        scale = None if plan.scales is None else plan.scales[i]
+        out = self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad, scale=scale)
         return _convert(x, out, plan.rows[i], self.prediction, self.clip_range, self.threshold, self.clipped_eps)
 
     def x0(self, x: torch.Tensor, out: torch.Tensor, plan: Plan, i: int) -> torch.Tensor:
@@ -586,7 +628,9 @@ class Denoiser:
         check_zero_snr(self.prediction, ab)
         t_in = torch.cat([t_vec, t_vec]) if self.guided else t_vec.contiguous()
         t_desc = t_vec.tolist() if t_vec.numel() > 1 and not bool((t_vec == t_vec[0]).all()) else int(t_vec[0])
-        out = self._forward(x_t, t_in, self._forward_kwargs(B), step, t_desc, None)
+        k = input_scale(ab, self.prediction)
+        scale = None if k is None else k.to(device=x_t.device, dtype=coefficient_dtype(x_t.dtype))
+        out = self._forward(x_t, t_in, self._forward_kwargs(B), step, t_desc, None, scale=scale)
         c = conversion_coefficients(ab, self.prediction).to(device=x_t.device, dtype=x_t.dtype)
         return _convert(x_t, out, c.unbind(-1), self.prediction, self.clip_range, self.threshold, self.clipped_eps)
 
@@ -599,8 +643,12 @@ class Denoiser:
         t_desc: Any,
         bad: torch.Tensor | None,
         check: bool = True,
+        scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One (possibly guided) network evaluation, checked for shape and (if ``check``) NaN/Inf."""
+        """One (possibly guided) network evaluation, checked for shape and (if ``check``) NaN/Inf. The
+        network sees ``scale · x`` when ``scale`` is given (flow models, see :func:`input_scale`)."""
+        if scale is not None:
+            x = x * scale
         if self.guided:  # [x; x] into a buffer reused across calls (the model's input never escapes)
             buf = self._cat_buf
             if (

@@ -168,7 +168,8 @@ def ddim_step(
         eta: η ≥ 0. 0 (default) is deterministic DDIM; 1 is exactly the DDPM posterior q(x_prev | x_t, x̂₀)
             (mean and variance); values above 1 are allowed (the direction term is then clamped at 0).
         noise: z ~ N(0, I) shaped like x_t; required when η > 0.
-        prediction: "epsilon" (default), "sample" or "v_prediction".
+        prediction: "epsilon" (default), "sample", "v_prediction" or "flow" (then ``model_output`` is the
+            velocity at the flow state :func:`ddim.prediction.input_scale` · x_t).
         variance: "eta" (default, Eq. 16) or "large": the mean of η with noise σ = η·sqrt(1 - ᾱ_t/ᾱ_prev),
             the DDPM "large variance" σ̂ (η = 1 gives the paper's σ̂ step); see :func:`ddim_coefficients`.
 
@@ -642,7 +643,8 @@ def sample(
         eta: η ≥ 0 (default 0: deterministic DDIM; 1: DDPM posterior noise). For "ddpm" leave 0 or 1.
         spacing: "leading" (default), "trailing", "linspace", "quadratic" (see :func:`ddim.timesteps`).
         timesteps: an explicit strictly descending list of ints in [0, T-1]; overrides steps/spacing.
-        prediction: "epsilon" (default), "sample" or "v_prediction".
+        prediction: "epsilon" (default), "sample", "v_prediction" or "flow" (a velocity model on
+            :meth:`NoiseSchedule.flow`, see :class:`~ddim.prediction.Denoiser`).
         clip_sample, clip_sample_range: clamp x̂₀ to ±range (default off, range 1.0).
         thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic thresholding of x̂₀
             (default off, 0.995, 1.0).

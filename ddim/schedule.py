@@ -26,7 +26,7 @@ class NoiseSchedule:
         params: the keyword arguments of the constructor that built it, so that
             :meth:`to_dict` / :meth:`from_dict` round-trip.
 
-    Use the constructors: :meth:`linear`, :meth:`scaled_linear`, :meth:`cosine`,
+    Use the constructors: :meth:`linear`, :meth:`scaled_linear`, :meth:`cosine`, :meth:`flow`,
     :meth:`from_betas`, :meth:`from_alphas_cumprod`.
     """
 
@@ -78,6 +78,41 @@ class NoiseSchedule:
 
         betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float64)
         return cls._from_betas(betas, "cosine", {"T": T, "s": s, "max_beta": max_beta})
+
+    @classmethod
+    def flow(cls, T: int = 1000, shift: float = 1.0) -> NoiseSchedule:
+        """The time grid of flow-matching / rectified-flow models, as variance-preserving levels.
+
+        A flow model sees z_τ = (1 - τ) x₀ + τ ε on τ ∈ [0, 1] (Lipman et al. 2023; Liu et al. 2023). It
+        has the signal-to-noise ratio of the VP state x = z / √((1-τ)² + τ²) at level
+        ᾱ = (1 - τ)² / ((1 - τ)² + τ²), so every sampler runs it on this table unchanged (the adapter
+        :class:`ddim.prediction.Denoiser` with ``prediction="flow"`` rescales x to z before each call).
+
+        Timestep t ∈ [0, T-1] is flow time τ_t = (t + 1)/T, the grid of diffusers'
+        ``FlowMatchEulerDiscreteScheduler`` (whose networks see t + 1 = τ·T): τ = 1/T at t = 0 (ᾱ_0 < 1)
+        and τ = 1 at t = T-1, so ᾱ_{T-1} = 0 exactly (zero terminal SNR: pure noise, where flow's
+        x̂₀ = z - τ·v stays finite). ``shift`` > 0 (default 1: none) is Stable Diffusion 3's time shift
+        τ -> shift·τ / (1 + (shift - 1)·τ), spending more of the grid at high noise.
+        """
+        _check_T(T)
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+            raise ValueError(f"shift must be a positive float, got {shift!r}")
+        tau = torch.arange(1, T + 1, dtype=torch.float64) / T
+        tau = shift * tau / (1 + (shift - 1) * tau)
+        ab = (1 - tau) ** 2 / ((1 - tau) ** 2 + tau**2)
+        return cls(ab, name="flow", params={"T": T, "shift": float(shift)})
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether this is a flow time grid (:meth:`flow`), the only schedule a ``prediction="flow"`` model
+        may be sampled on: its timesteps are the flow times the network was trained at."""
+        return self.name == "flow"
+
+    def flow_times(self) -> torch.Tensor:
+        """The flow time τ_t = √(1-ᾱ_t) / (√ᾱ_t + √(1-ᾱ_t)) ∈ [0, 1] of each level, float64 [T]
+        (the inverse of :meth:`flow`'s map; defined for any schedule)."""
+        a, b = self._ab.sqrt(), (1 - self._ab).clamp(min=0).sqrt()
+        return b / (a + b)
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor | list[float]) -> NoiseSchedule:
@@ -148,7 +183,7 @@ class NoiseSchedule:
         d = dict(d)
         name = d.pop("name", "custom")
         rescale = d.pop("rescale_zero_terminal_snr", False)
-        if name in ("linear", "scaled_linear", "cosine"):
+        if name in ("linear", "scaled_linear", "cosine", "flow"):
             sched = getattr(cls, name)(**d)
         elif "betas" in d:
             sched = cls.from_betas(d["betas"])

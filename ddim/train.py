@@ -1,4 +1,9 @@
-"""Training with the DDPM "simple" objective (Ho et al. 2020, Eq. 14), ε, x₀ or v targets.
+"""Training with the DDPM "simple" objective (Ho et al. 2020, Eq. 14), ε, x₀ or v targets, or flow matching.
+
+Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023; ``prediction="flow"`` on
+``schedule="flow"``, what ``ddim train --objective flow`` sets): the network regresses the velocity
+ε - x₀ of the straight path z_τ = (1 - τ) x₀ + τ ε at the flow times τ_t = (t + 1)/T of
+:meth:`~ddim.schedule.NoiseSchedule.flow`, t uniform in [0, T-1] (the int t it is later sampled at).
 
 ``train(TrainConfig(...))`` trains a :class:`~ddim.unet.UNet` with AdamW, gradient clipping and
 EMA weights, writes a checkpoint every ``checkpoint_every`` steps and resumes exactly: weights,
@@ -43,8 +48,8 @@ from ddim.unet import UNet, UNetConfig
 __all__ = ["TrainConfig", "train", "make_schedule", "diffusion_loss"]
 
 STATE = "state.safetensors"
-TARGETS = ("epsilon", "sample", "v_prediction")
-SCHEDULES = ("linear", "cosine", "scaled_linear")
+TARGETS = ("epsilon", "sample", "v_prediction", "flow")
+SCHEDULES = ("linear", "cosine", "scaled_linear", "flow")
 
 
 @dataclass
@@ -60,8 +65,10 @@ class TrainConfig:
             with ``lr_decay_start`` set, constant up to that step and then cosine-annealed to 0 at ``steps``.
         weight_decay, grad_clip: AdamW weight decay; max global gradient norm.
         ema_decay: EMA decay of the sampling weights (with the usual (1+n)/(10+n) warm-up).
-        prediction: network target: "epsilon", "sample" (x₀) or "v_prediction".
-        schedule: "linear", "cosine" or "scaled_linear"; ``T`` training timesteps.
+        prediction: network target: "epsilon", "sample" (x₀), "v_prediction" or "flow" (the velocity
+            ε - x₀: flow matching; needs ``schedule="flow"``).
+        schedule: "linear", "cosine", "scaled_linear" or "flow" (only with ``prediction="flow"``, and the
+            only schedule it takes); ``T`` training timesteps.
         class_cond: condition on labels when the data has them; ``label_dropout`` is the
             probability of replacing a label by the null class (classifier-free guidance).
         image_size: size for image folders (other sources keep their size).
@@ -105,6 +112,11 @@ class TrainConfig:
             raise ValueError(f"prediction must be one of {TARGETS}, got {self.prediction!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if (self.prediction == "flow") != (self.schedule == "flow"):
+            raise ValueError(
+                "flow matching takes prediction='flow' with schedule='flow' (ddim train --objective flow), got "
+                f"prediction={self.prediction!r} with schedule={self.schedule!r}"
+            )
         for name in ("steps", "batch_size", "T"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -119,7 +131,7 @@ class TrainConfig:
 
 
 def make_schedule(name: str, T: int) -> NoiseSchedule:
-    """The training schedule by name ("linear", "cosine", "scaled_linear")."""
+    """The training schedule by name ("linear", "cosine", "scaled_linear", "flow")."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
     return getattr(NoiseSchedule, name)(T)
@@ -139,12 +151,19 @@ def diffusion_loss(
     Args:
         x0: clean images [B, C, H, W] (or any [B, ...]: signals, video); t: int64 [B];
         noise: ε ~ N(0, I) shaped like x0;
-        alphas_cumprod: float64 [T]; prediction: the target ("epsilon", "sample", "v_prediction").
+        alphas_cumprod: float64 [T]; prediction: the target ("epsilon", "sample", "v_prediction", or
+            "flow": the network sees z_τ = (1-τ) x₀ + τ ε with τ = √(1-ᾱ_t)/(√ᾱ_t + √(1-ᾱ_t)) and
+            regresses ε - x₀: the flow-matching loss on the flow grid ᾱ of ``NoiseSchedule.flow``).
     """
-    ab = alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
-    a, s = ab.sqrt(), (1 - ab).sqrt()
+    if prediction == "flow":  # the flow state: the VP state with the same SNR, times 1/(√ᾱ + √(1-ᾱ))
+        ab = alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1)))
+        a, s = ab.sqrt(), (1 - ab).clamp(min=0).sqrt()
+        a, s = (a / (a + s)).to(x0.dtype), (s / (a + s)).to(x0.dtype)
+    else:
+        ab = alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        a, s = ab.sqrt(), (1 - ab).sqrt()
     x_t = a * x0 + s * noise
-    target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[prediction]
+    target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0, "flow": noise - x0}[prediction]
     out = model(x_t, t, y) if y is not None else model(x_t, t)
     return torch.mean((out.float() - target.float()) ** 2)
 

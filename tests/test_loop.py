@@ -9,7 +9,12 @@ from conftest import GaussianData, dummy_model
 
 import ddim
 from ddim import Denoiser, StepNoise
-from ddim.prediction import PREDICTIONS, conversion_coefficients
+from ddim.prediction import PREDICTIONS, conversion_coefficients, input_scale
+
+
+def _schedule_for(prediction, linear):
+    """The linear schedule, or the flow time grid a flow model needs."""
+    return ddim.NoiseSchedule.flow(1000) if prediction == "flow" else linear
 
 
 def _reference_ddim(model, x, schedule, steps, prediction, eta=0.0, seeds=None, spacing="leading"):
@@ -19,7 +24,8 @@ def _reference_ddim(model, x, schedule, steps, prediction, eta=0.0, seeds=None, 
     noise = StepNoise(x.shape, seeds, dtype=x.dtype)
     for i, t in enumerate(ts):
         ab_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        out = model(x, torch.full((x.shape[0],), t))
+        k = input_scale(ab[t], prediction)  # flow models see z = k·x
+        out = model(x if k is None else x * k.item(), torch.full((x.shape[0],), t))
         last = i + 1 == len(ts)
         z = None if last or eta == 0 else noise()
         x, _ = ddim.ddim_step(x, out, float(ab[t]), ab_prev, 0.0 if last else eta, z, prediction)
@@ -29,6 +35,7 @@ def _reference_ddim(model, x, schedule, steps, prediction, eta=0.0, seeds=None, 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_fused_loop_equals_unfused_steps(linear, prediction, eta):
+    linear = _schedule_for(prediction, linear)
     x = ddim.randn((3, 2, 16), [1, 2, 3], dtype=torch.float64)
     kw = dict(steps=12, prediction=prediction, eta=eta, seeds=[1, 2, 3])
     got = ddim.sample(dummy_model, x, linear, **kw)
@@ -38,6 +45,7 @@ def test_fused_loop_equals_unfused_steps(linear, prediction, eta):
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_plan_fuse_is_the_same_linear_map(linear, prediction):
+    linear = _schedule_for(prediction, linear)
     d = Denoiser(dummy_model, linear, prediction)
     ts = ddim.timesteps(linear, 7, "trailing")[1:]  # avoid ᾱ near 0 for ε at t = 999
     x = torch.randn(2, 5, dtype=torch.float64)
@@ -226,6 +234,7 @@ def multistep_path(request, monkeypatch):
 @pytest.mark.parametrize("sampler,kw", MULTISTEP)
 @pytest.mark.parametrize("final_one", [True, False])
 def test_fused_multistep_equals_the_unfused_loop(linear, prediction, sampler, kw, final_one, multistep_path):
+    linear = _schedule_for(prediction, linear)
     # clip_sample at a range nothing reaches makes the denoiser non-linear: the unfused loop, same math
     x = ddim.randn((3, 2, 16), [1, 2, 3], dtype=torch.float64)
     common = dict(steps=12, prediction=prediction, sampler=sampler, set_alpha_to_one=final_one, **kw)

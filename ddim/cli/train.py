@@ -28,6 +28,15 @@ from ddim.cli.common import UsageError, main
 @click.option("--ema", "ema_decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0))
 @click.option(
+    "--objective",
+    default="ddpm",
+    show_default=True,
+    type=click.Choice(["ddpm", "flow"]),
+    help="'ddpm': the DDPM simple loss on --prediction/--schedule; 'flow': flow matching (rectified flow): "
+    "the network predicts the velocity noise - image of the straight path on the flow time grid "
+    "(prediction 'flow', schedule 'flow'; --prediction and --schedule must be left out).",
+)
+@click.option(
     "--prediction",
     default="epsilon",
     show_default=True,
@@ -65,14 +74,21 @@ from ddim.cli.common import UsageError, main
     "the step count, optimizer and LR schedule start afresh.",
 )
 @click.option("--fresh", is_flag=True, help="Start over even if the run folder holds a resumable state.")
-def train_cmd(fresh: bool, base_channels, channel_mults, **kw) -> None:
-    """Train a U-Net with the DDPM objective; resumes exactly from the run folder's last checkpoint.
+def train_cmd(fresh: bool, base_channels, channel_mults, objective: str, **kw) -> None:
+    """Train a U-Net with the DDPM objective or flow matching (--objective flow); resumes exactly from
+    the run folder's last checkpoint.
 
     Under torchrun (DistributedDataParallel) each process draws --batch images: the effective batch
     is --batch times the number of processes."""
     from ddim import distributed as ddist
     from ddim.train import TrainConfig, train
 
+    if objective == "flow":
+        ctx_click = click.get_current_context()
+        for name in ("prediction", "schedule"):
+            if ctx_click.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT):
+                raise UsageError(f"--objective flow sets --{name} (to 'flow'): leave --{name} out")
+        kw.update(prediction="flow", schedule="flow")
     unet = {}
     if base_channels:
         unet["base_channels"] = base_channels
