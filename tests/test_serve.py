@@ -45,9 +45,10 @@ def client(app):
     return app.test_client()
 
 
-def direct_png(loaded, *, seed=0, steps=10, eta=0.0, sampler="ddim", spacing="leading", label=-1, guidance=2.0):
-    """What /api/sample must return: ddim.sample on the same model, as PNG bytes."""
+def direct_png(loaded, *, seed=0, steps=10, eta=0.0, sampler="ddim", spacing="leading", label=-1, guidance=None):
+    """What /api/sample must return: ddim.sample on the same model, as PNG bytes (guidance: the model's)."""
     model, schedule, config = loaded
+    guidance = config["sampling"]["guidance"] if guidance is None else guidance
     k = model.config.num_classes
     y = torch.tensor([k if label < 0 else label])
     guided = guidance != 1.0 and label >= 0
