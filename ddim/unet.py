@@ -9,7 +9,7 @@ null class (index ``num_classes``) for classifier-free guidance (Ho & Salimans 2
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -46,19 +46,64 @@ class UNetConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        for name, low in (("image_size", 1), ("in_channels", 1), ("base_channels", 1), ("num_res_blocks", 1)):
+            _check_int(name, getattr(self, name), low)
+        _check_int("num_classes", self.num_classes, 0)
+        _check_int("num_heads", self.num_heads, 1)
+        self.channel_mults = _int_tuple("channel_mults", self.channel_mults, 1)
+        if not self.channel_mults:
+            raise ValueError("channel_mults must name at least one level, e.g. [1, 2, 2]")
         if self.attention_levels is None:
             self.attention_levels = (len(self.channel_mults) - 1,)
-        self.attention_levels = tuple(int(a) for a in self.attention_levels)
+        self.attention_levels = _int_tuple("attention_levels", self.attention_levels, 0)
+        bad = [a for a in self.attention_levels if a >= len(self.channel_mults)]
+        if bad:
+            raise ValueError(
+                f"attention_levels: level {bad[0]} does not exist (levels 0..{len(self.channel_mults) - 1})"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         down = 2 ** (len(self.channel_mults) - 1)
         if self.image_size % down:
             raise ValueError(f"image_size={self.image_size} must be divisible by {down} for channel_mults")
+        for level in {*self.attention_levels, len(self.channel_mults) - 1}:  # the middle attends too
+            ch = self.base_channels * self.channel_mults[level]
+            if ch % self.num_heads:
+                raise ValueError(f"num_heads={self.num_heads} must divide the {ch} channels of level {level}")
+
+    @classmethod
+    def from_dict(cls, d: object) -> UNetConfig:
+        """A config from a dict (a checkpoint's ``"unet"``); ValueError naming an unknown or wrongly typed field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the unet config must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown unet field(s) {unknown}; valid: {sorted(known)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"unet config: {e}") from None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channel_mults"] = list(self.channel_mults)
         d["attention_levels"] = list(self.attention_levels)
         return d
+
+
+def _check_int(name: str, v: object, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return v
+
+
+def _int_tuple(name: str, v: object, low: int) -> tuple[int, ...]:
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+        raise ValueError(f"{name} must be a list of ints, got {v!r}")
+    return tuple(_check_int(f"{name} entries", m, low) for m in v)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ddim.cli.common import UsageError, _load_model, main
+from ddim.cli.common import UsageError, _check_out_file, _check_out_folder, _finite_cb, _load_model, main
 from ddim.evaluation.report import ReportSettings
 
 
@@ -26,9 +26,17 @@ def _common(f):
             help="Classes as in `ddim sample` (int, comma list, 'all'), or 'none' for unconditional. "
             "default: 'all' for class-conditional models.",
         ),
-        click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default]."),
+        click.option(
+            "--guidance",
+            default=None,
+            type=float,
+            callback=_finite_cb,
+            help="Classifier-free guidance weight [model's default].",
+        ),
         click.option("--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS))),
-        click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed K+i."),
+        click.option(
+            "--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Image i uses seed K+i."
+        ),
         click.option(
             "--batch",
             default=50,
@@ -216,6 +224,7 @@ def table1_cmd(
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad or not samplers:
         raise UsageError(f"--sampler: unknown {bad or sampler_list!r}; valid: {', '.join(sorted(SAMPLERS))}")
+    _check_out_folder(out)
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
     try:
@@ -270,6 +279,7 @@ def table2_cmd(model_path, steps_list, n, data, labels, spacing, batch, out, pro
     from ddim.evaluation.table2 import run_table2
 
     steps = _ints(steps_list, "--steps")
+    _check_out_folder(out)
     setup, config = _setup(model_path, "none", None, spacing, 0, batch, device)
     try:
         d, name = heldout_data(setup.model, config, data)
@@ -307,6 +317,7 @@ def consistency_cmd(
     from ddim.evaluation.consistency import run_consistency
 
     steps = _ints(steps_list, "--steps")
+    _check_out_folder(out)
     setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     try:
         run_consistency(setup, out, steps=steps, n=n, columns=columns, progress=progress)
@@ -328,6 +339,7 @@ def interpolation_cmd(
     """§5.3: slerp strips between noises, and how even their steps are (largest / mean)."""
     from ddim.evaluation.interpolation import run_interpolation
 
+    _check_out_folder(out)
     setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     try:
         run_interpolation(setup, out, pairs=pairs, frames=frames, steps=steps, progress=progress)
@@ -366,8 +378,8 @@ def samples_cmd(source, data, features, inception_weights, cache, batch, out, pr
     from ddim.evaluation.sources import samples_reference_data
     from ddim.shard import open_images
 
-    if out is not None and Path(out).suffix.lower() not in (".json", ".csv"):
-        raise UsageError(f"--out must end in .json or .csv, got {out!r}")
+    if out is not None:
+        _check_out_file(out, (".json", ".csv"))
     device = _check_device(ddist.local_device(device))
     ctx = ddist.init(device)
 
@@ -490,6 +502,10 @@ def report_cmd(
     )
     if len(set(settings.consistency_steps)) < 2:
         raise UsageError("--consistency-steps needs at least two step counts")
+    out_path = _check_out_file(out, (".html", ".htm"))
+    work_dir = _check_out_folder(work, "--work") if work else out_path.with_name(out_path.stem + "_files")
+    if not work:
+        _check_out_folder(str(work_dir), "--work")
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
     try:
@@ -497,8 +513,6 @@ def report_cmd(
         held = heldout_subset(held, table2_n)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--heldout-data: {e}") from None
-    out_path = Path(out)
-    work_dir = Path(work) if work else out_path.with_name(out_path.stem + "_files")
     try:
         build_report(
             setup,
