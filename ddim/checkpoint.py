@@ -125,6 +125,18 @@ def read_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
     return config
 
 
+def _check_pipeline_weights(folder: Path) -> None:
+    """A diffusers pipeline folder must hold its network's weights (``unet/`` with a weights file)."""
+    unet = folder / "unet"
+    if not unet.is_dir():
+        raise FileNotFoundError(f"diffusers pipeline {folder} has no unet/ folder")
+    found = [p for p in unet.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json"))]
+    if not found:
+        raise FileNotFoundError(
+            f"diffusers pipeline {folder}: unet/ holds no weights (diffusion_pytorch_model.safetensors or .bin)"
+        )
+
+
 def build_unet(arch: object, where: str = "unet config") -> UNet:
     """A :class:`~ddim.unet.UNet` from a config dict; ValueError naming ``where`` for an unknown or
     wrongly typed field or an architecture that cannot be built (e.g. channels GroupNorm cannot split)."""
@@ -155,6 +167,7 @@ def load(
     from ddim.diffusers_io import is_pipeline_folder, load_pipeline
 
     if is_pipeline_folder(path):
+        _check_pipeline_weights(Path(path))
         return load_pipeline(path, device, dtype)
     weights_path, _ = _resolve(path)
     config = read_config(path)

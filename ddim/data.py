@@ -151,9 +151,12 @@ def image_folder(path: str | os.PathLike, image_size: int) -> ImageData:
 
     Images directly in subfolders are labelled by the subfolder's name (sorted); images at the
     top level of a folder with no subfolders are unlabelled. All images must have the same number
-    of channels (grayscale 1 or RGB 3).
+    of channels (grayscale 1 or RGB 3). 16-bit images keep their full range (scaled to 8 bits, see
+    :func:`ddim.images.to_8bit`).
     """
     from PIL import Image, UnidentifiedImageError
+
+    from ddim.images import image_channels, to_8bit
 
     root = Path(path)
     if not root.is_dir():
@@ -169,9 +172,9 @@ def image_folder(path: str | os.PathLike, image_size: int) -> ImageData:
         try:
             with Image.open(p) as im:
                 im.load()
-                mode = "L" if im.mode in ("L", "1", "I;16", "I", "F", "LA") else "RGB"
-                modes.add(mode)
-                arrays.append(np.asarray(_resize_crop(im.convert(mode), image_size)))
+                channels = image_channels(im.mode)
+                modes.add(channels)
+                arrays.append(np.asarray(_resize_crop(to_8bit(im, channels, p), image_size)))
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {p}: {e}") from e
     if len(modes) > 1:

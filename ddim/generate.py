@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ddim.checkpoint import atomic_write
-from ddim.images import from_uint8, make_grid, save_png, to_uint8
+from ddim.images import from_uint8, make_grid, save_png, to_8bit, to_uint8
 from ddim.interpolate import slerp
 from ddim.noise import check_seed_range, check_seeds, randn
 from ddim.sampling import SAMPLERS, invert, nfe, sample
@@ -373,14 +373,15 @@ def write_uint8(
 
 # ------------------------------------------------------------------ inversion and interpolation
 def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
-    """Read image files as float32 [N, channels, size, size] in [-1, 1] (converted, resized if needed)."""
+    """Read image files as float32 [N, channels, size, size] in [-1, 1] (converted to 8 bits with their
+    full range kept, see :func:`ddim.images.to_8bit`; resized if needed, bicubic)."""
     from PIL import Image, UnidentifiedImageError
 
     arrs = []
     for p in paths:
         try:
             with Image.open(p) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
+                im = to_8bit(im, channels, p)
                 if im.size != (size, size):
                     im = im.resize((size, size), Image.Resampling.BICUBIC)
                 a = np.asarray(im)

@@ -37,7 +37,7 @@ import torch
 
 from ddim import distributed as ddist
 from ddim.checkpoint import write_json
-from ddim.images import from_uint8, save_png, to_uint8
+from ddim.images import from_uint8, image_channels, save_png, to_8bit, to_uint8
 from ddim.noise import check_seed_range
 
 __all__ = [
@@ -404,7 +404,7 @@ def _image_header(path: Path) -> tuple[int, tuple[int, int]]:
 
     try:
         with Image.open(path) as im:
-            return (1 if im.mode in ("L", "1", "I", "I;16", "F") else 3), im.size
+            return image_channels(im.mode), im.size
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
@@ -470,7 +470,7 @@ class FolderImages:
                             f"{p} is {im.size[0]}×{im.size[1]} but {self.files[0].name} is {w}×{h}: "
                             "the images of one sample set must all have the same size"
                         )
-                    a = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
+                    a = np.asarray(to_8bit(im, self.channels, p))
             except (UnidentifiedImageError, OSError) as e:
                 raise ValueError(f"cannot read image {p}: {e}") from e
             arrs.append(a[..., None] if a.ndim == 2 else a)
