@@ -204,6 +204,8 @@ def load_data(spec: str, image_size: int | None = None) -> ImageData:
     ``"mnist-holdout"``, ``"digits"`` (sklearn 8×8), a path to a ``.npz`` file, or a folder of images
     (needs ``image_size``; default 64).
     """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"data is empty: give 'mnist', 'mnist-all', 'digits', a .npz file or a folder; got {spec!r}")
     if spec == "mnist":
         return mnist5k_split("train")
     if spec == "mnist-all":

@@ -448,3 +448,42 @@ def test_two_processes_batch_like_one_with_a_batch_that_does_not_divide_n(tmp_pa
 
     dealt = [_deal_chunks(list(range(40)), 0, 32, Context(rank=r, world_size=2)) for r in (0, 1)]
     assert dealt == [list(range(32)), list(range(32, 40))]
+
+
+# ------------------------------------------------------------------ found walking every flag
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sample", "--timesteps", ""], "--timesteps must list at least one"),
+        (["sample", "--device", "cuda:x"], "--device"),
+        (["train", "--data", "", "--out", "{tmp}/r"], "data is empty"),
+        (["train", "--data", "digits", "--out", "", "--steps", "1"], "--out is empty"),
+        (["bench", "--guidance", "nan"], "--guidance"),
+        (["bench", "--threads", "100000"], "--threads"),
+        (["optimize-timesteps", "--seed", "-1"], "--seed -1"),
+        (["optimize-timesteps", "--guidance", "inf"], "--guidance"),
+        (["eval", "table1", "--seed", "4294967290", "-n", "100", "--out", "{tmp}/t1"], "last of 100 seeds"),
+        (["eval", "table1", "--device", "banana", "--out", "{tmp}/t1"], "--device"),
+        (["eval", "interpolation", "--seed", str(2**32 - 3), "--pairs", "2", "--out", "{tmp}/i"], "--seed"),
+        (["report", "--seed", str(2**32 - 3), "--out", "{tmp}/r.html"], "--seed"),
+    ],
+)
+def test_walk_every_flag(tmp_path, capsys, no_work, args, needle):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[0] == "sample":
+        args += ["--out", str(tmp_path / "x.png")]
+    usage_error(args, capsys, needle)
+
+
+def test_empty_model_flag(tmp_path, capsys):
+    usage_error(["sample", "--model", "", "--out", str(tmp_path / "x.png")], capsys, "--model is empty")
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 8 GB")
+
+    monkeypatch.setattr("ddim.generate.parse_classes", oom)
+    rc = run(["sample", "-n", "2", "--steps", "2", "--no-progress", "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "out of memory" in err, err

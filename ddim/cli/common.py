@@ -22,6 +22,8 @@ def main() -> None:
 def _load_model(path: str | None, device: str = "cpu"):
     from ddim.checkpoint import load
 
+    if path is not None and not str(path).strip():
+        raise UsageError("--model is empty: give a model folder or .safetensors file, or leave it out (embedded model)")
     try:
         return load(path, device=_check_device(device))
     except (FileNotFoundError, ValueError, ImportError, TypeError) as e:
@@ -205,9 +207,12 @@ def _parse_timesteps(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"--timesteps must be a comma list of ints, got {text!r}") from None
+    if not values:
+        raise UsageError(f"--timesteps must list at least one timestep, got {text!r}")
+    return values
 
 
 def _guidance(config: dict, guidance: float | None) -> float:

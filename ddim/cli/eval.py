@@ -8,7 +8,16 @@ from pathlib import Path
 
 import click
 
-from ddim.cli.common import UsageError, _check_out_file, _check_out_folder, _finite_cb, _load_model, main
+from ddim.cli.common import (
+    UsageError,
+    _check_device,
+    _check_out_file,
+    _check_out_folder,
+    _check_seeds,
+    _finite_cb,
+    _load_model,
+    main,
+)
 from ddim.evaluation.report import ReportSettings
 
 
@@ -124,11 +133,7 @@ def _setup(model_path, class_spec, guidance, spacing, seed, batch, device="cpu")
 
     from ddim.evaluation.common import EvalSetup
 
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise UsageError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    dev = torch.device(_check_device(device))
     model, schedule, config = _load_model(model_path)
     model.to(dev)
     try:
@@ -225,6 +230,7 @@ def table1_cmd(
     if bad or not samplers:
         raise UsageError(f"--sampler: unknown {bad or sampler_list!r}; valid: {', '.join(sorted(SAMPLERS))}")
     _check_out_folder(out)
+    _check_seeds(seed, n)
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
     try:
@@ -318,6 +324,7 @@ def consistency_cmd(
 
     steps = _ints(steps_list, "--steps")
     _check_out_folder(out)
+    _check_seeds(seed, n)
     setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     try:
         run_consistency(setup, out, steps=steps, n=n, columns=columns, progress=progress)
@@ -340,6 +347,7 @@ def interpolation_cmd(
     from ddim.evaluation.interpolation import run_interpolation
 
     _check_out_folder(out)
+    _check_seeds(seed, 2 * pairs)
     setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     try:
         run_interpolation(setup, out, pairs=pairs, frames=frames, steps=steps, progress=progress)
@@ -502,6 +510,7 @@ def report_cmd(
     )
     if len(set(settings.consistency_steps)) < 2:
         raise UsageError("--consistency-steps needs at least two step counts")
+    _check_seeds(seed, max(n, consistency_n, 2 * pairs))
     out_path = _check_out_file(out, (".html", ".htm"))
     work_dir = _check_out_folder(work, "--work") if work else out_path.with_name(out_path.stem + "_files")
     if not work:
