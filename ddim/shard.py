@@ -188,6 +188,7 @@ class SampleJob:
     ctx: ddist.Context = field(default_factory=ddist.Context)
     nrow: int | None = None
     written: int = 0
+    chunks: int = 0  # batches the whole request needs (over all ranks)
 
     @property
     def seeds(self) -> list[int]:
@@ -198,6 +199,11 @@ class SampleJob:
     def labels(self) -> torch.Tensor:
         """Their labels (int64, -1 = unconditional)."""
         return self.all_labels[torch.as_tensor(self.positions, dtype=torch.long)]
+
+    @property
+    def idle_ranks(self) -> int:
+        """How many ranks get no chunk (0 single-process, or when every rank has work)."""
+        return max(0, self.ctx.world_size - self.chunks) if self.ctx.distributed and self.chunks else 0
 
     @property
     def progress(self) -> bool:
@@ -286,10 +292,14 @@ class SampleJob:
             have = set().union(*ddist.all_gather_objects(have, ctx))
             missing = [i for i in range(n) if seed + i not in have]
             skipped = n - len(missing)
-            positions = _deal_chunks(missing, seed, batch, ctx)
+            todo = missing
         else:
-            positions = _deal_chunks(positions, seed, batch, ctx)
-        return cls(out, kind, n, seed, labels, positions, skipped, ctx, nrow)
+            todo = positions
+        positions = _deal_chunks(todo, seed, batch, ctx)
+        from ddim.generate import seed_chunks
+
+        chunks = len(seed_chunks([seed + i for i in todo], batch))
+        return cls(out, kind, n, seed, labels, positions, skipped, ctx, nrow, chunks=chunks)
 
     def on_batch(self, first: int, images: torch.Tensor) -> None:
         """``generate``'s streaming hook: a folder output writes each finished image at once."""

@@ -487,3 +487,14 @@ def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
     rc = run(["sample", "-n", "2", "--steps", "2", "--no-progress", "--out", str(tmp_path / "x.npz")])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "out of memory" in err, err
+
+
+def test_idle_ranks_are_counted(tmp_path):
+    from ddim.distributed import Context
+    from ddim.shard import SampleJob
+
+    def job(world, chunks):
+        ctx = Context(rank=0, world_size=world)
+        return SampleJob(tmp_path, "folder", 4, 0, torch.full((4,), -1), [0, 1], ctx=ctx, chunks=chunks)
+
+    assert job(2, 1).idle_ranks == 1 and job(2, 2).idle_ranks == 0 and job(1, 1).idle_ranks == 0

@@ -97,6 +97,12 @@ def sample_cmd(
         # under torchrun: this rank's share; a folder: only the seeds not yet written
         settings = {k: v for k, v in ctx.params.items() if k not in RUNTIME_ONLY}
         job = SampleJob.plan(out, n=n, seed=seed, labels=labels, model=model, settings=settings, batch=batch)
+        if job.idle_ranks and job.ctx.is_main:
+            click.echo(
+                f"note: {job.chunks} batch(es) of --batch {batch} for {job.ctx.world_size} processes: "
+                f"{job.idle_ranks} of them have nothing to do; a smaller --batch spreads the work",
+                err=True,
+            )
         fast = _prepare_model(model, device, precision, compile_model, channels_last, threads)
         # Memory stays bounded by --batch: a folder gets each chunk's PNGs as it finishes and keeps
         # nothing; a .npz/.png keeps only the uint8 images it will write (under torchrun each rank
