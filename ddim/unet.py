@@ -156,6 +156,16 @@ class Attention(nn.Module):
         return x + self.out(a.transpose(-1, -2).reshape(b, c, h, w))
 
 
+def _check_labels(y: torch.Tensor, k: int) -> None:
+    """Class labels must be 0..k-1, or k (the null class): ValueError naming ``y`` otherwise."""
+    if y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi > k:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"y: class label {bad} is out of range: 0..{k - 1}, or {k} for the null class")
+
+
 class UNet(nn.Module):
     """ε/x₀/v-prediction U-Net: ``forward(x [B,C,H,W] float, t [B] int64, y [B] int64 | None) -> [B,C,H,W]``.
 
@@ -220,6 +230,8 @@ class UNet(nn.Module):
         if self.class_emb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device)
+            elif y.device.type == "cpu":  # (on an accelerator a check would wait for the device every call)
+                _check_labels(y, self.config.num_classes)
             emb = emb + self.class_emb(y)
         h = self.conv_in(x)
         hs = [h]

@@ -498,3 +498,14 @@ def test_idle_ranks_are_counted(tmp_path):
         return SampleJob(tmp_path, "folder", 4, 0, torch.full((4,), -1), [0, 1], ctx=ctx, chunks=chunks)
 
     assert job(2, 1).idle_ranks == 1 and job(2, 2).idle_ranks == 0 and job(1, 1).idle_ranks == 0
+
+
+def test_out_of_range_labels_through_sample(tiny):
+    from ddim.checkpoint import load
+
+    model, schedule, _ = load(tiny)  # classes 0..3, 4 = null
+    x = ddim.randn((1, 1, 8, 8), [0])
+    ddim.sample(model, x, schedule, steps=2, model_kwargs={"y": torch.tensor([4])})
+    for y in (5, -1):
+        with pytest.raises(ValueError, match=f"y: class label {y} is out of range"):
+            ddim.sample(model, x, schedule, steps=2, model_kwargs={"y": torch.tensor([y])})
