@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["check_file", "check_folder"]
+__all__ = ["check_file", "check_folder", "check_memory", "physical_memory"]
 
 
 def _named(flag: str, path: str | os.PathLike) -> str:
@@ -103,3 +103,25 @@ def check_folder(path: str | os.PathLike | None, *, flag: str = "out") -> Path:
         return p
     _probe_parent(p, flag)
     return p
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def check_memory(nbytes: int, what: str, hint: str = "") -> None:
+    """Raise ValueError when ``what`` needs more than 90% of this machine's RAM (``nbytes``).
+
+    Linux hands out memory lazily, so an oversized array is often "allocated" fine and the process
+    is killed hours later when it is filled; this refuses such a request before any work.
+    """
+    total = physical_memory()
+    if total is not None and nbytes > 0.9 * total:
+        raise ValueError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB of memory and this machine has {total / 2**30:.1f} GiB"
+            + (f"; {hint}" if hint else "")
+        )

@@ -153,7 +153,7 @@ def test_non_finite_guidance_refused_by_the_library(tiny):
 
 def test_device_and_threads(tmp_path, capsys):
     out = str(tmp_path / "x.png")
-    usage_error(["sample", "--device", "banana", "--out", out], capsys, "--device: unknown device 'banana'")
+    usage_error(["sample", "--device", "banana", "--out", out], capsys, "--device banana: unknown device")
     usage_error(["sample", "--device", "meta", "--out", out], capsys, "--device meta")
     too_many = str((os.cpu_count() or 1) + 1)
     usage_error(["sample", "--threads", "100000", "--out", out], capsys, "--threads")
@@ -509,3 +509,14 @@ def test_out_of_range_labels_through_sample(tiny):
     for y in (5, -1):
         with pytest.raises(ValueError, match=f"y: class label {y} is out of range"):
             ddim.sample(model, x, schedule, steps=2, model_kwargs={"y": torch.tensor([y])})
+
+
+def test_outputs_that_cannot_fit_in_memory_are_refused_first(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ddim.outputs.physical_memory", lambda: 2**20)  # a machine with 1 MiB
+    sample = ["sample", "--model", tiny, "--steps", "2", "--no-progress", "-n", "100000", "--out"]
+    usage_error([*sample, str(tmp_path / "x.npz")], capsys, "write a folder")
+    usage_error([*sample, str(tmp_path / "dir")], capsys, "ask for fewer")
+    usage_error(
+        ["interpolate", "--model", tiny, "--frames", "100000", "--out", str(tmp_path / "i.png")], capsys, "--frames"
+    )
+    assert not (tmp_path / "dir").exists()

@@ -84,7 +84,7 @@ def _check_device(device: str, flag: str = "--device") -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"{flag}: unknown device {device!r}; valid: cpu, cuda, cuda:N, mps, ...") from None
+        raise UsageError(f"{flag} {device}: unknown device; valid: cpu, cuda, cuda:N, mps, ...") from None
     if dev.type == "meta":
         raise UsageError(f"{flag} meta holds no data; use cpu, cuda or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():

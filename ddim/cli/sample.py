@@ -90,6 +90,7 @@ def sample_cmd(
     device = _check_device(local_device(_check_device(device)))  # under torchrun, "cuda" is this rank's GPU
     model, schedule, config = _load_model(model_path, device)
     try:
+        _check_sample_memory(model, n, out)
         labels = parse_classes(class_spec, n, model.config.num_classes)
         # --spacing if given, else the model's (a diffusers scheduler's spacing, offset, clipping...)
         given = ctx.get_parameter_source("spacing") is not click.core.ParameterSource.DEFAULT
@@ -135,6 +136,21 @@ def sample_cmd(
         raise click.ClickException(str(e)) from None
     if summary:
         click.echo(summary)
+
+
+def _check_sample_memory(model, n: int, out: str) -> None:
+    """Refuse an -n whose bookkeeping (about 150 bytes an image: labels, seed lists) or, for a .npz/.png,
+    whose images (uint8, float32 under torchrun, and the file's copy) would not fit in this machine's RAM."""
+    import os
+
+    from ddim.outputs import check_memory
+
+    per = 150
+    if Path(out).suffix:  # a .npz/.png holds every image in memory until it is written
+        cfg = model.config
+        per += cfg.in_channels * cfg.image_size**2 * (6 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 2)
+    hint = "write a folder (--out DIR/) or ask for fewer" if Path(out).suffix else "ask for fewer"
+    check_memory(n * per, f"-n {n} with --out {out}", hint)
 
 
 def _check_sample_out(out: str) -> None:
@@ -235,6 +251,12 @@ def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, st
         valid = f"classes 0..{k - 1}" if k else "no classes (it is unconditional)"
         raise UsageError(f"--class {label} is out of range: this model has {valid}")
     cfg = model.config
+    try:
+        from ddim.outputs import check_memory
+
+        check_memory(3 * frames * cfg.in_channels * (cfg.image_size + 2) ** 2, f"--frames {frames}", "ask for fewer")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     u8 = np.empty((frames, cfg.image_size, cfg.image_size, cfg.in_channels), dtype=np.uint8)
 
     def keep(first, x):
