@@ -129,8 +129,14 @@ def npz_images(path: str | os.PathLike) -> ImageData:
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: 'images' must be [N, H, W] or [N, H, W, C] with C in (1, 3), got {images.shape}")
     if images.dtype != np.uint8:
-        if images.min() < 0 or images.max() > 1:
-            raise ValueError(f"{path}: float 'images' must lie in [0, 1]")
+        if images.dtype == np.bool_ or not np.issubdtype(images.dtype, np.number):
+            raise ValueError(f"{path}: 'images' must be uint8 (0..255) or floats in [0, 1], got dtype {images.dtype}")
+        lo, hi = images.min(), images.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 1:
+            raise ValueError(
+                f"{path}: 'images' must be uint8 (0..255) or floats in [0, 1]; got {images.dtype} with values "
+                f"{lo}..{hi} (convert it: e.g. uint16 -> (a / 257).round().astype(np.uint8))"
+            )
         images = images * 255.0
     lab = None
     names: list[str] = []

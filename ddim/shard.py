@@ -497,7 +497,7 @@ class ArrayImages:
         if a.ndim != 4 or a.shape[0] == 0 or a.shape[-1] not in (1, 3):
             raise ValueError(f"{name}: images must be [N, H, W] or [N, H, W, C] with C in (1, 3), got {a.shape}")
         if a.dtype != np.uint8:
-            if not np.issubdtype(a.dtype, np.floating) or a.min() < 0 or a.max() > 1:
+            if not np.issubdtype(a.dtype, np.floating) or not (0 <= a.min() <= a.max() <= 1):  # NaN fails too
                 raise ValueError(f"{name}: images must be uint8, or floats in [0, 1]; got {a.dtype}")
             a = np.round(a * 255).astype(np.uint8)
         self.images, self.name = a, name

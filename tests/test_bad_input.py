@@ -520,3 +520,18 @@ def test_outputs_that_cannot_fit_in_memory_are_refused_first(tiny, tmp_path, cap
         ["interpolate", "--model", tiny, "--frames", "100000", "--out", str(tmp_path / "i.png")], capsys, "--frames"
     )
     assert not (tmp_path / "dir").exists()
+
+
+def test_npz_images_of_another_range_are_refused(tmp_path):
+    from ddim.data import npz_images
+    from ddim.shard import ArrayImages
+
+    for name, arr in [
+        ("u16", np.full((2, 8, 8), 1000, np.uint16)),
+        ("nan", np.full((2, 8, 8), np.nan, np.float32)),
+    ]:
+        np.savez(tmp_path / f"{name}.npz", images=arr)
+        with pytest.raises(ValueError, match="uint8 \\(0..255\\) or floats in \\[0, 1\\]"):
+            npz_images(tmp_path / f"{name}.npz")
+        with pytest.raises(ValueError, match="must be uint8"):
+            ArrayImages(arr)
