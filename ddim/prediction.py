@@ -407,6 +407,8 @@ class Denoiser:
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
             raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
         self.guidance_scale = float(guidance_scale)
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {self.guidance_scale}")
         for name, kw in (("model_kwargs", model_kwargs), ("uncond_kwargs", uncond_kwargs)):
             if kw is not None and not isinstance(kw, Mapping):
                 raise TypeError(f"{name} must be a dict, got {type(kw).__name__}")

@@ -224,6 +224,9 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            c, s = self.config.in_channels, self.config.image_size
+            raise ValueError(f"x must be [B, {c}, H, W] for this model (trained at {s}×{s}), got {tuple(x.shape)}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))

@@ -535,3 +535,16 @@ def test_npz_images_of_another_range_are_refused(tmp_path):
             npz_images(tmp_path / f"{name}.npz")
         with pytest.raises(ValueError, match="must be uint8"):
             ArrayImages(arr)
+
+
+def test_sample_api_refuses_non_finite_guidance_and_wrong_channels(tiny):
+    from ddim.checkpoint import load
+
+    model, schedule, _ = load(tiny)
+    x = ddim.randn((1, 1, 8, 8), [0])
+    kw = dict(model_kwargs={"y": torch.tensor([1])}, uncond_kwargs={"y": torch.tensor([4])})
+    for g in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            ddim.sample(model, x, schedule, steps=2, guidance_scale=g, **kw)
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, H, W\]"):
+        ddim.sample(model, torch.randn(1, 3, 8, 8), schedule, steps=2)
