@@ -96,10 +96,9 @@ def input_dtype(model: Any) -> torch.dtype | None:
     """The dtype ``model`` wants its input x in: its first floating parameter's, or None when any
     floating dtype will do (a :class:`Precision` wrapper casts x itself; a plain function has no
     parameters). Looks through ``torch.compile`` and :func:`prepare`'s wrappers; costs a few µs."""
-    top = getattr(model, "_orig_mod", model)
-    if not isinstance(top, torch.nn.Module):
+    if not isinstance(model, torch.nn.Module):
         return None
-    mods = [top]
+    mods = [model._modules.get("_orig_mod", model)]  # (no getattr: the wrappers' __getattr__ raises twice)
     while mods:
         mod = mods.pop()
         if mod is None:
