@@ -132,7 +132,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         check_seed_range(self.seed, 1, "seed")
         if self.init is not None and not Path(self.init).exists():
-            raise ValueError(f"init {self.init} does not exist (a run or model folder, or a .safetensors file)")
+            raise FileNotFoundError(f"init {self.init} does not exist (a run or model folder, or a .safetensors file)")
         check_threads(self.threads or None)
         if not isinstance(self.unet, dict):
             raise ValueError(f"unet must be a dict of UNetConfig fields, got {type(self.unet).__name__}")

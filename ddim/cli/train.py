@@ -95,7 +95,7 @@ def train_cmd(fresh: bool, base_channels, channel_mults, **kw) -> None:
         raise UsageError(f"--lr-decay-start must be below --steps ({cfg.steps}), got {cfg.lr_decay_start}")
     try:
         cfg.validate()
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         raise UsageError(_flag_message(str(e))) from None
     try:
         ctx = ddist.init()
