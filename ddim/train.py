@@ -349,7 +349,8 @@ def _train(
         try:
             meta = _restore_state(blob, model, ema, opt, gen, ctx.rank)
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            first = next((ln for ln in lines if "mismatch" in ln or "key" in ln.lower()), lines[0])
             raise ValueError(
                 f"cannot resume {out}: its saved state does not fit this run's network (the data or the "
                 f"architecture changed?): {first}; use another --out, or --fresh to start over"
