@@ -27,6 +27,7 @@ This is a benchmark, not a test: nothing here asserts a time.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -41,7 +42,16 @@ from ddim.noise import randn
 from ddim.sampling import SAMPLERS, sample
 from ddim.schedule import NoiseSchedule
 
-__all__ = ["ALGORITHMS", "BenchRow", "Timing", "TrivialModel", "bench_rows", "format_table", "run_bench"]
+__all__ = [
+    "ALGORITHMS",
+    "BenchRow",
+    "Timing",
+    "TrivialModel",
+    "bench_rows",
+    "format_table",
+    "run_bench",
+    "sd_bench_rows",
+]
 
 #: Row name -> (our sampler, steps, diffusers scheduler class name).
 ALGORITHMS = {
@@ -305,6 +315,116 @@ def bench_rows(
     return rows
 
 
+# ----------------------------------------------------------------- Stable Diffusion: whole text-to-image calls
+class _UNetTimer:
+    """Forward hooks on a module that add the seconds spent in it (synchronising CUDA around each call)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        self.seconds, self.calls, self._tic = 0.0, 0, 0.0
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def _pre(self, *_: Any) -> None:
+        self._sync()
+        self._tic = time.perf_counter()
+
+    def _post(self, *_: Any) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._tic
+        self.calls += 1
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _sd_ours(model, schedule, config, *, prompt, n, steps, guidance, sampler, device) -> torch.Tensor:
+    from ddim.stable_diffusion import text_to_image
+
+    res = text_to_image(
+        model, schedule, config, prompt, n=n, steps=steps, sampler=sampler, guidance=guidance, batch=n, device=device
+    )
+    return (res.images / 2 + 0.5).clamp(0, 1)
+
+
+def _sd_theirs(pipe, *, prompt, n, steps, guidance) -> torch.Tensor:
+    gens = [torch.Generator("cpu").manual_seed(i) for i in range(n)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt")
+    return out.images.float().cpu()
+
+
+def sd_bench_rows(
+    *,
+    batches: Sequence[int] = (1, 8),
+    algorithms: Sequence[str] = tuple(ALGORITHMS),
+    repeats: int = 5,
+    guidance: float = 7.5,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Text to image with a tiny random Stable Diffusion pipeline (:func:`ddim.tiny_sd.tiny_stable_diffusion`,
+    16×16 images): :func:`ddim.stable_diffusion.text_to_image` against ``StableDiffusionPipeline.__call__``
+    on the same components (UNet, VAE, text encoder, tokenizer), one prompt, classifier-free guidance.
+
+    Both are timed end to end (prompt encoding, the loop, VAE decoding); "network" is the time inside
+    the UNet (forward hooks), so the overhead column holds everything else, the text encoder and VAE
+    included, per UNet call. ``max |Δ|`` compares the decoded images on [0, 1]. Medians of ``repeats``.
+    """
+    import tempfile
+
+    import diffusers
+
+    from ddim.checkpoint import load
+    from ddim.tiny_sd import tiny_stable_diffusion
+
+    device = torch.device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = tiny_stable_diffusion(tokenizer_dir=os.path.join(tmp, "tok"))
+        tiny.save_pretrained(os.path.join(tmp, "pipe"))
+        model, schedule, config = load(os.path.join(tmp, "pipe"), device=device)
+    rows: list[BenchRow] = []
+    prompt = "a red cat and the dog"
+    for algo in algorithms:
+        sampler, steps, sched_name = ALGORITHMS[algo]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scheduler = getattr(diffusers, sched_name).from_config(config["scheduler_config"])
+        cfg = {**config, "scheduler": sched_name, "scheduler_config": dict(scheduler.config)}
+        pipe = diffusers.StableDiffusionPipeline(
+            unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        for B in batches:
+            common = dict(prompt=prompt, n=B, steps=steps, guidance=guidance)
+            ours = functools.partial(_sd_ours, model, schedule, cfg, sampler=sampler, device=device, **common)
+            theirs = functools.partial(_sd_theirs, pipe, **common)
+            runs: dict[str, list[tuple[float, float, int]]] = {"ours": [], "diffusers": []}
+            finals: dict[str, torch.Tensor] = {}
+            with torch.inference_mode():
+                ours(), theirs()  # warm-up
+                for k in range(repeats):
+                    order = (("ours", ours), ("diffusers", theirs))
+                    for key, fn in order if k % 2 == 0 else order[::-1]:
+                        timer = _UNetTimer(model.unet, device)
+                        tic = time.perf_counter()
+                        finals[key] = fn()
+                        runs[key].append((time.perf_counter() - tic, timer.seconds, timer.calls))
+                        timer.remove()
+            timings = {
+                k: Timing(statistics.median(r[0] for r in v), statistics.median(r[1] for r in v), v[0][2], B)
+                for k, v in runs.items()
+            }
+            floor = _floor(randn((B, *model.latent_shape()), list(range(B)), device=device))
+            diff = float((finals["ours"] - finals["diffusers"]).abs().max())
+            rows.append(BenchRow("tiny-sd", algo, B, timings["ours"], timings["diffusers"], floor, diff))
+            if log is not None:
+                log(format_row(rows[-1]))
+    return rows
+
+
 # ----------------------------------------------------------------- output
 HEADER = (
     "| model | sampler | batch | NFE | network/call | overhead/step ours | overhead/step diffusers | ratio | "
@@ -368,7 +488,8 @@ def run_bench(
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[BenchRow], list[str]]:
-    """The whole benchmark: rows for the trivial model and for the shipped model (or ``model_path``).
+    """The whole benchmark: rows for the trivial model and for the shipped model (or ``model_path``), and
+    with "tiny-sd" in ``models`` text-to-image rows for a tiny Stable Diffusion pipeline (:func:`sd_bench_rows`).
 
     The shipped model is :func:`ddim.load` ``()`` (or ``model_path``), prepared by
     :func:`ddim.perf.prepare` (eval, frozen, channels-last): the settings ``ddim sample`` uses. It is
@@ -384,6 +505,9 @@ def run_bench(
     notes: list[str] = []
     rows: list[BenchRow] = []
     for which in models:
+        if which == "tiny-sd":
+            rows += sd_bench_rows(batches=batches, algorithms=algorithms, repeats=model_repeats, device=device, log=log)
+            continue
         if which == "trivial":
             schedule = NoiseSchedule.linear(1000)
             rows += bench_rows(

@@ -156,8 +156,9 @@ def load(
     Args:
         path: a model folder (``model.safetensors`` + ``config.json``), a ``.safetensors``
             file with its ``.json`` beside it, a diffusers pipeline folder (``model_index.json``,
-            ``unet/``, ``scheduler/``; see :mod:`ddim.diffusers_io`, needs diffusers), or ``None`` for
-            the embedded default model.
+            ``unet/``, ``scheduler/``; see :mod:`ddim.diffusers_io`, needs diffusers), a Stable Diffusion
+            pipeline folder (see :mod:`ddim.stable_diffusion`, needs diffusers and transformers), or
+            ``None`` for the embedded default model.
         device, dtype: where and in which precision to put the weights (default CPU float32).
 
     Raises:
@@ -165,7 +166,10 @@ def load(
         not match the architecture in the config (the message names the first mismatches).
     """
     from ddim.diffusers_io import is_pipeline_folder, load_pipeline
+    from ddim.stable_diffusion import is_stable_diffusion_folder, load_stable_diffusion
 
+    if is_stable_diffusion_folder(path):
+        return load_stable_diffusion(path, device, dtype)
     if is_pipeline_folder(path):
         _check_pipeline_weights(Path(path))
         return load_pipeline(path, device, dtype)

@@ -3,6 +3,10 @@ feature space for Fréchet distances on the default model (the FID of this packa
 
 The shipped weights (``ddim/weights/classifier``) were trained with :func:`train_classifier`
 on the 4,500 training digits of MNIST-5k; the 500 held-out digits measure its accuracy.
+
+A second, independently trained network (:class:`CheckClassifier`: another architecture, another
+seed; ``ddim/weights/classifier_check.safetensors``) is kept only to check choices made in the first
+one's feature space (such as the default guidance), so that they are not tuned to one network.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from torch import nn
 
 from ddim.checkpoint import atomic_write
 
-__all__ = ["DigitClassifier", "train_classifier", "load_classifier", "default_classifier_path"]
+__all__ = [
+    "DigitClassifier",
+    "CheckClassifier",
+    "train_classifier",
+    "load_classifier",
+    "default_classifier_path",
+    "check_classifier_path",
+]
 
 FEATURE_DIM = 128
 
@@ -69,6 +80,42 @@ class DigitClassifier(nn.Module):
         return torch.cat(feats), torch.cat(preds)
 
 
+class CheckClassifier(nn.Module):
+    """The checking network: strided convolutions with GroupNorm and global average pooling (no max-pool,
+    no BatchNorm, no flattened 7×7 map), 64-d features. Same interface as :class:`DigitClassifier`."""
+
+    FEATURE_DIM = 64
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 24, 3, padding=1),
+            nn.GroupNorm(4, 24),
+            nn.SiLU(),
+            nn.Conv2d(24, 48, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 48),
+            nn.SiLU(),
+            nn.Conv2d(48, 48, 3, padding=1),
+            nn.GroupNorm(8, 48),
+            nn.SiLU(),
+            nn.Conv2d(48, 96, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 96),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(96, self.FEATURE_DIM),
+            nn.SiLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.FEATURE_DIM, num_classes))
+
+    features = DigitClassifier.features
+    forward = DigitClassifier.forward
+    predict_features = DigitClassifier.predict_features
+
+
+ARCHS = {"a": DigitClassifier, "check": CheckClassifier}
+
+
 def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     """Random translations by up to ``max_shift`` pixels (padding with background -1)."""
     b = x.shape[0]
@@ -88,11 +135,15 @@ def train_classifier(
     lr: float = 2e-3,
     seed: int = 0,
     progress: bool = False,
-) -> DigitClassifier:
-    """Train a :class:`DigitClassifier` on images [N, 1, 28, 28] in [-1, 1] and int64 labels [N]."""
+    arch: str = "a",
+) -> DigitClassifier | CheckClassifier:
+    """Train a :class:`DigitClassifier` (``arch="a"``) or :class:`CheckClassifier` (``"check"``) on images
+    [N, 1, 28, 28] in [-1, 1] and int64 labels [N]."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = DigitClassifier(int(labels.max()) + 1, images.shape[1])
+    model = ARCHS[arch](int(labels.max()) + 1, images.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(images) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -118,18 +169,35 @@ def default_classifier_path() -> Path:
     return Path(__file__).parent / "weights" / "classifier.safetensors"
 
 
-def save_classifier(model: DigitClassifier, path: str | os.PathLike) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "ddim-digit-classifier"}))
+def check_classifier_path() -> Path:
+    """The shipped checking network (:class:`CheckClassifier`)."""
+    return Path(__file__).parent / "weights" / "classifier_check.safetensors"
 
 
-def load_classifier(path: str | os.PathLike | None = None) -> DigitClassifier:
+def save_classifier(model: DigitClassifier | CheckClassifier, path: str | os.PathLike, half: bool = False) -> None:
+    """Write the weights as safetensors (``half``: float16 storage; loaded back as float32)."""
+    arch = "check" if isinstance(model, CheckClassifier) else "a"
+    tensors = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    meta = {"format": "ddim-digit-classifier", "arch": arch}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_classifier(path: str | os.PathLike | None = None) -> DigitClassifier | CheckClassifier:
     """The shipped MNIST digit classifier (or one saved with :func:`save_classifier`), in eval mode."""
+    from safetensors import safe_open
+
     path = Path(path) if path is not None else default_classifier_path()
     if not path.is_file():
         raise FileNotFoundError(f"digit classifier weights {path} are missing")
-    state = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        arch = (f.metadata() or {}).get("arch", "a")
+    if arch not in ARCHS:
+        raise ValueError(f"{path}: unknown classifier architecture {arch!r}")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
     n_cls = state["head.1.weight"].shape[0]
-    model = DigitClassifier(n_cls, state["body.0.weight"].shape[1])
+    model = ARCHS[arch](n_cls, state["body.0.weight"].shape[1])
     model.load_state_dict(state)
     return model.eval()

@@ -2,6 +2,8 @@
 
 Every source becomes an :class:`ImageData`: float32 images in [-1, 1] shaped [N, C, H, W],
 optional int64 labels, and the class names. Bad data is refused here, before training starts.
+A ``.npz`` with a ``data`` array instead of ``images`` holds samples of any shape in model space:
+signals [N, C, L], video [N, C, F, H, W] (see :func:`npz_images`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class ImageData:
     """A data set ready for training.
 
     Attributes:
-        images: float32 [N, C, H, W] in [-1, 1].
+        images: float32 [N, C, H, W] in [-1, 1] ([N, C, L] signals or [N, C, F, H, W] video from a
+            ``.npz``'s ``data``).
         labels: int64 [N] in [0, len(class_names)), or None for unlabelled data.
         class_names: names of the classes (empty when unlabelled).
         source: a JSON-able description of where the data came from.
@@ -112,7 +115,10 @@ def sklearn_digits() -> ImageData:
 
 def npz_images(path: str | os.PathLike) -> ImageData:
     """Images from a .npz file: ``images`` uint8 (or floats in [0, 1]) shaped [N, H, W] or [N, H, W, C];
-    optional ``labels`` int [N]."""
+    optional ``labels`` int [N].
+
+    Or, for data that are not images, ``data``: float samples already in model space [-1, 1], shaped
+    [N, C, L] (signals, for a ``dims=1`` U-Net) or [N, C, F, H, W] (video, ``dims=3``; H = W)."""
     path = Path(path)
     try:
         z = np.load(path, allow_pickle=False)
@@ -120,10 +126,13 @@ def npz_images(path: str | os.PathLike) -> ImageData:
     except (OSError, EOFError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: cannot read as .npz ({e})") from e
     with z:
-        if "images" not in files:
-            raise ValueError(f"{path}: no array named 'images' (found: {sorted(files)})")
-        images = z["images"]
+        if "images" not in files and "data" not in files:
+            raise ValueError(f"{path}: no array named 'images' or 'data' (found: {sorted(files)})")
+        raw = "images" not in files
+        images = z["data" if raw else "images"]
         labels = z["labels"] if "labels" in files else None
+    if raw:
+        return _raw_samples(path, images, labels)
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
@@ -138,18 +147,40 @@ def npz_images(path: str | os.PathLike) -> ImageData:
                 f"{lo}..{hi} (convert it: e.g. uint16 -> (a / 257).round().astype(np.uint8))"
             )
         images = images * 255.0
+    lab, names = _labels(path, labels, images.shape[0])
+    return ImageData(_to_unit_range(images), lab, names, {"name": "npz", "path": str(path)})
+
+
+def _raw_samples(path: Path, data: np.ndarray, labels: np.ndarray | None) -> ImageData:
+    """A ``.npz``'s ``data``: float [N, C, L] or [N, C, F, H, W] in [-1, 1], checked."""
+    if data.ndim not in (3, 4, 5) or data.shape[0] == 0 or 0 in data.shape:
+        raise ValueError(
+            f"{path}: 'data' must be [N, C, L], [N, C, H, W] or [N, C, F, H, W] with N >= 1, got {data.shape}"
+        )
+    if data.ndim >= 4 and data.shape[-1] != data.shape[-2]:
+        raise ValueError(f"{path}: 'data' frames must be square (H = W), got {data.shape}")
+    if not np.issubdtype(data.dtype, np.floating):
+        raise ValueError(f"{path}: 'data' must be floats in [-1, 1], got {data.dtype}")
+    if not np.isfinite(data).all() or data.min() < -1 or data.max() > 1:
+        raise ValueError(f"{path}: 'data' must be finite floats in [-1, 1]")
+    lab, names = _labels(path, labels, data.shape[0])
+    x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    return ImageData(x, lab, names, {"name": "npz", "path": str(path)})
+
+
+def _labels(path: Path, labels: np.ndarray | None, n: int) -> tuple[torch.Tensor | None, list[str]]:
     lab = None
     names: list[str] = []
     if labels is not None:
         labels = np.asarray(labels)
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"{path}: 'labels' must have shape [{images.shape[0]}], got {labels.shape}")
+        if labels.shape != (n,):
+            raise ValueError(f"{path}: 'labels' must have shape [{n}], got {labels.shape}")
         labels = labels.astype(np.int64)
         if labels.min() < 0:
             raise ValueError(f"{path}: 'labels' must be non-negative")
         lab = torch.from_numpy(labels)
         names = [str(i) for i in range(int(labels.max()) + 1)]
-    return ImageData(_to_unit_range(images), lab, names, {"name": "npz", "path": str(path)})
+    return lab, names
 
 
 def image_folder(path: str | os.PathLike, image_size: int) -> ImageData:

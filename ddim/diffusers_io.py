@@ -24,7 +24,9 @@ How the scheduler config maps onto this package:
   recorded as ``config["sampling"]["variance"] = "large"`` (for ``sampler="ddpm"``; not applied by
   default, as diffusers' DDIM pipeline ignores it too).
 
-After clipping, ε̂ is always recomputed from the clipped x̂₀ (diffusers' ``use_clipped_model_output=True``).
+After clipping, ε̂ is the model's own, as in ``DDIMPipeline`` (diffusers' ``use_clipped_model_output`` is a
+``step`` argument, not a scheduler setting, and the pipelines leave it off): ``config["sampling"]`` gets
+``use_clipped_model_output: False``. A ddim model folder may set it to true (the embedded model does).
 """
 
 from __future__ import annotations
@@ -53,7 +55,14 @@ FORMAT = "diffusers-pipeline"
 INDEX = "model_index.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 #: Keys of ``config["sampling"]`` that are passed straight to :func:`ddim.sample`.
-_PASSED = ("set_alpha_to_one", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+_PASSED = (
+    "set_alpha_to_one",
+    "clip_sample_range",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "use_clipped_model_output",
+)
 
 
 def is_pipeline_folder(path: str | os.PathLike | None) -> bool:
@@ -158,6 +167,7 @@ def _sampling_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "thresholding": bool(cfg.get("thresholding", False)),
         "dynamic_thresholding_ratio": float(cfg.get("dynamic_thresholding_ratio", 0.995)),
         "sample_max_value": float(cfg.get("sample_max_value", 1.0)),
+        "use_clipped_model_output": False,
     }
     if cfg.get("variance_type") == "fixed_large":
         out["variance"] = "large"
@@ -235,16 +245,19 @@ def sampling_kwargs(
         timesteps: an explicit list; it overrides spacing and offset.
 
     Returns:
-        ``{"spacing", "timesteps", "clip_sample", ...}``: with a ``steps_offset`` k > 0 and "leading"
-        spacing the timesteps are diffusers' ``[j·(T//S) + k]`` (given explicitly, as no spacing rule
-        has an offset); ``set_alpha_to_one``, ``clip_sample_range`` and the thresholding settings are
-        included when the config sets them.
+        ``{"spacing", "timesteps", "clip_sample", ...}``: with "leading" spacing, a diffusers pipeline
+        folder (or any ``steps_offset`` k > 0) gets diffusers' own ``[j·(T//S) + k]`` given explicitly
+        (this package's "leading" is the paper's ⌊i·T/S⌋, which differs where S does not divide T);
+        ``set_alpha_to_one``, ``clip_sample_range``, the thresholding settings and
+        ``use_clipped_model_output`` are included when the config sets them.
     """
     s = dict(config.get("sampling") or {})
     spacing = spacing or s.get("spacing", "leading")
     kw: dict[str, Any] = {"spacing": spacing, "timesteps": timesteps, "clip_sample": bool(s.get("clip_sample", False))}
     offset = int(s.get("steps_offset", 0) or 0)
-    if timesteps is None and offset and spacing == "leading":
+    # diffusers' "leading" is k·(T//S) + offset: equal to this package's ⌊i·T/S⌋ only where S divides T
+    # and the offset is 0, so a pipeline folder gets diffusers' exact list (DDIMPipeline parity at every S)
+    if timesteps is None and spacing == "leading" and (offset or config.get("format") == FORMAT):
         T = schedule.T
         ts = [j * (T // steps) + offset for j in reversed(range(steps))]
         if ts[0] > T - 1:

@@ -36,6 +36,7 @@ __all__ = [
     "check_guidance",
     "parse_classes",
     "generate",
+    "sample_shape",
     "invert_images",
     "interpolate_seeds",
     "write_images",
@@ -163,6 +164,15 @@ def _class_kwargs(model: torch.nn.Module, labels: torch.Tensor, device: torch.de
     return {"y": y}, {"y": torch.full_like(y, k)}
 
 
+def sample_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    """The shape of one sample of ``model`` from its config: ``config.sample_shape`` when it has one
+    (:class:`~ddim.unet.UNetConfig`: (C, L), (C, H, W) or (C, F, H, W)), else (C, S, S) from
+    ``in_channels`` and ``image_size``."""
+    cfg = model.config
+    shape = getattr(cfg, "sample_shape", None)
+    return tuple(shape) if shape is not None else (cfg.in_channels, cfg.image_size, cfg.image_size)
+
+
 def generate(
     model: torch.nn.Module,
     schedule: NoiseSchedule,
@@ -187,6 +197,8 @@ def generate(
     keep: str = "float",
     device: str | torch.device = "cpu",
     sample_kwargs: dict[str, Any] | None = None,
+    conditioning: Callable[[Sequence[int], torch.device], tuple[dict, dict | None]] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SampleResult:
     """Sample ``n`` images, image i from seed ``seed + i``, in chunks of ``batch``.
 
@@ -206,7 +218,8 @@ def generate(
             folders, sub-ranges). Mathematically the images do not depend on ``batch``; in floating point a
             kernel may round differently for another batch size, changing a pixel by one level. Memory: one
             chunk in flight, plus what ``keep`` keeps.
-        image_shape: [C, H, W]; default from ``model.config``.
+        image_shape: [C, H, W] (or [C, L], [C, F, H, W], any shape the model takes); default from
+            ``model.config`` (:func:`sample_shape`).
         on_batch: called as ``on_batch(first_index, images_chunk)`` after each chunk (float32
             [b, C, H, W] on the CPU), e.g. to write it out (streaming).
         keep: what the result holds (:data:`KEEP`): "float" (default) every image in float32;
@@ -217,6 +230,12 @@ def generate(
         sample_kwargs: further :func:`ddim.sample` arguments (e.g. ``set_alpha_to_one``,
             ``clip_sample_range``, thresholding: what :func:`ddim.diffusers_io.sampling_kwargs` reads
             from a model's config).
+        conditioning: ``conditioning(seeds, device) -> (model_kwargs, uncond_kwargs)`` for the images of
+            a chunk, replacing the class labels (e.g. a :class:`ddim.stable_diffusion.PromptConditioning`:
+            text embeddings). Guidance applies when ``guidance != 1`` and uncond_kwargs is not None.
+        decode: ``decode(x0) -> images`` applied to each sampled chunk (a latent model's VAE decoder,
+            e.g. ``model.decode``); ``image_shape`` is then the shape sampled (the latents) and the
+            results hold the decoded images.
 
     Returns:
         A :class:`SampleResult` (images on the CPU).
@@ -240,9 +259,10 @@ def generate(
     labels = check_labels(model, labels, n)
     guidance = check_guidance(guidance)
     if image_shape is None:
-        cfg = model.config
-        image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        image_shape = sample_shape(model)
     image_shape = tuple(int(d) for d in image_shape)
+    if keep == "uint8" and len(image_shape) != 3:
+        raise ValueError(f"keep='uint8' needs images [C, H, W]; these samples are {list(image_shape)}: keep 'float'")
     if seeds is None:
         check_seed_range(seed, n)
         seeds = [seed + i for i in range(n)]
@@ -250,7 +270,7 @@ def generate(
         seeds = check_seeds(seeds, n)
     device = torch.device(device)
     chunks: list[torch.Tensor] = []
-    u8 = np.empty((n, *image_shape[1:], image_shape[0]), dtype=np.uint8) if keep == "uint8" else None
+    u8 = np.empty((n, *image_shape[1:], image_shape[0]), dtype=np.uint8) if keep == "uint8" and decode is None else None
     calls = nfe(sampler, len(timesteps) if timesteps is not None else steps)
     bar = None
     if progress:
@@ -261,30 +281,36 @@ def generate(
     with torch.inference_mode():
         for sl in seed_chunks(seeds, batch):
             x_T = randn((sl.stop - sl.start, *image_shape), seeds[sl], device=device)
-            kwargs, uncond = _class_kwargs(model, labels[sl], device)
-            guided = guidance != 1.0 and uncond is not None and bool((labels[sl] >= 0).any())
-            x0 = (
-                sample(
-                    model,
-                    x_T,
-                    schedule,
-                    steps=steps,
-                    eta=eta,
-                    spacing=spacing,
-                    timesteps=timesteps,
-                    prediction=prediction,
-                    clip_sample=clip_sample,
-                    variance=variance,
-                    seeds=seeds[sl],
-                    sampler=sampler,
-                    model_kwargs=kwargs,
-                    guidance_scale=guidance if guided else 1.0,
-                    uncond_kwargs=uncond if guided else None,
-                    **sample_kwargs,
-                )
-                .float()
-                .cpu()
+            if conditioning is None:
+                kwargs, uncond = _class_kwargs(model, labels[sl], device)
+                guided = guidance != 1.0 and uncond is not None and bool((labels[sl] >= 0).any())
+            else:
+                kwargs, uncond = conditioning(seeds[sl], device)
+                guided = guidance != 1.0 and uncond is not None
+            x0 = sample(
+                model,
+                x_T,
+                schedule,
+                steps=steps,
+                eta=eta,
+                spacing=spacing,
+                timesteps=timesteps,
+                prediction=prediction,
+                clip_sample=clip_sample,
+                variance=variance,
+                seeds=seeds[sl],
+                sampler=sampler,
+                model_kwargs=kwargs,
+                guidance_scale=guidance if guided else 1.0,
+                uncond_kwargs=uncond if guided else None,
+                **sample_kwargs,
             )
+            if decode is not None:
+                x0 = decode(x0)  # on the device, before the images come to the CPU
+            x0 = x0.float().cpu()
+            if decode is not None:
+                if u8 is None and keep == "uint8":
+                    u8 = np.empty((n, *x0.shape[2:], x0.shape[1]), dtype=np.uint8)
             if keep == "float":
                 chunks.append(x0)
             elif u8 is not None:
@@ -333,7 +359,23 @@ def write_images(result: SampleResult, out: str | os.PathLike, nrow: int | None 
     PNG per image named by its seed (``seed_000042.png``). Returns the paths written.
 
     Takes ``result.uint8`` when :func:`generate` kept only that (``keep="uint8"``), else converts
-    ``result.images``: the files are the same either way."""
+    ``result.images``: the files are the same either way.
+
+    Samples that are not images ([N, C, L] signals, [N, C, F, H, W] video) go to ``*.npz`` only, as
+    ``samples`` float32 [N, C, ...] in model space ([-1, 1]), with ``labels`` and ``seeds``."""
+    if result.uint8 is None and result.images.ndim not in (0, 4) and result.images.shape[0] == len(result.seeds):
+        out = Path(out)
+        if out.suffix.lower() != ".npz":
+            raise ValueError(
+                f"samples shaped {list(result.images.shape[1:])} are not images: out must end in .npz, got {str(out)!r}"
+            )
+        save_npz(
+            out,
+            samples=result.images.float().numpy(),
+            labels=torch.as_tensor(result.labels).numpy().astype(np.int64),
+            seeds=np.asarray(result.seeds, dtype=np.int64),
+        )
+        return [out]
     if result.uint8 is not None:
         u8 = result.uint8
     elif result.images.shape[0] == len(result.seeds):
@@ -372,18 +414,19 @@ def write_uint8(
 
 
 # ------------------------------------------------------------------ inversion and interpolation
-def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int) -> torch.Tensor:
-    """Read image files as float32 [N, channels, size, size] in [-1, 1] (converted to 8 bits with their
-    full range kept, see :func:`ddim.images.to_8bit`; resized if needed, bicubic)."""
+def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int | tuple[int, int]) -> torch.Tensor:
+    """Read image files as float32 [N, channels, H, W] in [-1, 1] (converted to 8 bits with their
+    full range kept, see :func:`ddim.images.to_8bit`; resized if needed, bicubic); ``size`` is H = W or (H, W)."""
     from PIL import Image, UnidentifiedImageError
 
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     arrs = []
     for p in paths:
         try:
             with Image.open(p) as im:
                 im = to_8bit(im, channels, p)
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BICUBIC)
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.Resampling.BICUBIC)
                 a = np.asarray(im)
         except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {p}: {e}") from e

@@ -150,8 +150,12 @@ def _convert(
     prediction: str,
     clip_range: float | None,
     threshold: tuple[float, float] | None,
+    clipped_eps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the six coefficients ``c`` (tensors broadcastable to x, in x's device). Never modifies x or out."""
+    """Apply the six coefficients ``c`` (tensors broadcastable to x, in x's device). Never modifies x or out.
+
+    With clipping or thresholding, ε̂ is the model's own (``clipped_eps=False``, diffusers' default) or
+    recomputed from the clipped x̂₀ (``clipped_eps=True``)."""
     if prediction == "epsilon":
         x0, eps = torch.mul(x, c[0]).addcmul_(out, c[1]), out
     elif prediction == "sample":
@@ -163,7 +167,8 @@ def _convert(
             x0 = dynamic_threshold(x0, *threshold)
         else:
             x0 = x0.clamp(-clip_range, clip_range)
-        eps = torch.mul(x, c[4]).addcmul_(x0, c[5])  # ε̂ consistent with the clipped x̂₀
+        if clipped_eps:
+            eps = torch.mul(x, c[4]).addcmul_(x0, c[5])  # ε̂ consistent with the clipped x̂₀
     return x0, eps
 
 
@@ -202,6 +207,12 @@ def _check_threshold_args(
     return float(clip_sample_range), float(dynamic_thresholding_ratio), float(sample_max_value)
 
 
+def _check_flag(v: object, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {v!r}")
+    return v
+
+
 def to_x0_eps(
     x_t: torch.Tensor,
     model_output: torch.Tensor,
@@ -213,6 +224,7 @@ def to_x0_eps(
     thresholding: bool = False,
     dynamic_thresholding_ratio: float = 0.995,
     sample_max_value: float = 1.0,
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn one raw network output into (x̂₀, ε̂). Pure; inputs are not modified.
 
@@ -227,9 +239,10 @@ def to_x0_eps(
         thresholding: Imagen dynamic thresholding of x̂₀ (see :func:`dynamic_threshold`); takes
             precedence over ``clip_sample``.
         dynamic_thresholding_ratio, sample_max_value: its percentile and upper bound for s.
-
-    After clipping or thresholding ε̂ is recomputed from the clipped x̂₀, ε̂ = (x_t - √ᾱ x̂₀)/√(1-ᾱ)
-    (diffusers' ``use_clipped_model_output=True``), so that (x̂₀, ε̂) again describe x_t exactly.
+        use_clipped_model_output: after clipping or thresholding, recompute ε̂ from the clipped x̂₀,
+            ε̂ = (x_t - √ᾱ x̂₀)/√(1-ᾱ), so that (x̂₀, ε̂) again describe x_t exactly (guided-diffusion;
+            diffusers' ``use_clipped_model_output=True``). Default False: ε̂ is the model's own, as
+            diffusers' ``DDIMScheduler.step`` and ``DDIMPipeline`` do. No effect without clipping.
 
     Returns:
         (x̂₀, ε̂), each shaped like x_t in x_t's dtype.
@@ -250,6 +263,7 @@ def to_x0_eps(
         prediction,
         clip_range if clip_sample else None,
         (ratio, max_value) if thresholding else None,
+        _check_flag(use_clipped_model_output, "use_clipped_model_output"),
     )
 
 
@@ -368,11 +382,17 @@ class Denoiser:
         prediction: "epsilon" (default), "sample" or "v_prediction".
         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value:
             x̂₀ clipping / dynamic thresholding, see :func:`to_x0_eps` (default: neither).
+        use_clipped_model_output: with clipping/thresholding, recompute ε̂ from the clipped x̂₀ (default
+            False: keep the model's ε̂, as diffusers' DDIM does); see :func:`to_x0_eps`.
         guidance_scale: classifier-free guidance weight s (Ho & Salimans 2022); 1.0 (default) is off.
             When on, the conditional (``model_kwargs``) and unconditional (``uncond_kwargs``) halves
             run in ONE forward of batch 2B and are combined on the raw output: out = u + s·(c - u).
         model_kwargs: extra keyword arguments of the network (default none).
         uncond_kwargs: the unconditional ones; required when guidance_scale != 1, with the same keys.
+        guidance_rescale: φ in [0, 1] of Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample
+            Steps are Flawed", Eq. 15-16), for zero-SNR / v-prediction models: the guided output g is
+            replaced by φ·g·std(c)/std(g) + (1-φ)·g, std per sample (default 0: off). As diffusers,
+            it acts on the raw output (ε or v).
 
     Attributes:
         nfe: number of network evaluations so far. One guided forward (batch 2B) counts as 1 NFE,
@@ -390,9 +410,11 @@ class Denoiser:
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
+        use_clipped_model_output: bool = False,
         guidance_scale: float = 1.0,
         model_kwargs: Mapping[str, Any] | None = None,
         uncond_kwargs: Mapping[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -404,9 +426,15 @@ class Denoiser:
         rng, ratio, max_value = _check_threshold_args(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
         self.clip_range = rng if clip_sample else None
         self.threshold = (ratio, max_value) if thresholding else None
+        self.clipped_eps = _check_flag(use_clipped_model_output, "use_clipped_model_output")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
             raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
         self.guidance_scale = float(guidance_scale)
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
+            raise TypeError(f"guidance_rescale must be a float, got {type(guidance_rescale).__name__}")
+        if not 0.0 <= float(guidance_rescale) <= 1.0:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+        self.guidance_rescale = float(guidance_rescale)
         if not math.isfinite(self.guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {self.guidance_scale}")
         for name, kw in (("model_kwargs", model_kwargs), ("uncond_kwargs", uncond_kwargs)):
@@ -515,11 +543,11 @@ class Denoiser:
     def predict(self, x: torch.Tensor, plan: Plan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂₀, ε̂) for call i of ``plan`` at the current sample x [B, ...]. No host sync off CPU."""
         out = self._forward(x, plan.t_rows[i], plan.kwargs, i, plan.timesteps[i], plan.bad)
-        return _convert(x, out, plan.rows[i], self.prediction, self.clip_range, self.threshold)
+        return _convert(x, out, plan.rows[i], self.prediction, self.clip_range, self.threshold, self.clipped_eps)
 
     def x0(self, x: torch.Tensor, out: torch.Tensor, plan: Plan, i: int) -> torch.Tensor:
         """x̂₀ from a raw output of call i (for callbacks of fused samplers); clipping applied if on."""
-        return _convert(x, out, plan.rows[i], self.prediction, self.clip_range, self.threshold)[0]
+        return _convert(x, out, plan.rows[i], self.prediction, self.clip_range, self.threshold, self.clipped_eps)[0]
 
     def finish(self, plan: Plan) -> None:
         """Raise the deferred non-finite-output error of an accelerator run (one sync, after the loop)."""
@@ -562,7 +590,7 @@ class Denoiser:
         t_desc = t_vec.tolist() if t_vec.numel() > 1 and not bool((t_vec == t_vec[0]).all()) else int(t_vec[0])
         out = self._forward(x_t, t_in, self._forward_kwargs(B), step, t_desc, None)
         c = conversion_coefficients(ab, self.prediction).to(device=x_t.device, dtype=x_t.dtype)
-        return _convert(x_t, out, c.unbind(-1), self.prediction, self.clip_range, self.threshold)
+        return _convert(x_t, out, c.unbind(-1), self.prediction, self.clip_range, self.threshold, self.clipped_eps)
 
     def _forward(
         self,
@@ -606,6 +634,8 @@ class Denoiser:
         if self.guided:
             cond, uncond = out.chunk(2)
             out = torch.lerp(uncond, cond, self.guidance_scale)  # u + s·(c - u)
+            if self.guidance_rescale:
+                out = _rescale_guided(out, cond, self.guidance_rescale)
         return out
 
     def _shape_error(self, out: torch.Tensor, x_in: torch.Tensor, step: int | None, t_desc: Any) -> ValueError:
@@ -613,6 +643,13 @@ class Denoiser:
             f"model output at step {step} (timestep t={t_desc}) has shape {tuple(out.shape)}, "
             f"expected {tuple(x_in.shape)} (the shape of x_t{' doubled for guidance' if self.guided else ''})"
         )
+
+
+def _rescale_guided(out: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023 Eq. 15-16: φ·g·std(c)/std(g) + (1-φ)·g, std over all but the batch dim."""
+    dims = list(range(1, out.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
+    return out * (phi * ratio + (1.0 - phi))
 
 
 def _tensor_output(out: Any) -> torch.Tensor:

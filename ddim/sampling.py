@@ -55,7 +55,7 @@ __all__ = [
     "sample",
 ]
 
-#: Noise-scale rules: "eta" = η · Eq. 16's σ; "large" = η · σ̂ with σ̂² = 1 - ᾱ_t/ᾱ_prev.
+#: Noise-scale rules: "eta" = η · Eq. 16's σ; "large" = η · σ̂ with σ̂² = 1 - ᾱ_t/ᾱ_prev (the mean stays η's).
 VARIANCES = ("eta", "large")
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], Any]
@@ -89,26 +89,27 @@ def ddim_coefficients(
         alpha_bar_t, alpha_bar_prev: ᾱ of the current and the next (less noisy) level; floats or
             tensors, broadcast together.
         eta: η ≥ 0 (float or tensor broadcastable with the ᾱ's).
-        variance: "eta" (default): σ = η·sqrt((1-ᾱ_prev)/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_prev) (Eq. 16; η = 1 is
-            the DDPM posterior, η = 0 deterministic DDIM). "large": σ = η·σ̂ with σ̂ = sqrt(1-ᾱ_t/ᾱ_prev),
-            the paper's "σ̂" row of Table 1 at η = 1.
+        variance: "eta" (default): σ = σ_η = η·sqrt((1-ᾱ_prev)/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_prev) (Eq. 16; η = 1
+            is the DDPM posterior, η = 0 deterministic DDIM). "large": the same mean (c_x0, c_eps of η) with
+            the noise of DDPM's larger variance, σ = η·σ̂, σ̂ = sqrt(1-ᾱ_t/ᾱ_prev). At η = 1 that is the
+            paper's σ̂ step (Table 1; the reference code's ``ddpm_steps``): the posterior mean and variance
+            σ̂² = β_t between the two levels, whenever ε̂ agrees with x_t (no clipping, or
+            ``use_clipped_model_output``); ``sampler="ddpm", variance="large"`` is that step in every case.
 
     Returns:
-        float64 tensors (c_x0, c_eps, σ): c_x0 = √ᾱ_prev and c_eps = sqrt(1-ᾱ_prev-σ²). Where σ² exceeds
-        1-ᾱ_prev ("large", or η > 1) the direction term is clamped at 0: c_eps = 0. All finite for
-        ᾱ in [0, 1], including ᾱ_t = 0 (zero terminal SNR) and ᾱ_t = ᾱ_prev.
+        float64 tensors (c_x0, c_eps, σ): c_x0 = √ᾱ_prev and c_eps = sqrt(1-ᾱ_prev-σ_η²), clamped at 0
+        where σ_η² exceeds 1-ᾱ_prev (η > 1). All finite for ᾱ in [0, 1], including ᾱ_t = 0 (zero
+        terminal SNR) and ᾱ_t = ᾱ_prev.
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
     ab_t, ab_s, eta_t = _f64(alpha_bar_t), _f64(alpha_bar_prev), _f64(eta)
-    one_minus_ratio = 1.0 - _ratio(ab_t, ab_s)
-    if variance == "eta":
-        sigma2 = eta_t**2 * _noise_ratio(ab_t, ab_s) * one_minus_ratio
-    else:
-        sigma2 = eta_t**2 * one_minus_ratio
-    sigma2 = sigma2.clamp(min=0.0)
+    one_minus_ratio = 1.0 - _ratio(ab_t, ab_s)  # 1 - ᾱ_t/ᾱ_prev = σ̂²
+    sigma2 = (eta_t**2 * _noise_ratio(ab_t, ab_s) * one_minus_ratio).clamp(min=0.0)  # Eq. 16, squared
     c_x0 = ab_s.sqrt()
     c_eps = (1.0 - ab_s - sigma2).clamp(min=0.0).sqrt()
+    if variance == "large":  # the mean of η, the noise of DDPM's larger variance: σ = η·σ̂
+        sigma2 = (eta_t**2 * one_minus_ratio).clamp(min=0.0)
     c_x0, c_eps, sigma = torch.broadcast_tensors(c_x0, c_eps, sigma2.sqrt())
     return c_x0, c_eps, sigma
 
@@ -168,9 +169,8 @@ def ddim_step(
             (mean and variance); values above 1 are allowed (the direction term is then clamped at 0).
         noise: z ~ N(0, I) shaped like x_t; required when η > 0.
         prediction: "epsilon" (default), "sample" or "v_prediction".
-        variance: "eta" (default, Eq. 16) or "large": σ = η·sqrt(1 - ᾱ_t/ᾱ_prev), the DDPM "large
-            variance" σ̂ (η = 1 gives the paper's σ̂). When σ² > 1 - ᾱ_prev the direction coefficient
-            sqrt(1 - ᾱ_prev - σ²) is clamped at 0.
+        variance: "eta" (default, Eq. 16) or "large": the mean of η with noise σ = η·sqrt(1 - ᾱ_t/ᾱ_prev),
+            the DDPM "large variance" σ̂ (η = 1 gives the paper's σ̂ step); see :func:`ddim_coefficients`.
 
     Returns:
         (x_prev, x̂₀), both shaped like x_t in its dtype.
@@ -638,7 +638,9 @@ def sample(
     clip_sample_range: float = 1.0,
     dynamic_thresholding_ratio: float = 0.995,
     sample_max_value: float = 1.0,
+    use_clipped_model_output: bool = False,
     stats: dict[str, Any] | None = None,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Sample x_0 from x_T with DDIM (default) or DDPM ancestral steps.
 
@@ -659,7 +661,12 @@ def sample(
         prediction: "epsilon" (default), "sample" or "v_prediction".
         clip_sample, clip_sample_range: clamp x̂₀ to ±range (default off, range 1.0).
         thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic thresholding of x̂₀
-            (default off, 0.995, 1.0). After clipping/thresholding ε̂ is recomputed from x̂₀.
+            (default off, 0.995, 1.0).
+        use_clipped_model_output: after clipping/thresholding, recompute ε̂ from the clipped x̂₀ (True,
+            guided-diffusion's convention) or keep the model's ε̂ (False, default: diffusers'
+            ``DDIMScheduler``/``DDIMPipeline``). Samplers that step on x̂₀ and x_t only ("ddpm", whose
+            posterior mean uses the clipped x̂₀ as diffusers' ``DDPMScheduler`` does, "dpmpp_*", "unipc")
+            give the same result either way. No effect without clipping or thresholding.
         seeds: one int per sample for the step noise (η > 0 or "ddpm"): sample i's noise comes from
             ``torch.Generator("cpu").manual_seed(seeds[i])`` (after skipping one draw, the x_T that
             ``ddim.randn`` makes from the same seed), drawn in float32 on CPU, so a batch of 8 equals 8
@@ -671,9 +678,12 @@ def sample(
         sampler: a key of :data:`SAMPLERS`: "ddim" (default) or "ddpm".
         set_alpha_to_one: the last step lands on ᾱ = 1, returning x̂₀ (default True); False lands on
             ᾱ_0 = alphas_cumprod[0] (latent diffusion / diffusers' set_alpha_to_one=False).
-        guidance_scale, uncond_kwargs: classifier-free guidance, see :class:`~ddim.prediction.Denoiser`.
-        variance: "eta" (default, Eq. 16) or "large" (DDIM: σ = η·sqrt(1-ᾱ_t/ᾱ_prev) with the direction
-            term clamped at 0; DDPM: σ² = β as in Ho et al.).
+        guidance_scale, uncond_kwargs, guidance_rescale: classifier-free guidance and Lin et al.'s
+            rescale φ (default 0), see :class:`~ddim.prediction.Denoiser`.
+        variance: "eta" (default, Eq. 16) or "large": DDPM's larger variance σ̂² = 1 - ᾱ_t/ᾱ_prev (β of the
+            respaced chain). ``sampler="ddpm", variance="large"`` is the paper's σ̂ row of Table 1 (the
+            reference code's DDPM step: posterior mean from x_t and x̂₀, noise σ̂); "ddim" with η keeps
+            η's mean and draws noise η·σ̂ (the same step at η = 1 when ε̂ agrees with x_t).
         stats: if a dict is given it is filled with "nfe" (network evaluations made, equal to
             :func:`nfe` ``(sampler, steps)``), "timesteps" (the listed timesteps) and "sampler".
 
@@ -718,9 +728,11 @@ def sample(
         thresholding=thresholding,
         dynamic_thresholding_ratio=dynamic_thresholding_ratio,
         sample_max_value=sample_max_value,
+        use_clipped_model_output=use_clipped_model_output,
         guidance_scale=guidance_scale,
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
+        guidance_rescale=guidance_rescale,
     )
     # a deterministic run makes no noise source (building one costs more than a step's arithmetic)
     noise = (
@@ -747,6 +759,9 @@ def invert(
     progress: bool = False,
     guidance_scale: float = 1.0,
     uncond_kwargs: Mapping[str, Any] | None = None,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    use_clipped_model_output: bool = False,
     stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """DDIM inversion: run the η = 0 ODE forward, x_0 -> x_T, mirroring :func:`sample` on the same timesteps.
@@ -766,7 +781,9 @@ def invert(
     The output is at level ᾱ_{s_{N-1}} (the largest listed t), ready for ``sample(..., timesteps=same)``;
     the round trip error falls as steps grow (the ODE is solved to first order).
 
-    Args: as :func:`sample` (x_0 [B, ...] floating; no noise, clipping or eta). ``callback(k, t, x, x0_pred)``
+    Args: as :func:`sample` (x_0 [B, ...] floating; no noise or eta). ``clip_sample``/``clip_sample_range``
+    clamp x̂₀ as diffusers' ``DDIMInverseScheduler`` does (default off: clipping makes the map
+    non-invertible); ``use_clipped_model_output`` as in :func:`sample`. ``callback(k, t, x, x0_pred)``
     gets the timestep t the network saw at step k and the point x it saw. ``stats`` gets "nfe"
     (= N) and "timesteps" (ascending). Runs under ``torch.no_grad()``.
 
@@ -780,10 +797,14 @@ def invert(
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     ts = torch.flip(_resolve_timesteps(schedule, steps, spacing, timesteps), dims=[0])  # ascending
     N = ts.numel()
+    _check_bool(clip_sample, "clip_sample")
     denoise = Denoiser(
         model,
         schedule,
         prediction,
+        clip_sample=clip_sample,
+        clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output,
         guidance_scale=guidance_scale,
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,

@@ -38,9 +38,12 @@ def register_spacing(name: str) -> Callable[[SpacingFn], SpacingFn]:
 
 @register_spacing("leading")
 def _leading(schedule: NoiseSchedule, steps: int) -> Sequence[int]:
-    # ermongroup/ddim's range(0, T, T//S), truncated to S values; diffusers "leading" with steps_offset=0.
-    ratio = schedule.T // steps
-    return [k * ratio for k in range(steps)]
+    # The paper's uniform stride τ_i = ⌊i·T/S⌋ (Song et al. 2021, App. D.2). Where S divides T this is
+    # ermongroup/ddim's range(0, T, T//S) and diffusers' "leading" with steps_offset=0, k·(T//S). Where it
+    # does not, k·(T//S) truncated to S values starts far below T-1 (t = 500 for S = 501), so x_T ~ N(0, I)
+    # would enter at the wrong noise level; ⌊i·T/S⌋ always starts at T - ⌈T/S⌉.
+    T = schedule.T
+    return [i * T // steps for i in range(steps)]
 
 
 @register_spacing("trailing")
@@ -141,8 +144,10 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> 
         steps: S, an int in [1, T].
         spacing: a key of :data:`SPACINGS`:
 
-            - ``"leading"`` (default): k·(T//S) for k = 0 … S-1 (ermongroup/ddim's uniform rule, diffusers
-              "leading" with offset 0). Never starts at T-1.
+            - ``"leading"`` (default): ⌊i·T/S⌋ for i = 0 … S-1, the paper's uniform stride; where S divides
+              T it is k·(T//S) (ermongroup/ddim, diffusers "leading" with offset 0). Starts at T - ⌈T/S⌉,
+              never at T-1. (diffusers' own k·(T//S) for other S starts far lower: a diffusers pipeline
+              folder keeps diffusers' exact list, see :func:`ddim.diffusers_io.sampling_kwargs`.)
             - ``"trailing"``: round(T - k·T/S) - 1, starts at T-1 (diffusers "trailing").
             - ``"linspace"``: round(linspace(0, T-1, S)), contains both 0 and T-1.
             - ``"quadratic"``: int(linspace(0, √(0.8T), S)²) with repeats bumped up to the next free

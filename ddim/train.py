@@ -161,10 +161,11 @@ def diffusion_loss(
     """The "simple" loss ‖target − model(x_t, t)‖² averaged over all elements.
 
     Args:
-        x0: clean images [B, C, H, W]; t: int64 [B]; noise: ε ~ N(0, I) shaped like x0;
+        x0: clean images [B, C, H, W] (or any [B, ...]: signals, video); t: int64 [B];
+        noise: ε ~ N(0, I) shaped like x0;
         alphas_cumprod: float64 [T]; prediction: the target ("epsilon", "sample", "v_prediction").
     """
-    ab = alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)
+    ab = alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
     a, s = ab.sqrt(), (1 - ab).sqrt()
     x_t = a * x0 + s * noise
     target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[prediction]
@@ -227,10 +228,19 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 
 # ------------------------------------------------------------------ the loop
+def _shape_arch(shape: tuple[int, ...]) -> dict[str, Any]:
+    """The U-Net settings of data shaped [N, C, L], [N, C, H, W] or [N, C, F, H, W]."""
+    dims = len(shape) - 2
+    if dims == 1:
+        return {"image_size": shape[2], "in_channels": shape[1], "dims": 1}
+    if dims == 3:
+        return {"image_size": shape[3], "in_channels": shape[1], "dims": 3, "frames": shape[2]}
+    return {"image_size": shape[2], "in_channels": shape[1]}
+
+
 def _build(cfg: TrainConfig, data: ImageData) -> UNet:
-    c, h = data.images.shape[1], data.images.shape[2]
     num_classes = data.num_classes if (cfg.class_cond and data.labels is not None) else 0
-    arch = {"image_size": h, "in_channels": c, "num_classes": num_classes, **cfg.unet}
+    arch = {**_shape_arch(tuple(data.images.shape)), "num_classes": num_classes, **cfg.unet}
     if cfg.init is None:
         return build_unet(arch, "unet")
     return _init_from(cfg, arch)
@@ -510,15 +520,16 @@ def _checkpoint(out, cfg, data, model, ema, opt, rngs, schedule, step, wall, los
 
 
 def _sample_grid(path: Path, ema: UNet, schedule: NoiseSchedule, cfg: TrainConfig) -> None:
-    """A grid of DDIM-50 samples from the EMA weights (classes 0..K-1 by row when conditional)."""
+    """A grid of DDIM-50 samples from the EMA weights (classes 0..K-1 by row when conditional); images only."""
     from ddim.images import save_grid
     from ddim.sampling import sample
 
+    if ema.config.dims != 2:  # signals and video have no grid picture: sample them with `ddim sample`
+        return
     k = ema.config.num_classes
     n = 8 * max(k, 1) if k else 64
-    c, s = ema.config.in_channels, ema.config.image_size
     gen = torch.Generator().manual_seed(1234)
-    x_T = torch.randn((n, c, s, s), generator=gen)
+    x_T = torch.randn((n, *ema.config.sample_shape), generator=gen)
     kwargs, guidance = {}, 1.0
     if k:
         kwargs = {"y": torch.arange(n) // 8 % k}

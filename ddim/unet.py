@@ -1,9 +1,13 @@
-"""A compact U-Net for small images (MNIST-size and up), fast on CPU.
+"""A compact U-Net for small images (MNIST-size and up), fast on CPU; also 1-D signals and 3-D video.
 
 Ho et al. (2020)'s architecture, shrunk: sinusoidal time embedding, residual blocks with
 GroupNorm and SiLU whose scale/shift come from the time (and class) embedding,
 self-attention at the lowest resolution, and optional class conditioning with a learned
 null class (index ``num_classes``) for classifier-free guidance (Ho & Salimans 2022).
+
+``UNetConfig(dims=1)`` makes the same network for signals [B, C, L] (audio-like) and ``dims=3`` for
+video [B, C, F, H, W] (3-D convolutions; down- and upsampling act on H and W only, so any number of
+frames F works; attention runs over all F·H·W positions of the lowest level).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ class UNetConfig:
     """Architecture of :class:`UNet` (stored in checkpoint configs).
 
     Attributes:
-        image_size: height = width of the images (must be divisible by 2**(len(channel_mults)-1)).
+        image_size: height = width of the images (must be divisible by 2**(len(channel_mults)-1));
+            the length L of a 1-D signal (``dims=1``).
         in_channels: image channels (1 for MNIST, 3 for RGB).
         base_channels: channels at full resolution.
         channel_mults: channel multiplier per resolution level; each level but the last halves H, W.
@@ -32,6 +37,8 @@ class UNetConfig:
         num_classes: classes for conditioning; 0 = unconditional. Index ``num_classes`` is the null class.
         dropout: dropout inside residual blocks.
         num_heads: attention heads.
+        dims: 2 (default) images [B, C, H, W]; 1 signals [B, C, L]; 3 video [B, C, F, H, W].
+        frames: F, the frames of 3-D samples (``dims=3`` only; any F >= 1, never resampled).
     """
 
     image_size: int = 28
@@ -44,6 +51,8 @@ class UNetConfig:
     dropout: float = 0.1
     num_heads: int = 4
     extra: dict = field(default_factory=dict)
+    dims: int = 2
+    frames: int = 0
 
     def __post_init__(self) -> None:
         for name, low in (("image_size", 1), ("in_channels", 1), ("base_channels", 1), ("num_res_blocks", 1)):
@@ -72,6 +81,17 @@ class UNetConfig:
             ch = self.base_channels * self.channel_mults[level]
             if ch % self.num_heads:
                 raise ValueError(f"num_heads={self.num_heads} must divide the {ch} channels of level {level}")
+        if isinstance(self.dims, bool) or self.dims not in (1, 2, 3):
+            raise ValueError(f"dims must be 1 (signals), 2 (images) or 3 (video), got {self.dims!r}")
+        _check_int("frames", self.frames, 0)
+        if (self.dims == 3) != (self.frames >= 1):
+            raise ValueError(f"frames must be >= 1 for dims=3 and 0 otherwise, got {self.frames} with dims={self.dims}")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: (C, L), (C, H, W) or (C, F, H, W) for ``dims`` 1, 2, 3."""
+        c, s = self.in_channels, self.image_size
+        return {1: (c, s), 2: (c, s, s), 3: (c, self.frames, s, s)}[self.dims]
 
     @classmethod
     def from_dict(cls, d: object) -> UNetConfig:
@@ -91,6 +111,8 @@ class UNetConfig:
         d = asdict(self)
         d["channel_mults"] = list(self.channel_mults)
         d["attention_levels"] = list(self.attention_levels)
+        if self.dims == 2:  # image configs stay as they were written before 1-D/3-D existed
+            del d["dims"], d["frames"]
         return d
 
 
@@ -118,42 +140,54 @@ def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, ch), ch)
 
 
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _resample(dims: int) -> int | tuple[int, ...]:
+    """Stride of downsampling / factor of upsampling: 2 along L, H, W; 1 along the frames of video."""
+    return (1, 2, 2) if dims == 3 else 2
+
+
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float) -> None:
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, dims: int = 2) -> None:
         super().__init__()
+        conv = _CONV[dims]
         self.norm1 = _norm(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = conv(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout)
         self.norm2 = _norm(cout)
         self.drop = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = conv(cout, cout, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = conv(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        e = self.emb(emb)
+        scale, shift = e.reshape(*e.shape, *([1] * (x.ndim - 2))).chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.drop(F.silu(h)))
         return self.skip(x) + h
 
 
 class Attention(nn.Module):
-    def __init__(self, ch: int, heads: int) -> None:
+    """Self-attention over every position (H·W, L or F·H·W) of a feature map."""
+
+    def __init__(self, ch: int, heads: int, dims: int = 2) -> None:
         super().__init__()
         self.heads = heads
         self.norm = _norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.out = nn.Conv2d(ch, ch, 1)
+        self.qkv = _CONV[dims](ch, 3 * ch, 1)
+        self.out = _CONV[dims](ch, ch, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        b, c = x.shape[:2]
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, -1).unbind(1)
         a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.out(a.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.out(a.transpose(-1, -2).reshape(x.shape))
 
 
 def _check_labels(y: torch.Tensor, k: int) -> None:
@@ -167,7 +201,8 @@ def _check_labels(y: torch.Tensor, k: int) -> None:
 
 
 class UNet(nn.Module):
-    """ε/x₀/v-prediction U-Net: ``forward(x [B,C,H,W] float, t [B] int64, y [B] int64 | None) -> [B,C,H,W]``.
+    """ε/x₀/v-prediction U-Net: ``forward(x [B,C,H,W] float, t [B] int64, y [B] int64 | None) -> [B,C,H,W]``
+    (x [B, C, L] with ``dims=1``, [B, C, F, H, W] with ``dims=3``; the output is shaped like x).
 
     ``y`` is the class label in [0, num_classes]; ``num_classes`` (or ``y=None``) is the null
     class, i.e. unconditional. With ``num_classes == 0`` the model ignores ``y``.
@@ -178,9 +213,11 @@ class UNet(nn.Module):
         self.config = cfg = config or UNetConfig(**kwargs)
         ch = cfg.base_channels
         emb_dim = 4 * ch
+        d = cfg.dims
+        conv = _CONV[d]
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes > 0 else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = conv(cfg.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
         skips = [ch]
@@ -188,34 +225,34 @@ class UNet(nn.Module):
         n_levels = len(cfg.channel_mults)
         for level, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
-                blocks = nn.ModuleList([ResBlock(cur, ch * mult, emb_dim, cfg.dropout)])
+                blocks = nn.ModuleList([ResBlock(cur, ch * mult, emb_dim, cfg.dropout, d)])
                 cur = ch * mult
                 if level in cfg.attention_levels:
-                    blocks.append(Attention(cur, cfg.num_heads))
+                    blocks.append(Attention(cur, cfg.num_heads, d))
                 self.down.append(blocks)
                 skips.append(cur)
             if level < n_levels - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
+                self.down.append(nn.ModuleList([conv(cur, cur, 3, stride=_resample(d), padding=1)]))
                 skips.append(cur)
 
-        self.mid1 = ResBlock(cur, cur, emb_dim, cfg.dropout)
-        self.mid_attn = Attention(cur, cfg.num_heads)
-        self.mid2 = ResBlock(cur, cur, emb_dim, cfg.dropout)
+        self.mid1 = ResBlock(cur, cur, emb_dim, cfg.dropout, d)
+        self.mid_attn = Attention(cur, cfg.num_heads, d)
+        self.mid2 = ResBlock(cur, cur, emb_dim, cfg.dropout, d)
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             for i in range(cfg.num_res_blocks + 1):
-                blocks = nn.ModuleList([ResBlock(cur + skips.pop(), ch * mult, emb_dim, cfg.dropout)])
+                blocks = nn.ModuleList([ResBlock(cur + skips.pop(), ch * mult, emb_dim, cfg.dropout, d)])
                 cur = ch * mult
                 if level in cfg.attention_levels:
-                    blocks.append(Attention(cur, cfg.num_heads))
+                    blocks.append(Attention(cur, cfg.num_heads, d))
                 if level > 0 and i == cfg.num_res_blocks:
-                    blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
-                    blocks.append(nn.Conv2d(cur, cur, 3, padding=1))
+                    blocks.append(nn.Upsample(scale_factor=_resample(d), mode="nearest"))
+                    blocks.append(conv(cur, cur, 3, padding=1))
                 self.up.append(blocks)
 
         self.norm_out = _norm(cur)
-        self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
+        self.conv_out = conv(cur, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -224,9 +261,9 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            c, s = self.config.in_channels, self.config.image_size
-            raise ValueError(f"x must be [B, {c}, H, W] for this model (trained at {s}×{s}), got {tuple(x.shape)}")
+        if x.ndim != 2 + self.config.dims or x.shape[1] != self.config.in_channels:
+            shape = ", ".join(map(str, self.config.sample_shape))
+            raise ValueError(f"x must be [B, {shape}] for this model, got {tuple(x.shape)}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))

@@ -48,6 +48,7 @@ def main() -> None:
     real_f, _ = clf.predict_features(data.images)
     ref = feature_stats(real_f)
     clip = bool(config.get("sampling", {}).get("clip_sample", False)) if args.clip_sample is None else args.clip_sample
+    clipped_eps = bool(config.get("sampling", {}).get("use_clipped_model_output", False))
     out: dict = {"model": args.model or "embedded default", "guidance": guidance, "clip_sample": clip}
 
     def floor(n: int) -> float:
@@ -75,6 +76,7 @@ def main() -> None:
             prediction=config["prediction"],
             clip_sample=clip,
             batch=250,
+            sample_kwargs={"use_clipped_model_output": clipped_eps},
         )
         f, pred = clf.predict_features(r.images.clamp(-1, 1))
         res = {

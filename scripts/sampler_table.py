@@ -32,8 +32,8 @@ import torch
 import ddim
 from ddim import GaussianMixture, NoiseSchedule
 
-ODE = ["ddim", "plms", "dpmpp_2m", "dpmpp_3m", "unipc", "heun"]
-ALL = ["ddim", "ddpm", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun"]
+ODE = ["ddim", "plms", "plms4", "dpmpp_2m", "dpmpp_3m", "unipc", "heun"]
+ALL = ["ddim", "ddpm", "plms", "plms4", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun"]
 SPACINGS = ["leading", "trailing", "linspace", "quadratic", "logsnr", "karras"]
 BUDGETS = [5, 10, 20, 50]
 
@@ -82,6 +82,7 @@ def model_table(args: argparse.Namespace) -> str:
     model, schedule, config = ddim.load(args.model)
     guidance = float(config.get("sampling", {}).get("guidance", 1.0))
     clip = bool(config.get("sampling", {}).get("clip_sample", False))
+    clipped_eps = bool(config.get("sampling", {}).get("use_clipped_model_output", False))
     k = model.config.num_classes
     labels = parse_classes("all", args.n, k) if k else None
     clf = load_classifier()
@@ -112,6 +113,7 @@ def model_table(args: argparse.Namespace) -> str:
             clip_sample=clip,
             batch=args.batch,
             progress=args.progress,
+            sample_kwargs={"use_clipped_model_output": clipped_eps},
         )
         seconds = time.perf_counter() - tic
         feats, pred = clf.predict_features(res.images.clamp(-1, 1))

@@ -18,6 +18,11 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=str(default_model_path()))
     ap.add_argument("--guidance", type=float, default=None, help="default guidance weight to store")
     ap.add_argument("--clip-sample", action="store_true", help="clip x̂₀ to [-1, 1] by default when sampling")
+    ap.add_argument(
+        "--use-clipped-model-output",
+        action="store_true",
+        help="with clipping, recompute ε̂ from the clipped x̂₀ by default (as the shipped model)",
+    )
     args = ap.parse_args()
     model, schedule, config = load(args.run)
     extra = {k: v for k, v in config.items() if k not in ("format", "unet", "schedule", "prediction")}
@@ -26,6 +31,7 @@ if __name__ == "__main__":
     if args.guidance is not None:
         sampling["guidance"] = args.guidance
     sampling["clip_sample"] = bool(args.clip_sample)
+    sampling["use_clipped_model_output"] = bool(args.use_clipped_model_output)
     extra["sampling"] = sampling
     save_model(args.out, model, schedule, config["prediction"], extra, dtype=torch.float16)
     print(f"shipped {args.run} (step {config['train']['step']}) -> {args.out}")

@@ -546,5 +546,5 @@ def test_sample_api_refuses_non_finite_guidance_and_wrong_channels(tiny):
     for g in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
             ddim.sample(model, x, schedule, steps=2, guidance_scale=g, **kw)
-    with pytest.raises(ValueError, match=r"x must be \[B, 1, H, W\]"):
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, 8, 8\]"):
         ddim.sample(model, torch.randn(1, 3, 8, 8), schedule, steps=2)

@@ -292,3 +292,22 @@ def test_finish_called_only_after_success(tmp_path, capsys, tiny, monkeypatch):
     assert run([*args, "--out", str(tmp_path / "a.npz")]) == 0 and calls == [1]
     assert run([*args, "--out", str(tmp_path / "a.txt")]) == 2 and calls == [1]  # a usage error
     capsys.readouterr()
+
+
+def test_embedded_model_keeps_its_clipping_setting_and_the_flag_overrides_it(tmp_path, capsys):
+    # The embedded model was measured with ε̂ recomputed from the clipped x̂₀; its config says so, so its
+    # images are unchanged by the diffusers-like library default. --model-eps asks for the other setting.
+    import ddim
+
+    _, _, config = ddim.load()
+    assert config["sampling"]["clip_sample"] is True and config["sampling"]["use_clipped_model_output"] is True
+
+    def images(*extra: str) -> np.ndarray:
+        out = tmp_path / f"s{len(list(tmp_path.iterdir()))}.npz"
+        args = ["sample", "-n", "2", "--steps", "4", "--class", "all", "--out", str(out), "--no-progress", *extra]
+        assert run(args) == 0
+        return np.load(out)["images"]
+
+    default = images()
+    assert np.array_equal(default, images("--use-clipped-model-output"))
+    assert not np.array_equal(default, images("--model-eps"))

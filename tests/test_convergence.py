@@ -24,6 +24,7 @@ ORDERS = {
     "ddim": (0.85, 1.2),
     "euler": (0.85, 1.2),
     "plms": (1.8, 3.5),
+    "plms4": (1.8, 3.5),  # the paper's fixed fourth order
     "dpmpp_2m": (1.8, 3.5),
     "dpmpp_3m": (1.8, 4.0),
     "unipc": (1.8, 4.0),

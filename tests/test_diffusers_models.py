@@ -28,8 +28,9 @@ def _tiny_unet(seed: int = 0) -> "diffusers.UNet2DModel":
     ).eval()
 
 
-def _pipeline_folder(tmp_path, **scheduler):
-    cfg = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+def _pipeline_folder(tmp_path, default_config=False, **scheduler):
+    # default_config: diffusers' own DDIMScheduler defaults (clip_sample=True among them)
+    cfg = {} if default_config else dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     cfg.update(scheduler)
     pipe = diffusers.DDIMPipeline(unet=_tiny_unet(), scheduler=diffusers.DDIMScheduler(**cfg))
     folder = tmp_path / "pipe"
@@ -44,12 +45,12 @@ def _pipeline_uint8(pipe, n, steps, eta=0.0, **kw) -> np.ndarray:
     return np.round(img * 255).astype(np.uint8)
 
 
-def _library_uint8(folder, n, steps, eta) -> np.ndarray:
+def _library_uint8(folder, n, steps, eta, **options) -> np.ndarray:
     from ddim.generate import generate
     from ddim.images import to_uint8
 
     model, schedule, config = ddim.load(folder)
-    kw = sampling_kwargs(config, schedule, steps)
+    kw = {**sampling_kwargs(config, schedule, steps), **options}
     spacing, timesteps, clip = kw.pop("spacing"), kw.pop("timesteps"), kw.pop("clip_sample")
     res = generate(
         model,
@@ -76,8 +77,18 @@ def _cli_uint8(folder, tmp_path, n, steps, *extra) -> np.ndarray:
 CASES = [
     (dict(steps_offset=1, set_alpha_to_one=False), 0.0, {}),  # leading + offset, ends on ᾱ_0
     (dict(timestep_spacing="trailing"), 1.0, {}),  # stochastic: step noise from the same generators
+    # clipping, diffusers' default: DDIMPipeline keeps the model's ε̂ (use_clipped_model_output off)
+    (dict(default_config=True), 0.0, {}),
+    (dict(default_config=True), 1.0, {}),
+    (dict(clip_sample=True, prediction_type="v_prediction"), 0.0, {}),
+    # and the other setting, asked for on both sides
+    (dict(default_config=True), 0.0, {"use_clipped_model_output": True}),
     (dict(clip_sample=True, prediction_type="v_prediction"), 0.0, {"use_clipped_model_output": True}),
 ]
+
+
+def _cli_flags(call: dict) -> list[str]:
+    return ["--use-clipped-model-output"] if call.get("use_clipped_model_output") else []
 
 
 def _check_same_images(ours: np.ndarray, ref: np.ndarray, n: int) -> None:
@@ -91,14 +102,49 @@ def test_cli_sample_of_a_pipeline_folder_equals_ddim_pipeline(tmp_path, schedule
     folder, pipe = _pipeline_folder(tmp_path, **scheduler)
     n, steps = 3, 10  # 10 divides T, where diffusers' "previous timestep" t - T//S is the next listed one
     ref = _pipeline_uint8(pipe, n, steps, eta, **call)
-    _check_same_images(_cli_uint8(folder, tmp_path, n, steps, "--eta", str(eta)), ref, n)
+    _check_same_images(_cli_uint8(folder, tmp_path, n, steps, "--eta", str(eta), *_cli_flags(call)), ref, n)
 
 
 @pytest.mark.parametrize("scheduler, eta, call", CASES)
 def test_library_sampling_of_a_pipeline_folder_equals_ddim_pipeline(tmp_path, scheduler, eta, call):
     folder, pipe = _pipeline_folder(tmp_path, **scheduler)
     ref = _pipeline_uint8(pipe, 3, 10, eta, **call)
-    _check_same_images(_library_uint8(folder, 3, 10, eta), ref, 3)
+    _check_same_images(_library_uint8(folder, 3, 10, eta, **call), ref, 3)
+
+
+def test_the_two_clipping_settings_differ_on_the_default_config(tmp_path):
+    # the parity above is not vacuous: on diffusers' default config the two settings give other images
+    folder, pipe = _pipeline_folder(tmp_path, default_config=True)
+    keep = _library_uint8(folder, 3, 10, 0.0)
+    recompute = _library_uint8(folder, 3, 10, 0.0, use_clipped_model_output=True)
+    assert np.abs(keep.astype(int) - recompute.astype(int)).max() > 8
+
+
+@pytest.mark.parametrize("steps, call", [(10, {}), (20, {}), (10, {"use_clipped_model_output": True})])
+def test_ddpm_pipeline_folder_with_default_clipping_equals_ddpm_pipeline(tmp_path, steps, call):
+    # DDPMScheduler's defaults clip x̂₀; its posterior mean uses the clipped x̂₀ and x_t (so the ε̂ setting
+    # does not matter), its variance is β̃ between the respaced levels, and the last step adds no noise.
+    pipe = diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=diffusers.DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "ddpm")
+    n = 3
+    gens = [torch.Generator("cpu").manual_seed(i) for i in range(n)]
+    with torch.no_grad():
+        img = pipe(batch_size=n, generator=gens, num_inference_steps=steps, output_type="np").images
+    ref = np.round(img * 255).astype(np.uint8)
+    ours = _cli_uint8(tmp_path / "ddpm", tmp_path, n, steps, "--sampler", "ddpm", *_cli_flags(call))
+    _check_same_images(ours, ref, n)
+
+
+@pytest.mark.parametrize("steps", [7, 30])
+def test_pipeline_folder_keeps_diffusers_leading_where_steps_do_not_divide_T(tmp_path, steps):
+    # diffusers' leading is k·(T//S); the package's own is ⌊i·T/S⌋: a pipeline folder keeps diffusers'
+    folder, pipe = _pipeline_folder(tmp_path)
+    model, schedule, config = ddim.load(folder)
+    pipe.scheduler.set_timesteps(steps)
+    assert sampling_kwargs(config, schedule, steps)["timesteps"] == pipe.scheduler.timesteps.tolist()
+    assert int(ddim.timesteps(schedule, steps, "leading")[0]) > pipe.scheduler.timesteps[0]
+    ref = _pipeline_uint8(pipe, 2, steps)
+    _check_same_images(_cli_uint8(folder, tmp_path, 2, steps), ref, 2)
 
 
 def test_load_maps_the_scheduler_config(tmp_path):

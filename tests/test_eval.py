@@ -266,7 +266,8 @@ def test_table1_sigma_hat_row(tmp_path, capsys, tiny, digits):
     assert len(names) == 2 and any("-etahat-" in n for n in names)
     with np.load(next((out / "cells").glob("*-etahat-*.npz"))) as z:
         hat = z["images"]
-        assert json.loads(scalar(z["settings"]))["variance"] == "large"
+        settings = json.loads(scalar(z["settings"]))
+        assert settings["variance"] == "large" and settings["sampler"] == "ddpm"  # the reference's DDPM step
     with np.load(next((out / "cells").glob("*-eta1-*.npz"))) as z:
         one = z["images"]
         assert "variance" not in json.loads(scalar(z["settings"]))  # names of η cells are unchanged

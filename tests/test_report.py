@@ -38,11 +38,14 @@ def test_report_is_one_self_contained_page(setup, tmp_path, capsys):
     args = ["report", "--model", str(root / "model"), "--out", str(out), "--steps", "2,4", "--eta", "0,1", "--n", "8"]
     args += ["--table2-n", "4", "--heldout-data", str(root / "held.npz"), "--data", str(root / "ref.npz")]
     args += ["--consistency-steps", "2,6", "--consistency-n", "4", "--pairs", "2", "--frames", "4"]
-    args += ["--cache", str(tmp_path / "cache"), "--no-progress"]
+    args += ["--cache", str(tmp_path / "cache"), "--no-progress", "--train-data", str(root / "ref.npz")]
     assert run(args) == 0, capsys.readouterr().err
     page = out.read_text()
     for title in ("Table 1", "Table 2", "Consistency", "Interpolation", "Reproduce", "What the numbers say"):
         assert title in page
+    for title in ("Guidance × steps", "η and diversity", "Memorization", "Cost: time", "ddim eval guidance"):
+        assert title in page  # the evidence sections (issue 21)
+    assert "Skipped" not in page
     # Self-contained: every image is embedded, nothing is fetched.
     srcs = re.findall(r'src="([^"]*)"', page)
     assert len(srcs) >= 6 and all(s.startswith("data:image/png;base64,") for s in srcs)

@@ -13,8 +13,8 @@ from ddim.sampling import Levels, ddim_coefficients
 from ddim.solvers.dpmpp import dpmpp_coefficients
 from ddim.solvers.karras import heun_timesteps
 
-NEW = ["plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun"]
-DETERMINISTIC = ["plms", "dpmpp_2m", "dpmpp_3m", "unipc", "euler", "heun"]
+NEW = ["plms", "plms4", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler", "heun"]
+DETERMINISTIC = ["plms", "plms4", "dpmpp_2m", "dpmpp_3m", "unipc", "euler", "heun"]
 BASE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
@@ -125,18 +125,39 @@ def test_multistep_parity_with_diffusers(sampler, cls, cfg, spacing, steps, fina
     assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize("linear_path", [True, False])
 @pytest.mark.parametrize("steps", [4, 10])
-def test_dpmpp_2m_sde_parity_with_diffusers_given_the_same_noise(steps):
+def test_dpmpp_2m_sde_parity_with_diffusers_given_the_same_noise(steps, linear_path, final):
+    # diffusers draws noise at every step, the last included: into σ = 0 ("zero", ᾱ = 1) it is multiplied
+    # by 0; into σ_min ("sigma_min", ᾱ_0) it adds σ_N sqrt(1 - e^{-2h}) z, and so must we
     from diffusers import DPMSolverMultistepScheduler
 
-    sch = DPMSolverMultistepScheduler(**BASE, algorithm_type="sde-dpmsolver++", timestep_spacing="linspace")
+    sch = DPMSolverMultistepScheduler(
+        **BASE, algorithm_type="sde-dpmsolver++", timestep_spacing="linspace", final_sigmas_type=final
+    )
     x, seeds = _x(), [3, 4, 5, 6]
     draw = ddim.StepNoise(x.shape, seeds)
-    noises = [draw().clone() for _ in range(steps - 1)] + [torch.zeros_like(x)]
+    noises = [draw().clone() for _ in range(steps)]
     ref, ts = _diffusers_run(sch, x, steps, "linspace", noises)
     schedule = NoiseSchedule.from_alphas_cumprod(sch.alphas_cumprod.double())
-    ours = ddim.sample(dummy_model, x, schedule, timesteps=ts, sampler="dpmpp_2m_sde", seeds=seeds)
+    # clipping at a range nothing reaches takes the general (non-fused) path with the same result
+    kw = {} if linear_path else {"clip_sample": True, "clip_sample_range": 1e6}
+    ours = ddim.sample(
+        dummy_model,
+        x,
+        schedule,
+        timesteps=ts,
+        sampler="dpmpp_2m_sde",
+        seeds=seeds,
+        set_alpha_to_one=final == "zero",
+        **kw,
+    )
     assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    if final == "sigma_min":  # the last step's noise is there: without it the result differs
+        noises[-1] = torch.zeros_like(x)
+        without, _ = _diffusers_run(sch, x, steps, "linspace", noises)
+        assert (ours - without).abs().max().item() > 1e-3 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("sampler, cls", [("euler", "EulerDiscreteScheduler"), ("heun", "HeunDiscreteScheduler")])
@@ -200,6 +221,40 @@ def test_plms_first_step_is_ddim(linear):
         torch.testing.assert_close(
             ddim.sample(dummy_model, x, linear, sampler="plms", **kw), ddim.sample(dummy_model, x, linear, **kw)
         )
+
+
+def test_plms_order_rule_and_the_papers_method(linear):
+    from ddim.solvers.plms import ADAMS_BASHFORTH, MAX_ORDER, plms_coefficients, plms_order
+
+    assert MAX_ORDER == 3 and {plms_order(s) for s in (1, 10, 20, 50, 1000)} == {3}
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for steps in (3, 10, 30):
+        ts = ddim.timesteps(linear, steps, "leading").tolist()
+        plms = ddim.sample(dummy_model, x, linear, timesteps=ts, sampler="plms")
+        paper = ddim.sample(dummy_model, x, linear, timesteps=ts, sampler="plms4")
+        # the general path (clipping at a range nothing reaches) gives the same runs
+        far = {"clip_sample": True, "clip_sample_range": 1e6}
+        torch.testing.assert_close(ddim.sample(dummy_model, x, linear, timesteps=ts, sampler="plms4", **far), paper)
+        torch.testing.assert_close(ddim.sample(dummy_model, x, linear, timesteps=ts, sampler="plms", **far), plms)
+        # identical until a fourth step exists; then order 3 against 4
+        if steps <= 3:
+            torch.testing.assert_close(plms, paper)
+        else:
+            assert (plms - paper).abs().max() > 1e-6
+    # plms4 is the paper's Eq. 12 from the fourth step on: ε' = (55 ε̂_i - 59 ε̂_{i-1} + 37 ε̂_{i-2} - 9 ε̂_{i-3})/24
+    levels = ddim.sampling._run_levels(linear, 8, "leading", None, True)
+    table, orders = plms_coefficients(levels, 4)
+    assert orders == [1, 2, 3, 4, 4, 4, 4, 4]
+    ab = levels.alpha_bars
+    i = 5
+    s_next, s_i = (1 - ab[i + 1]).sqrt(), (1 - ab[i]).sqrt()
+    c = ab[i + 1].sqrt() * s_i / ab[i].sqrt()
+    w = [(s_next - c) * b for b in ADAMS_BASHFORTH[3]]
+    w[0] += c
+    torch.testing.assert_close(table[i, 1:], torch.stack(w))
+    assert plms_coefficients(levels, 3)[1] == [1, 2, 3, 3, 3, 3, 3, 3]
+    with pytest.raises(ValueError, match="max_order"):
+        plms_coefficients(levels, 5)
 
 
 # ----------------------------------------------------------------------------- the stochastic one
@@ -304,7 +359,7 @@ def test_float32_in_float32_out_and_clipping(linear, sampler):
         dummy_model, x * 10, linear, steps=8, spacing="logsnr", sampler=sampler, seeds=range(4), clip_sample=True
     )
     assert torch.isfinite(clipped).all()
-    if sampler != "plms":  # the others end on the (clipped) x̂₀ of their last call; PLMS on x̂₀' of ε'
+    if sampler not in ("plms", "plms4"):  # the others end on the (clipped) x̂₀ of their last call; PLMS on x̂₀' of ε'
         assert clipped.abs().max() <= 1 + 1e-6
 
 

@@ -71,14 +71,46 @@ def test_eta_one_is_ddpm_posterior_empirically():
     assert x_s.var().item() == pytest.approx(var, rel=0.01)
 
 
-def test_large_variance_and_clamped_direction():
-    # σ̂² = 1 - ᾱ_t/ᾱ_s; here σ̂² = 0.4375 > 1 - ᾱ_s = 0.36, so the direction term is clamped to 0.
-    c_x0, c_eps, sigma = ddim_coefficients(0.36, 0.64, 1.0, variance="large")
-    assert sigma.item() ** 2 == pytest.approx(1 - 0.36 / 0.64)
-    assert c_eps.item() == 0.0 and c_x0.item() == pytest.approx(0.8)
-    # A small step keeps a positive direction term: 1 - ᾱ_s - σ̂².
-    _, c_eps, sigma = ddim_coefficients(0.5, 0.52, 1.0, variance="large")
-    assert c_eps.item() ** 2 == pytest.approx(1 - 0.52 - (1 - 0.5 / 0.52))
+def _reference_ddpm_noisy_step(x, e, at, atm1, z):
+    """One step of the DDIM paper's σ̂ sampler as its reference code writes it (ermongroup/ddim,
+    ``ddpm_steps``: x̂₀ from ε̂, clamped to [-1, 1], posterior mean from x̂₀ and x_t, log-variance log β_t
+    with β_t = 1 - ᾱ_t/ᾱ_{t-1} between the listed levels)."""
+    beta_t = 1 - at / atm1
+    x0_from_e = ((1.0 / at) ** 0.5 * x - (1.0 / at - 1) ** 0.5 * e).clamp(-1, 1)
+    mean = (atm1**0.5 * beta_t * x0_from_e + (1 - beta_t) ** 0.5 * (1 - atm1) * x) / (1.0 - at)
+    return mean + math.exp(0.5 * math.log(beta_t)) * z
+
+
+@pytest.mark.parametrize("at, atm1", [(0.36, 0.64), (0.5, 0.52), (0.02, 0.9)])
+def test_sigma_hat_is_the_papers_ddpm_step(at, atm1):
+    g = torch.Generator().manual_seed(0)
+    x, e, z = (torch.randn(1, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    x = x * 0.3  # a point whose x̂₀ stays inside [-1, 1] for the unclipped comparisons
+    ref = _reference_ddpm_noisy_step(x, e, at, atm1, z)
+    assert ((1.0 / at) ** 0.5 * x - (1.0 / at - 1) ** 0.5 * e).abs().max() > 1  # the clamp bites here
+    # sampler="ddpm", variance="large": the reference step exactly, clipping included
+    c_x0, c_xt, sigma = ddpm_coefficients(at, atm1, "large")
+    x0, _ = to_x0_eps(x, e, at, clip_sample=True)
+    torch.testing.assert_close(c_x0 * x0 + c_xt * x + sigma * z, ref)
+    assert sigma.item() ** 2 == pytest.approx(1 - at / atm1)
+    # DDIM with η = 1 and variance "large": the same mean and noise σ̂ wherever ε̂ agrees with x_t
+    # (no clipping, or ε̂ recomputed from the clipped x̂₀) — never a shrunken direction term
+    for clip, recompute in ((True, True), (False, False)):
+        out, _ = ddim_step(x, e, at, atm1, eta=1.0, noise=z, variance="large") if not clip else (None, None)
+        x0c, ec = to_x0_eps(x, e, at, clip_sample=clip, use_clipped_model_output=recompute)
+        c0, ce, s = ddim_coefficients(at, atm1, 1.0, "large")
+        step = c0 * x0c + ce * ec + s * z
+        if clip:
+            torch.testing.assert_close(step, ref)
+        else:
+            torch.testing.assert_close(step, out)
+            beta_t = 1 - at / atm1
+            x0u = (1.0 / at) ** 0.5 * x - (1.0 / at - 1) ** 0.5 * e
+            mean = (atm1**0.5 * beta_t * x0u + (1 - beta_t) ** 0.5 * (1 - atm1) * x) / (1.0 - at)
+            torch.testing.assert_close(out, mean + beta_t**0.5 * z)
+    # the mean's direction term is η's, not 0: here σ̂² = 0.4375 > 1 - ᾱ_prev = 0.36 and it stays > 0
+    _, c_eps, _ = ddim_coefficients(0.36, 0.64, 1.0, variance="large")
+    assert c_eps.item() > 0
 
 
 def test_eta_zero_is_deterministic_and_ignores_noise():
@@ -112,13 +144,24 @@ def test_v_prediction_at_zero_snr():
         assert torch.isfinite(x_s).all()
 
 
-def test_clipping_recomputes_eps():
+def test_clipping_keeps_the_models_eps_unless_asked_to_recompute_it():
     x = torch.tensor([[3.0, -0.2]], dtype=torch.float64)
     out = torch.tensor([[0.1, 0.3]], dtype=torch.float64)
     ab = 0.5
+    # default, as diffusers' DDIMScheduler.step: x̂₀ clipped, ε̂ the model's own
     x0, eps = to_x0_eps(x, out, ab, clip_sample=True)
     assert x0.abs().max() <= 1.0
-    torch.testing.assert_close(x, math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps)
+    torch.testing.assert_close(eps, out)
+    # use_clipped_model_output=True: ε̂ recomputed so that (x̂₀, ε̂) describe x_t again
+    x0c, epsc = to_x0_eps(x, out, ab, clip_sample=True, use_clipped_model_output=True)
+    torch.testing.assert_close(x0c, x0)
+    torch.testing.assert_close(x, math.sqrt(ab) * x0c + math.sqrt(1 - ab) * epsc)
+    assert not torch.allclose(epsc, out)
+    # v-prediction: ε̂ from the unclipped x̂₀ (diffusers computes it before clipping)
+    _, eps_v = to_x0_eps(x, out, ab, "v_prediction", clip_sample=True)
+    torch.testing.assert_close(eps_v, math.sqrt(ab) * out + math.sqrt(1 - ab) * x)
+    with pytest.raises(TypeError, match="use_clipped_model_output"):
+        to_x0_eps(x, out, ab, clip_sample=True, use_clipped_model_output=1)
 
 
 def test_dynamic_thresholding_per_sample():

@@ -27,9 +27,22 @@ def test_exact_count_unique_descending_in_range(sched, spacing, S):
 
 
 @pytest.mark.parametrize("S", SIZES)
-def test_leading_is_k_times_floor_ratio(sched, S):
-    expected = torch.arange(S - 1, -1, -1) * (T // S)
+def test_leading_is_the_papers_uniform_stride(sched, S):
+    expected = torch.tensor([i * T // S for i in reversed(range(S))])  # τ_i = ⌊i·T/S⌋
     assert torch.equal(ddim.timesteps(sched, S, "leading"), expected)
+    if T % S == 0:  # = ermongroup/ddim's range(0, T, T//S) and diffusers' k·(T//S)
+        assert torch.equal(expected, torch.arange(S - 1, -1, -1) * (T // S))
+
+
+@pytest.mark.parametrize("T_", [1000, 999, 37])
+def test_leading_starts_near_the_top_for_every_step_count(T_):
+    # x_T ~ N(0, I) must enter close to T-1 whatever S: at or above T - 2⌈T/S⌉ (k·(T//S) truncated to S
+    # values started at 500 for S = 501)
+    sched = NoiseSchedule.linear(T_)
+    for S in range(1, T_ + 1):
+        t = ddim.timesteps(sched, S, "leading")
+        assert int(t[0]) >= T_ - 2 * -(-T_ // S), (S, int(t[0]))
+        assert int(t[-1]) == 0 and torch.unique(t).numel() == S
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
@@ -37,6 +50,8 @@ def test_leading_is_k_times_floor_ratio(sched, S):
 def test_equals_diffusers_set_timesteps(sched, spacing, S):
     ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
     ref.set_timesteps(S)
+    if spacing == "leading" and T % S:
+        pytest.skip("diffusers' leading k·(T//S) departs from the paper's ⌊i·T/S⌋ where S does not divide T")
     assert torch.equal(ddim.timesteps(sched, S, spacing), ref.timesteps.to(torch.int64))
 
 

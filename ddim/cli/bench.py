@@ -24,7 +24,8 @@ def _int_list(text: str, flag: str) -> list[int]:
     "--models",
     default="trivial,shipped",
     show_default=True,
-    help="Comma list: 'trivial' (a one-op network: the samplers alone) and/or 'shipped' (the default model).",
+    help="Comma list: 'trivial' (a one-op network: the samplers alone), 'shipped' (the default model), "
+    "'tiny-sd' (text to image with a tiny random Stable Diffusion pipeline, against StableDiffusionPipeline).",
 )
 @click.option("--model", "model_path", default=None, help="Use this model for the 'shipped' rows [embedded default].")
 @click.option("--batch", "batches", default="1,64", show_default=True, help="Comma list of batch sizes.")
@@ -80,9 +81,9 @@ def bench_cmd(
     from ddim.perf import set_threads
 
     model_list = [m.strip() for m in models.split(",") if m.strip()]
-    bad = [m for m in model_list if m not in ("trivial", "shipped")]
+    bad = [m for m in model_list if m not in ("trivial", "shipped", "tiny-sd")]
     if bad or not model_list:
-        raise UsageError(f"--models must list 'trivial' and/or 'shipped', got {models!r}")
+        raise UsageError(f"--models must list 'trivial', 'shipped' and/or 'tiny-sd', got {models!r}")
     algo_list = [a.strip() for a in algorithms.split(",") if a.strip()]
     bad = [a for a in algo_list if a not in ALGORITHMS]
     if bad or not algo_list:

@@ -464,6 +464,13 @@ _REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
 @click.option(
     "--frames", default=_REPORT.frames, show_default=True, type=click.IntRange(min=3), help="Frames per strip."
 )
+@click.option(
+    "--evidence/--no-evidence",
+    default=True,
+    show_default=True,
+    help="Add guidance × steps, η and diversity, memorization and cost sections.",
+)
+@click.option("--train-data", default=None, help="The model's training images, for memorization [from its config].")
 def report_cmd(
     model_path,
     class_spec,
@@ -488,8 +495,11 @@ def report_cmd(
     consistency_n,
     pairs,
     frames,
+    evidence,
+    train_data,
 ) -> None:
-    """One self-contained HTML page with Table 1, Table 2, consistency and interpolation for a model.
+    """One self-contained HTML page with Table 1, Table 2, consistency and interpolation for a model, and
+    (unless --no-evidence) guidance × steps, η and diversity, memorization and cost.
 
     Defaults are small (a few minutes on a CPU for the default model); raise --n and friends to scale
     up. Results are cached in --work, so a second run (or a killed one) only does what is missing.
@@ -507,6 +517,7 @@ def report_cmd(
         consistency_n=consistency_n,
         pairs=pairs,
         frames=frames,
+        evidence=evidence,
     )
     if len(set(settings.consistency_steps)) < 2:
         raise UsageError("--consistency-steps needs at least two step counts")
@@ -518,10 +529,14 @@ def report_cmd(
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
     try:
-        held, held_name = heldout(setup.model, config, heldout_data)
-        held = heldout_subset(held, table2_n)
+        held_all, held_name = heldout(setup.model, config, heldout_data)
+        held = heldout_subset(held_all, table2_n)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--heldout-data: {e}") from None
+    extra = {}
+    if evidence:
+        extra = _evidence_inputs(setup, config, extractor, features, data, cache, train_data, progress)
+        extra["memorization_heldout"] = held_all.images
     try:
         build_report(
             setup,
@@ -534,7 +549,296 @@ def report_cmd(
             held_name,
             settings,
             progress=progress,
+            **extra,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
     click.echo(f"-> {out_path} (results in {work_dir}/)")
+
+
+def _evidence_inputs(setup, config, extractor, features, data, cache, train_data, progress) -> dict:
+    """build_report's evidence inputs: the training images (None when unknown, unless --train-data names
+    them), the reference set's labels, and the checking classifier's space for 1×28×28 digit models."""
+    from ddim.evaluation.memorization import training_data
+
+    out = {}
+    try:
+        train, out["train_name"] = training_data(setup.model, config, train_data)
+        out["train"] = train.images
+    except (ValueError, RuntimeError) as e:
+        if train_data is not None:
+            raise UsageError(f"--train-data: {e}") from None
+    _, out["reference_labels"] = _reference_with_labels(setup, config, extractor, data, cache, progress)
+    cfg = setup.model.config
+    if features in (None, "classifier") and (cfg.in_channels, cfg.image_size) == (1, 28):
+        check = _extractor(setup, "classifier-check", None)
+        out["extra_spaces"] = [(check, _reference_with_labels(setup, config, check, data, cache, progress)[0])]
+    return out
+
+
+# ------------------------------------------------------------------ the evidence users ask for (issue 21)
+def _grid(text: str, name: str, kind: type = int, minimum: float | None = None) -> list:
+    """A comma list of distinct values >= ``minimum``, else a UsageError naming ``name``."""
+    from ddim.evaluation.common import parse_list
+    from ddim.evaluation.cost import check_grid
+
+    try:
+        return check_grid(parse_list(text, kind, name), name, minimum=minimum, integer=kind is int)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _sampler_list(text: str) -> list[str]:
+    from ddim.evaluation.cost import check_samplers
+
+    try:
+        return check_samplers([s.strip() for s in text.split(",") if s.strip()], "--sampler")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _setup_options(f):
+    """--model, --class, --guidance, --spacing, --seed, --progress, --device (no --batch)."""
+    from ddim.timesteps import SPACINGS
+
+    opts = [
+        click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default]."),
+        click.option(
+            "--class",
+            "class_spec",
+            default="default",
+            show_default=True,
+            help="Classes as in `ddim sample`, or 'none' for unconditional. default: 'all' for class-conditional "
+            "models.",
+        ),
+        click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default]."),
+        click.option("--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS))),
+        click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed K+i."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+        _device_option,
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@eval_group.command("cost")
+@_setup_options
+@click.option("--steps", "steps_list", default="10,25,50,100", show_default=True, help="Step counts S (distinct).")
+@click.option("--batches", "batch_list", default="1,16", show_default=True, help="Batch sizes (distinct).")
+@click.option("--sampler", "sampler_list", default="ddim,ddpm,dpmpp_2m", show_default=True, help="Samplers.")
+@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η of the ddim cells.")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Timed runs per cell.")
+@click.option("--out", default="eval/cost", show_default=True, help="Output folder (resumes what it holds).")
+def cost_cmd(
+    model_path, class_spec, guidance, spacing, seed, progress, device, steps_list, batch_list, sampler_list, eta,
+    repeats, out,
+) -> None:  # fmt: skip
+    """Wall time, network calls and peak memory (RSS on CPU, CUDA allocated on GPU) against S and batch size.
+
+    Writes OUT/cost.csv, cost.md (with, per sampler, whether memory depends on S), cost.png; cells are
+    cached in OUT/cells (delete them to measure again).
+    """
+    from ddim.evaluation.cost import run_cost
+
+    steps = _grid(steps_list, "--steps", int, 1)
+    batches = _grid(batch_list, "--batches", int, 1)
+    samplers = _sampler_list(sampler_list)
+    setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, max(batches), device)
+    try:
+        run_cost(
+            setup, out, steps=steps, batches=batches, samplers=samplers, eta=eta, repeats=repeats, progress=progress
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "cost.md").read_text())
+    click.echo(f"-> {out}/cost.csv, cost.md, cost.png")
+
+
+def _extractor(setup, features, inception_weights):
+    from ddim.evaluation.sources import extractor_for
+
+    try:
+        return extractor_for(setup.model, features, inception_weights).to(setup.device)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--features: {e}") from None
+
+
+_feature_options = [
+    click.option(
+        "--features",
+        default=None,
+        help="Feature extractor: 'classifier', 'inception', a TorchScript file or 'package.module:factory' "
+        "[classifier for 1-channel images, else inception].",
+    ),
+    click.option("--inception-weights", default=None, type=click.Path(dir_okay=False), help="FID Inception weights."),
+]
+
+
+@eval_group.command("memorization")
+@_setup_options
+@_feature_options[0]
+@_feature_options[1]
+@click.option("--n", "-n", default=500, show_default=True, type=click.IntRange(min=1), help="Samples.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps S.")
+@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η (ddim).")
+@click.option("--sampler", default="ddim", show_default=True, help="Sampler.")
+@click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1), help="Closest pairs in the figure.")
+@click.option("--train-data", default=None, help="The model's training images (load_data spec) [from its config].")
+@click.option("--heldout-data", default=None, help="Real images it never saw [the 500 held-out MNIST-5k digits].")
+@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--out", default="eval/memorization", show_default=True, help="Output folder (resumes what it holds).")
+def memorization_cmd(
+    model_path, class_spec, guidance, spacing, seed, progress, device, features, inception_weights, n, steps, eta,
+    sampler, pairs, train_data, heldout_data, batch, out,
+) -> None:  # fmt: skip
+    """Does the model copy its training data? Each sample's nearest training image (pixels and features)
+    against the nearest held-out image; the share of samples nearer a training image, beside real
+    unseen images as a control; a figure of the closest pairs."""
+    from ddim.evaluation.memorization import run_memorization, training_data
+    from ddim.evaluation.sources import heldout_data as heldout
+
+    _sampler_list(sampler)
+    if pairs > n:
+        raise UsageError(f"--pairs ({pairs}) must be at most --n ({n})")
+    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    try:
+        train, train_name = training_data(setup.model, config, train_data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--train-data: {e}") from None
+    try:
+        held, held_name = heldout(setup.model, config, heldout_data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--heldout-data: {e}") from None
+    extractor = _extractor(setup, features, inception_weights)
+    try:
+        run_memorization(
+            setup, out, extractor, train.images, held.images, n=n, steps=steps, eta=eta, sampler=sampler,
+            pairs=pairs, train_name=train_name, heldout_name=held_name, progress=progress,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "memorization.md").read_text())
+    click.echo(f"-> {out}/memorization.csv, memorization.md, memorization.png, memorization_hist.png")
+
+
+def _reference_with_labels(setup, config, extractor, data, cache, progress):
+    """(reference features, their labels or None) of the model's reference set (see --data)."""
+    from ddim.evaluation.metrics import reference_features
+    from ddim.evaluation.sources import reference_data
+
+    try:
+        ref_data, name = reference_data(setup.model, config, data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--data: {e}") from None
+    reference = reference_features(ref_data.images, extractor, name=name, cache_dir=cache, progress=progress)
+    return reference, ref_data.labels
+
+
+@eval_group.command("diversity")
+@_setup_options
+@_features
+@click.option("--eta", "eta_list", default="0,0.2,0.5,1", show_default=True, help="DDIM η values (distinct).")
+@click.option(
+    "--sampler", "sampler_list", default="ddim,ddpm,dpmpp_2m,dpmpp_2m_sde", show_default=True, help="Samplers."
+)
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps S.")
+@click.option("--n", "-n", default=500, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
+@click.option("--seeds-shown", default=6, show_default=True, type=click.IntRange(min=1), help="Rows of the figure.")
+@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--out", default="eval/diversity", show_default=True, help="Output folder (resumes what it holds).")
+def diversity_cmd(
+    model_path, class_spec, guidance, spacing, seed, progress, device, features, inception_weights, data, cache,
+    eta_list, sampler_list, steps, n, seeds_shown, batch, out,
+) -> None:  # fmt: skip
+    """η and diversity: within-class feature diversity, recall and quality for each η (DDIM) and sampler,
+    and how far the same x_T's image moves as η grows."""
+    from ddim.evaluation.diversity import run_diversity
+
+    etas = _grid(eta_list, "--eta", float, 0.0)
+    samplers = _sampler_list(sampler_list)
+    if seeds_shown > n:
+        raise UsageError(f"--seeds-shown ({seeds_shown}) must be at most --n ({n})")
+    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    extractor = _extractor(setup, features, inception_weights)
+    reference, labels = _reference_with_labels(setup, config, extractor, data, cache, progress)
+    if n > len(reference.features):
+        raise UsageError(f"--n ({n}) is larger than the reference set ({len(reference.features)} images)")
+    try:
+        run_diversity(
+            setup, out, extractor, reference, reference_labels=labels, etas=etas, samplers=samplers, steps=steps,
+            n=n, seeds_shown=seeds_shown, progress=progress,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "diversity.md").read_text())
+    click.echo(f"-> {out}/diversity.csv, diversity.md, diversity.png, diversity_seeds.png")
+
+
+@eval_group.command("guidance")
+@_setup_options
+@click.option(
+    "--features",
+    "features_list",
+    default=None,
+    help="Comma list of feature spaces, each judged apart: 'classifier', 'classifier-check' (the second, "
+    "independently trained network), 'inception', a TorchScript file... "
+    "[classifier,classifier-check for 1×28×28 models, else inception]",
+)
+@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False), help="FID Inception weights.")
+@click.option("--data", default=None, help="Reference images (as for `ddim eval table1`) [MNIST-5k for 28×28 digits].")
+@click.option("--cache", default=None, type=click.Path(file_okay=False), help="Folder for cached reference features.")
+@click.option("--guidances", "guidance_list", default="1,1.5,2,3,4", show_default=True, help="Guidance weights w.")
+@click.option("--steps", "steps_list", default="10,20,50", show_default=True, help="Step counts S (distinct).")
+@click.option("--sampler", "sampler_list", default="ddim", show_default=True, help="Samplers.")
+@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η of the ddim cells.")
+@click.option("--n", "-n", default=200, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
+@click.option(
+    "--min-accuracy",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="The default may only be a w whose class accuracy stays at or above this in every cell.",
+)
+@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--out", default="eval/guidance", show_default=True, help="Output folder (resumes what it holds).")
+def guidance_cmd(
+    model_path, class_spec, guidance, spacing, seed, progress, device, features_list, inception_weights, data, cache,
+    guidance_list, steps_list, sampler_list, eta, n, min_accuracy, batch, out,
+) -> None:  # fmt: skip
+    """Guidance × steps: Fréchet distance, precision, recall and class accuracy for each w, S and sampler in
+    each feature space, the best w per step count marked, and the default w they point to."""
+    from ddim.evaluation.guidance import run_guidance
+
+    ws = _grid(guidance_list, "--guidances", float, 0.0)
+    steps = _grid(steps_list, "--steps", int, 1)
+    samplers = _sampler_list(sampler_list)
+    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    if not setup.num_classes or setup.class_spec is None:
+        raise UsageError("--class: guidance needs a class-conditional model and classes (not 'none')")
+    if features_list is None:
+        cfg = setup.model.config
+        digits = (cfg.in_channels, cfg.image_size) == (1, 28)
+        specs = ["classifier", "classifier-check"] if digits else [None]
+    else:
+        specs = [s.strip() for s in features_list.split(",") if s.strip()]
+        if not specs or len(set(specs)) < len(specs):
+            raise UsageError(f"--features must name distinct feature spaces, got {features_list!r}")
+    spaces = []
+    for spec in specs:
+        extractor = _extractor(setup, spec, inception_weights)
+        reference, _ = _reference_with_labels(setup, config, extractor, data, cache, progress)
+        if n > len(reference.features):
+            raise UsageError(f"--n ({n}) is larger than the reference set ({len(reference.features)} images)")
+        spaces.append((extractor, reference))
+    try:
+        run_guidance(
+            setup, out, spaces, guidances=ws, steps=steps, samplers=samplers, n=n, eta=eta,
+            min_accuracy=min_accuracy, progress=progress,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / "guidance.md").read_text())
+    click.echo(f"-> {out}/guidance.csv, guidance.md, guidance.png")

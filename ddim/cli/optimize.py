@@ -93,6 +93,7 @@ def optimize_cmd(
         labels = parse_classes(spec, count, k) if k else torch.full((count,), -1, dtype=torch.long)
         kw: dict = {"prediction": config["prediction"]}
         kw["clip_sample"] = config.get("sampling", {}).get("clip_sample", False)
+        kw["use_clipped_model_output"] = config.get("sampling", {}).get("use_clipped_model_output", False)
         if k:
             y = torch.where(labels < 0, torch.full_like(labels, k), labels)
             kw["model_kwargs"] = {"y": y}

@@ -49,14 +49,51 @@ from ddim.cli.common import (
     callback=_finite_cb,
     help="Classifier-free guidance weight [model's default].",
 )
-@click.option("--batch", default=256, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option(
+    "--batch",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per batch (8 for Stable Diffusion folders unless given).",
+)
 @click.option(
     "--out",
     default="samples.png",
     show_default=True,
-    help="*.png grid, *.npz arrays (images, labels, seeds), or a folder of PNGs named by seed.",
+    help="*.png grid, *.npz arrays (images, labels, seeds), or a folder of PNGs named by seed. Models of "
+    "signals or video: *.npz only (samples float32 [N, C, ...], labels, seeds).",
+)
+@click.option(
+    "--use-clipped-model-output/--model-eps",
+    "use_clipped",
+    default=None,
+    help="With x̂₀ clipping: recompute ε̂ from the clipped x̂₀, or keep the model's ε̂ (diffusers' DDIM) [model]",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--prompt", default=None, help='Text prompt (Stable Diffusion folders) [""].')
+@click.option("--negative-prompt", default=None, help='Negative prompt: the unconditional half of guidance [""].')
+@click.option(
+    "--prompts",
+    "prompts_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Text file, one prompt per line: image i uses prompt i mod their number (instead of --prompt).",
+)
+@click.option("--height", default=None, type=int, help="Image height in pixels, a multiple of the VAE factor.")
+@click.option("--width", default=None, type=int, help="Image width in pixels [model's].")
+@click.option(
+    "--guidance-rescale",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="φ of Lin et al. 2023 (for zero-SNR / v-prediction models; 0.7 is theirs).",
+)
+@click.option(
+    "--vae-tiling/--no-vae-tiling",
+    default=False,
+    show_default=True,
+    help="Decode latents in overlapping tiles (bounded memory for large images; seams are blended).",
+)
 def sample_cmd(
     model_path,
     steps,
@@ -75,12 +112,23 @@ def sample_cmd(
     guidance,
     batch,
     out,
+    use_clipped,
     progress,
+    prompt,
+    negative_prompt,
+    prompts_file,
+    height,
+    width,
+    guidance_rescale,
+    vae_tiling,
 ) -> None:
-    """Sample images (DDIM by default) from a model: the embedded MNIST model unless --model is given."""
+    """Sample images (DDIM by default) from a model: the embedded MNIST model unless --model is given.
+
+    A Stable Diffusion pipeline folder as --model samples from text: --prompt (or --prompts FILE),
+    --negative-prompt, --guidance (default 7.5), --height/--width."""
     from ddim.diffusers_io import sampling_kwargs
     from ddim.distributed import RankError, local_device
-    from ddim.generate import generate, parse_classes
+    from ddim.generate import generate, parse_classes, sample_shape
     from ddim.shard import SampleJob
 
     ts = _parse_timesteps(timesteps_list)
@@ -89,14 +137,25 @@ def sample_cmd(
     _check_sample_out(out)
     device = _check_device(local_device(_check_device(device)))  # under torchrun, "cuda" is this rank's GPU
     model, schedule, config = _load_model(model_path, device)
+    text = _text_options(model, prompt, negative_prompt, prompts_file, height, width, guidance_rescale, vae_tiling)
     try:
         _check_sample_memory(model, n, out)
         labels = parse_classes(class_spec, n, model.config.num_classes)
         # --spacing if given, else the model's (a diffusers scheduler's spacing, offset, clipping...)
         given = ctx.get_parameter_source("spacing") is not click.core.ParameterSource.DEFAULT
+        if text is not None:  # the timesteps of the folder's own scheduler (DDIM, DPM-Solver, UniPC, Euler)
+            from ddim.stable_diffusion import pipeline_sampling_kwargs as sampling_kwargs
         skw = sampling_kwargs(config, schedule, steps, spacing if given else None, ts)
+        if use_clipped is not None:
+            skw["use_clipped_model_output"] = use_clipped
         # under torchrun: this rank's share; a folder: only the seeds not yet written
         settings = {k: v for k, v in ctx.params.items() if k not in RUNTIME_ONLY}
+        images = len(sample_shape(model)) == 3  # else signals [C, L] or video [C, F, H, W]: float arrays
+        if not images and Path(out).suffix.lower() != ".npz":
+            raise ValueError(
+                f"this model makes samples shaped {list(sample_shape(model))}, not images: "
+                f"--out must end in .npz, got {out!r}"
+            )
         job = SampleJob.plan(out, n=n, seed=seed, labels=labels, model=model, settings=settings, batch=batch)
         if job.idle_ranks and job.ctx.is_main:
             click.echo(
@@ -105,10 +164,24 @@ def sample_cmd(
                 err=True,
             )
         fast = _prepare_model(model, device, precision, compile_model, channels_last, threads)
+        extra = {}
+        if text is not None:  # prompts are encoded once, on the device and in the precision of the model
+            from ddim.stable_diffusion import PromptConditioning
+
+            skw["guidance_rescale"] = guidance_rescale
+            if ctx.get_parameter_source("batch") is click.core.ParameterSource.DEFAULT:
+                batch = 8  # 2 × 8 latents of 64×64 per guided forward of SD at 512×512
+            prompts, shape = text
+            cond = PromptConditioning.from_prompts(model, prompts, negative_prompt, first_seed=seed)
+            extra = dict(image_shape=shape, conditioning=cond, decode=model.decode)
         # Memory stays bounded by --batch: a folder gets each chunk's PNGs as it finishes and keeps
         # nothing; a .npz/.png keeps only the uint8 images it will write (under torchrun each rank
         # keeps its float images for ddim.shard's gather, as before).
         keep = "none" if job.kind == "folder" else "float" if job.ctx.distributed else "uint8"
+        if not images:
+            if job.ctx.distributed:
+                raise ValueError(f"samples shaped {list(sample_shape(model))} are written by one process (no torchrun)")
+            keep = "float"
         result = generate(
             fast,
             schedule,
@@ -128,6 +201,7 @@ def sample_cmd(
             keep=keep,
             device=device,
             sample_kwargs=skw,
+            **extra,
         )
         summary = job.finish(result)
     except (ValueError, TypeError) as e:
@@ -141,14 +215,16 @@ def sample_cmd(
 def _check_sample_memory(model, n: int, out: str) -> None:
     """Refuse an -n whose bookkeeping (about 150 bytes an image: labels, seed lists) or, for a .npz/.png,
     whose images (uint8, float32 under torchrun, and the file's copy) would not fit in this machine's RAM."""
+    import math
     import os
 
+    from ddim.generate import sample_shape
     from ddim.outputs import check_memory
 
     per = 150
-    if Path(out).suffix:  # a .npz/.png holds every image in memory until it is written
-        cfg = model.config
-        per += cfg.in_channels * cfg.image_size**2 * (6 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 2)
+    if Path(out).suffix:  # a .npz/.png holds every image in memory until it is written (floats for non-images)
+        size = math.prod(sample_shape(model))
+        per += size * (8 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 4)
     hint = "write a folder (--out DIR/) or ask for fewer" if Path(out).suffix else "ask for fewer"
     check_memory(n * per, f"-n {n} with --out {out}", hint)
 
@@ -172,6 +248,48 @@ def _spacing_option(f):
     )(f)
 
 
+def _text_options(model, prompt, negative_prompt, prompts_file, height, width, guidance_rescale, vae_tiling):
+    """Check the text-to-image flags against the model: None for a model without a text encoder (then
+    none may be given), else (prompts, latent shape [C, h, w])."""
+    given = [
+        flag
+        for flag, v in (
+            ("--prompt", prompt),
+            ("--negative-prompt", negative_prompt),
+            ("--prompts", prompts_file),
+            ("--height", height),
+            ("--width", width),
+        )
+        if v is not None
+    ]
+    if guidance_rescale:
+        given.append("--guidance-rescale")
+    if vae_tiling:
+        given.append("--vae-tiling")
+    if not hasattr(model, "encode_prompt"):
+        if given:
+            raise UsageError(
+                f"{given[0]}: this model has no text encoder or VAE (only Stable Diffusion pipeline folders take it)"
+            )
+        return None
+    from ddim.stable_diffusion import read_prompts
+
+    if prompt is not None and prompts_file is not None:
+        raise UsageError("--prompt and --prompts: give one of them")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise UsageError(f"--guidance-rescale must lie in [0, 1], got {guidance_rescale}")
+    try:
+        prompts = read_prompts(prompts_file) if prompts_file is not None else [prompt or ""]
+    except ValueError as e:
+        raise UsageError(f"--prompts: {e}") from None
+    try:
+        shape = model.latent_shape(height, width)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).split()[0]}: {e}") from None
+    model.vae_tiling = vae_tiling
+    return prompts, shape
+
+
 @main.command("invert")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
@@ -184,8 +302,13 @@ def _spacing_option(f):
     show_default=True,
     help="Folder: latents.npz (latents, names, mse) and reconstruction.png (originals over reconstructions).",
 )
-def invert_cmd(images, model_path, steps, spacing, class_spec, out) -> None:
-    """DDIM-invert IMAGES to their noise x_T and decode them back; prints the reconstruction error."""
+@click.option("--prompt", default=None, help='Stable Diffusion folders: the text to invert under [""].')
+@click.option("--guidance", default=1.0, show_default=True, type=float, help="Guidance weight (SD folders).")
+def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guidance) -> None:
+    """DDIM-invert IMAGES to their noise x_T and decode them back; prints the reconstruction error.
+
+    With a Stable Diffusion folder the images are encoded by its VAE and inverted in latent space
+    (conditioned on --prompt); latents.npz also holds latent_mse, the inversion's own error."""
     import numpy as np
     import torch
 
@@ -197,6 +320,10 @@ def invert_cmd(images, model_path, steps, spacing, class_spec, out) -> None:
         _check_out_file(str(outdir / name), None)
     model, schedule, config = _load_model(model_path)
     cfg = model.config
+    if hasattr(model, "encode_prompt"):
+        return _invert_text(model, schedule, config, images, steps, spacing, class_spec, out, prompt, guidance)
+    if prompt is not None:
+        raise UsageError("--prompt: this model has no text encoder (only Stable Diffusion pipeline folders take it)")
     try:
         x = load_images(images, cfg.in_channels, cfg.image_size)
         labels = parse_classes(class_spec, len(images), cfg.num_classes) if class_spec is not None else None
@@ -225,6 +352,45 @@ def invert_cmd(images, model_path, steps, spacing, class_spec, out) -> None:
     )
 
 
+def _invert_text(model, schedule, config, images, steps, spacing, class_spec, out, prompt, guidance) -> None:
+    """`ddim invert` on a Stable Diffusion folder: VAE-encode, invert in latent space, report."""
+    import numpy as np
+    import torch
+
+    from ddim.generate import load_images, save_npz
+    from ddim.images import make_grid, save_png, to_uint8
+    from ddim.stable_diffusion import invert_text_images
+
+    if class_spec is not None:
+        raise UsageError("--class: a Stable Diffusion model has no classes (use --prompt)")
+    given = click.get_current_context().get_parameter_source("spacing") is not click.core.ParameterSource.DEFAULT
+    try:
+        x = load_images(images, model.config.image_channels, (model.config.height, model.config.width))
+        res = invert_text_images(
+            model, schedule, config, x, prompt or "", steps=steps, guidance=guidance, spacing=spacing if given else None
+        )
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    save_npz(
+        outdir / "latents.npz",
+        latents=res["latents"].float().numpy(),
+        names=np.array([str(p) for p in images]),
+        mse=res["mse"].double().numpy(),
+        latent_mse=res["latent_mse"].double().numpy(),
+    )
+    both = torch.cat([x, res["reconstruction"]])
+    save_png(make_grid(to_uint8(both), nrow=len(images)), outdir / "reconstruction.png")
+    for p, m, lm in zip(images, res["mse"].tolist(), res["latent_mse"].tolist(), strict=True):
+        click.echo(f"{p}: reconstruction MSE {m:.6f} (latent round trip {lm:.3e})")
+    click.echo(
+        f"mean reconstruction MSE (per dimension, [0,1] scale, VAE included) {res['mse'].mean():.6f}, latent "
+        f"round trip {res['latent_mse'].mean():.3e} at {steps} steps, {res['seconds']:.2f} s -> "
+        f"{outdir}/latents.npz, {outdir}/reconstruction.png"
+    )
+
+
 @main.command("interpolate")
 @click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
 @click.option("--seed-a", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
@@ -245,6 +411,8 @@ def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, st
 
     _check_out_file(out, (".png",))
     model, schedule, config = _load_model(model_path)
+    if hasattr(model, "encode_prompt"):
+        raise UsageError("--model: ddim interpolate does not take Stable Diffusion folders (it has no --prompt)")
     label = -1 if class_spec is None else class_spec
     k = model.config.num_classes
     if class_spec is not None and not 0 <= label < k:
@@ -314,6 +482,8 @@ def compare_cmd(model_path, seeds, steps_list, ddpm_steps, class_spec, guidance,
         raise UsageError(f"--steps: step counts must be >= 1, got {bad[0]}")
     _check_out_file(out, (".png",))
     model, schedule, config = _load_model(model_path)
+    if hasattr(model, "encode_prompt"):
+        raise UsageError("--model: ddim compare does not take Stable Diffusion folders (it has no --prompt)")
     try:
         rows = compare_samplers(
             model,

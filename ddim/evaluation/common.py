@@ -57,6 +57,7 @@ class EvalSetup:
         model, schedule: as from :func:`ddim.checkpoint.load`.
         prediction: the model's parameterisation ("epsilon", "sample", "v_prediction").
         clip_sample: clip x̂₀ to [-1, 1] while sampling (the model's config).
+        use_clipped_model_output: with clipping, recompute ε̂ from the clipped x̂₀ (the model's config).
         class_spec: class spec as in ``ddim sample --class`` (None: unconditional).
         guidance: classifier-free guidance weight for conditional images (1 = none).
         spacing: timestep spacing ("leading", "trailing", "linspace", "quadratic").
@@ -71,6 +72,7 @@ class EvalSetup:
     schedule: NoiseSchedule
     prediction: str = "epsilon"
     clip_sample: bool = False
+    use_clipped_model_output: bool = False
     class_spec: str | None = None
     guidance: float = 1.0
     spacing: str = "leading"
@@ -112,6 +114,7 @@ class EvalSetup:
             schedule,
             prediction=config["prediction"],
             clip_sample=bool(sampling.get("clip_sample", False)),
+            use_clipped_model_output=bool(sampling.get("use_clipped_model_output", False)),
             class_spec=class_spec,
             guidance=guidance,
             **kwargs,
@@ -132,6 +135,7 @@ class EvalSetup:
             "model_id": self.model_id,
             "prediction": self.prediction,
             "clip_sample": self.clip_sample,
+            **({"use_clipped_model_output": True} if self.clip_sample and self.use_clipped_model_output else {}),
             "class": self.class_spec,
             "guidance": self.guidance,
             "spacing": self.spacing,
@@ -263,6 +267,7 @@ def sample_cell(
             clip_sample=setup.clip_sample,
             batch=m,
             device=setup.device,
+            sample_kwargs={"use_clipped_model_output": setup.use_clipped_model_output},
         )
         u8 = to_uint8(r.images)
         save_npz(chunk, images=u8, seconds=np.array(r.seconds))

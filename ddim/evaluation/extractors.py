@@ -142,7 +142,7 @@ class _ClassifierFeatures(nn.Module):
         return self.clf.features(x)
 
 
-def classifier_extractor(path: str | os.PathLike | None = None) -> FeatureExtractor:
+def classifier_extractor(path: str | os.PathLike | None = None, name: str = "digit classifier") -> FeatureExtractor:
     """The digit classifier's 128-d features (``path``: its weights; default the shipped file).
 
     Takes 1-channel 28×28 images in [-1, 1] (others are converted and resized); ``predict`` gives its labels.
@@ -153,7 +153,7 @@ def classifier_extractor(path: str | os.PathLike | None = None) -> FeatureExtrac
     module = _ClassifierFeatures(clf)
     return FeatureExtractor(
         module,
-        "digit classifier",
+        name,
         f"classifier-{module_hash(module)}",
         channels=clf.body[0].in_channels,
         size=28,
@@ -205,13 +205,18 @@ def module_extractor(
 def load_extractor(spec: str = "classifier", *, inception_weights: str | os.PathLike | None = None) -> FeatureExtractor:
     """An extractor from a command-line spec.
 
-    ``"classifier"``: the shipped digit classifier. ``"inception"``: FID's Inception-V3 from
-    ``inception_weights``. A path to a TorchScript file (``torch.jit.save``): that module. ``"pkg.mod:fn"``:
-    ``fn()`` imported from an installed module, returning an ``nn.Module``. The last two take images in
-    [-1, 1] at the model's size and must return [B, D].
+    ``"classifier"``: the shipped digit classifier. ``"classifier-check"``: the shipped checking network (another
+    architecture and seed, for checking choices made in the first one's features). ``"inception"``: FID's
+    Inception-V3 from ``inception_weights``. A path to a TorchScript file (``torch.jit.save``): that module.
+    ``"pkg.mod:fn"``: ``fn()`` imported from an installed module, returning an ``nn.Module``. The last two take
+    images in [-1, 1] at the model's size and must return [B, D].
     """
     if spec == "classifier":
         return classifier_extractor()
+    if spec == "classifier-check":
+        from ddim.classifier import check_classifier_path
+
+        return classifier_extractor(check_classifier_path(), "checking classifier")
     if spec == "inception":
         return inception_extractor(inception_weights)
     p = Path(spec)
@@ -232,5 +237,6 @@ def load_extractor(spec: str = "classifier", *, inception_weights: str | os.Path
         module = factory() if not isinstance(factory, nn.Module) else factory
         return module_extractor(module, attr)
     raise ValueError(
-        f"features {spec!r} is not 'classifier', 'inception', a TorchScript file (.pt) or 'package.module:factory'"
+        f"features {spec!r} is not 'classifier', 'classifier-check', 'inception', a TorchScript file (.pt) or "
+        "'package.module:factory'"
     )

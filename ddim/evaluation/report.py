@@ -35,7 +35,9 @@ __all__ = ["ReportSettings", "build_report", "render_report"]
 @dataclass
 class ReportSettings:
     """Sizes of the report's parts. The defaults take a few minutes on a 2-core CPU for the default
-    model (about 55,000 image-forwards, most of them Table 1's); raise them for publication figures."""
+    model (about 55,000 image-forwards, most of them Table 1's, and about 15,000 more for the evidence
+    sections, which reuse Table 1's cells where the settings coincide); raise them for publication
+    figures."""
 
     steps: list[int] = field(default_factory=lambda: [10, 20, 50])
     etas: list[float | str] = field(default_factory=lambda: [0.0, 1.0])  # may hold "hat" (σ̂)
@@ -46,6 +48,14 @@ class ReportSettings:
     pairs: int = 4
     frames: int = 9
     interpolation_steps: int = 50
+    # the evidence sections (guidance × steps, η and diversity, memorization, cost); n and S come from above
+    evidence: bool = True
+    guidance_values: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])
+    guidance_steps: list[int] | None = None  # None: the two smallest of ``steps``
+    diversity_samplers: list[str] = field(default_factory=lambda: ["ddim", "ddpm", "dpmpp_2m"])
+    cost_steps: list[int] | None = None  # None: ``steps``
+    cost_batches: list[int] = field(default_factory=lambda: [1, 8])
+    cost_samplers: list[str] = field(default_factory=lambda: ["ddim", "ddpm"])
 
 
 def build_report(
@@ -60,11 +70,21 @@ def build_report(
     settings: ReportSettings | None = None,
     *,
     progress: bool = True,
+    train: torch.Tensor | None = None,
+    train_name: str = "training images",
+    reference_labels: torch.Tensor | None = None,
+    extra_spaces: list[tuple[FeatureExtractor, Reference]] | None = None,
+    memorization_heldout: torch.Tensor | None = None,
 ) -> Path:
     """Run (or resume) every part into ``work`` and write the page to ``out``; returns ``out``.
 
     ``heldout``: real images [N, C, H, W] the model did not train on, for Table 2 (the first
-    ``settings.table2_n``; :func:`ddim.evaluation.sources.heldout_subset` picks them spread over a set).
+    ``settings.table2_n``; :func:`ddim.evaluation.sources.heldout_subset` picks them spread over a set)
+    and the memorization control. With ``settings.evidence`` the page also holds guidance × steps
+    (judged in ``extractor``'s features and those of ``extra_spaces``), η and diversity
+    (``reference_labels``: the reference images' classes), memorization (needs ``train``, the model's
+    training images; ``memorization_heldout``: all the held-out images, default ``heldout``) and cost:
+    see :mod:`ddim.evaluation.evidence_report`.
     """
     s = settings or ReportSettings()
     work = Path(work)
@@ -84,6 +104,16 @@ def build_report(
         setup, work / "interpolation", pairs=s.pairs, frames=s.frames, steps=s.interpolation_steps, progress=progress
     )
     timings["interpolation"] = time.perf_counter() - tic
+    evidence = None
+    if s.evidence:
+        from ddim.evaluation.evidence_report import run_evidence
+
+        evidence, more = run_evidence(
+            setup, work, s, extractor, reference, heldout=heldout, heldout_name=heldout_name, train=train,
+            train_name=train_name, reference_labels=reference_labels, extra_spaces=extra_spaces,
+            memorization_heldout=memorization_heldout, progress=progress,
+        )  # fmt: skip
+        timings.update(more)
     page = render_report(
         setup=setup,
         config=config,
@@ -97,6 +127,7 @@ def build_report(
         interpolation=interp,
         heldout_name=heldout_name,
         timings=timings,
+        evidence=evidence,
     )
     out = Path(out)
     write_text(out, page)
@@ -253,8 +284,9 @@ def render_report(
     interpolation: dict[str, Any],
     heldout_name: str,
     timings: dict[str, float],
+    evidence: dict[str, Any] | None = None,
 ) -> str:
-    """The HTML page (a string) from the results of the four parts."""
+    """The HTML page (a string) from the results of the four parts (and the evidence sections, when given)."""
     esc = html.escape
     s = setup.describe()
     cfg = setup.model.config
@@ -397,6 +429,10 @@ def render_report(
         f"<b>{interpolation['max_ratio']:.2f}</b>.</p>"
     )
     parts.append(_file_img(work / "interpolation" / "interpolation.png", "interpolation strips", "900px"))
+    if evidence is not None:
+        from ddim.evaluation.evidence_report import render_evidence
+
+        parts.extend(render_evidence(evidence, work))
     # Reproduce
     model_flag = "" if s["model"] == "embedded default" else f" --model {s['model']}"
     cls = s["class"] if s["class"] is not None else "none"
@@ -412,6 +448,21 @@ def render_report(
         f"ddim eval interpolation{common} --pairs {settings.pairs} --frames {settings.frames} "
         f"--steps {settings.interpolation_steps}",
     ]
+    if evidence is not None:
+        steps_sorted = sorted(settings.steps)
+        mid = steps_sorted[len(steps_sorted) // 2]
+        ws = ",".join(f"{w:g}" for w in settings.guidance_values)
+        g_steps = ",".join(str(x) for x in (settings.guidance_steps or steps_sorted[:2]))
+        d_etas = ",".join(f"{e:g}" for e in settings.etas if e != SIGMA_HAT)
+        c_steps = ",".join(str(x) for x in (settings.cost_steps or steps_sorted))
+        cmds += [
+            f"ddim eval guidance{common} --guidances {ws} --steps {g_steps} --n {settings.n}",
+            f"ddim eval diversity{common} --eta {d_etas} --sampler {','.join(settings.diversity_samplers)} "
+            f"--steps {mid} --n {settings.n}",
+            f"ddim eval memorization{common} --n {settings.n} --steps {mid}",
+            f"ddim eval cost{common} --steps {c_steps} --batches {','.join(map(str, settings.cost_batches))} "
+            f"--sampler {','.join(settings.cost_samplers)}",
+        ]
     parts.append("<h2>Reproduce</h2><p>The same numbers, part by part (add <code>--out DIR</code>):</p><pre>")
     parts.append(esc("\n".join(cmds)) + "</pre>")
     total = sum(timings.values())

@@ -107,6 +107,17 @@ def _eta_and_variance(eta: Eta | None) -> tuple[float, str]:
     return float(eta or 0.0), "eta"
 
 
+def _cell_run(sampler: str, eta: Eta | None) -> dict[str, Any]:
+    """The sampler, η and variance a cell is sampled with. The σ̂ row is the reference code's DDPM step
+    (ermongroup/ddim ``ddpm_steps``: the posterior mean from x_t and the clipped x̂₀, variance
+    σ̂² = 1 - ᾱ_t/ᾱ_prev between the listed levels, no noise on the last step): ``sampler="ddpm",
+    variance="large"``, whatever the model's ε̂ setting."""
+    e, variance = _eta_and_variance(eta)
+    if eta == SIGMA_HAT and sampler == "ddim":
+        sampler = "ddpm"
+    return {"sampler": sampler, "eta": e, "variance": variance}
+
+
 def table1_cells(
     steps: Sequence[int], etas: Sequence[Eta], samplers: Sequence[str] = ("ddim",)
 ) -> list[tuple[str, int, Eta | None]]:
@@ -147,13 +158,13 @@ def run_table1(
     if not cells:
         raise ValueError("table1 needs at least one step count and one η")
     work = [cell_work(s, st, n) for s, st, _ in cells]
-    done = sum(cached_work(setup, cells_dir, n=n, steps=st, sampler=s, **_cell_eta(e)) for s, st, e in cells)
+    done = sum(cached_work(setup, cells_dir, n=n, steps=st, **_cell_run(s, e)) for s, st, e in cells)
     bar = Progress(sum(work), done, desc="table1", enabled=progress)
     rows = []
     try:
         for sampler, s, eta in cells:
             bar.describe(f"{sampler} S={s}" + ("" if eta is None else f" {eta_label('ddim', eta)}"))
-            cell = sample_cell(setup, cells_dir, n=n, steps=s, sampler=sampler, progress=bar, **_cell_eta(eta))
+            cell = sample_cell(setup, cells_dir, n=n, steps=s, progress=bar, **_cell_run(sampler, eta))
             feats, preds = extractor.features_and_predictions(images_of(cell))
             row: dict[str, Any] = {"sampler": sampler, "steps": s, "eta": eta, "nfe": cell["nfe"], "n": n}
             row.update(quality_metrics(feats, reference, seed=setup.seed))
@@ -198,6 +209,8 @@ def _accuracy(preds: torch.Tensor | None, labels: np.ndarray) -> float | None:
 
 
 def _cell_eta(eta: Eta | None) -> dict[str, Any]:
+    """The (eta, variance) keyword arguments of a cell for a Table 1 η entry (sampler unchanged; see
+    :func:`_cell_run` for the σ̂ row's sampler)."""
     e, variance = _eta_and_variance(eta)
     return {"eta": e, "variance": variance}
 

@@ -263,6 +263,7 @@ def multistep_loop(
     noise: Callable[[], torch.Tensor] | None,
     callback: Callback | None,
     bar: Any,
+    last_noise: bool = False,
 ) -> torch.Tensor:
     """The fused loop of a linear multistep method (rows of :func:`fold_linear`, cast by :func:`multistep_rows`).
 
@@ -280,7 +281,8 @@ def multistep_loop(
     In every case the loop allocates nothing per step (small buffers are even kept between runs,
     :data:`POOL_BYTES`; a callback, which may keep the x_t it is given, gets fresh ones), does no tensor
     indexing and no host synchronisation, and the result is a fresh tensor. With ``noise``, c_z·z is
-    added to x_{i+1} at every step but the last (noise-free).
+    added to x_{i+1} at every step but the last, and at the last too with ``last_noise`` (a run that
+    ends at a noisy level, e.g. SDE-DPM-Solver++ into ᾱ_0).
 
     NaN/Inf, as in the DDIM loop (:func:`ddim.sampling._linear_loop`): checked once, on the result
     (every output is multiplied into it, and 0·NaN and 0·Inf are NaN); if it is not finite the run is
@@ -291,6 +293,8 @@ def multistep_loop(
     run = _run_stacked if not x.is_cpu or x.numel() * x.element_size() <= STACK_BYTES else _run_rows
     x_start = x
     x = run(denoise, x, plan, rows, history, noise, callback, bar, False)
+    if noise is not None and last_noise:
+        x.addcmul_(noise(), rows[-1].c_z)  # x is a fresh tensor (never the caller's)
     if not denoise.finite(x):
         again = noise.restarted() if isinstance(noise, StepNoise) else noise
         run(denoise, x_start, plan, rows, history, again, None, _NoBar(), True)

@@ -90,12 +90,13 @@ def dpmpp_coefficients(levels: Levels, order: int, sde: bool = False) -> tuple[t
         (table [N, 5], orders): step i is x_{i+1} = a x_i + k0 m_i + k1 m_{i-1} + k2 m_{i-2} + c_z z with
         row i = (a, k0, k1, k2, c_z) and m_j the x̂₀ of the model call at level j. Orders follow
         :func:`~ddim.solvers.base.multistep_orders` with lower-order final steps below 15 steps
-        (as diffusers); the last step is noise-free.
+        (as diffusers). The SDE's last step adds σ_N sqrt(1 - e^{-2h}) z like every other step: 0 into
+        ᾱ_final = 1 (σ_N = 0), noise into ᾱ_0 (``set_alpha_to_one=False``), as diffusers'
+        ``final_sigmas_type="sigma_min"``.
     """
     lv = level_table(levels)
     orders = multistep_orders(lv, order, lower_order_final=lv.N < 15)
     rows = [_step_row(lv, i, p, sde) for i, p in enumerate(orders)]
-    rows[-1][4] = 0.0
     return torch.tensor(rows, dtype=torch.float64), orders
 
 
@@ -114,6 +115,10 @@ def _dpmpp(
         table, orders = dpmpp_coefficients(levels, order, sde)
         return to_rows(table, x), orders
 
+    # whether the last step draws noise (the SDE into ᾱ_0 > 0), read from the float64 table on the host
+    last_noise = sde and cached(
+        "dpmpp_last_noise", levels, x, lambda: bool(dpmpp_coefficients(levels, 2, True)[0][-1, 4])
+    )
     plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
     if denoise.linear:
         # x̂₀ is linear in (x, out): the whole run is one folded float64 table (cached per run), applied
@@ -124,7 +129,9 @@ def _dpmpp(
 
         rows = cached_fused("dpmpp_fused", levels, plan, x, build_fused, order, sde, denoise.prediction)
         with _bar(len(rows), progress, name) as bar:
-            x = multistep_loop(denoise, x, plan, rows, order - 1, noise if sde else None, callback, bar)
+            x = multistep_loop(
+                denoise, x, plan, rows, order - 1, noise if sde else None, callback, bar, last_noise=last_noise
+            )
         denoise.finish(plan)
         return x
 
@@ -142,7 +149,7 @@ def _dpmpp(
                 x_next.addcmul_(noise(), rows[i][4])  # + σ_t sqrt(1 - e^{-2h}) z
             x = x_next
             bar.update()
-        # Last step, to ᾱ_final (noise-free). Into ᾱ = 1 it is first order: x = x̂₀.
+        # Last step, to ᾱ_final. Into ᾱ = 1 it is first order and noise-free: x = x̂₀.
         x0, _ = denoise.predict(x, plan, N - 1)
         if callback is not None:
             callback(N - 1, plan.timesteps[N - 1], x, x0)
@@ -150,7 +157,10 @@ def _dpmpp(
     denoise.finish(plan)
     if float(levels.alpha_bars[-1]) == 1.0:
         return x0
-    return combine(x, rows[N - 1], [x0, *m[: order - 1]], orders[N - 1])
+    x = combine(x, rows[N - 1], [x0, *m[: order - 1]], orders[N - 1])
+    if last_noise:
+        x.addcmul_(noise(), rows[N - 1][4])  # the SDE into ᾱ_0: + σ_N sqrt(1 - e^{-2h}) z
+    return x
 
 
 @register_sampler("dpmpp_2m", noisy=lambda eta: False)
@@ -214,7 +224,8 @@ def sample_dpmpp_2m_sde(
 
     x_{i+1} = (σ_{i+1}/σ_i) e^{-h} x_i + α_{i+1} (1 - e^{-2h}) D_i + σ_{i+1} sqrt(1 - e^{-2h}) z_i, with D_i of
     2M. Its first-order step is exactly the DDPM posterior (DDIM with η = 1). The noise z_i comes from
-    the per-sample seeds of :func:`ddim.sample` (as with η > 0); the last step is noise-free.
+    the per-sample seeds of :func:`ddim.sample` (as with η > 0). The last step adds noise only where the
+    run ends at ᾱ_0 < 1 (``set_alpha_to_one=False``), as diffusers does.
     ``eta`` is fixed at 1 by the SDE: leave it at 0 or pass 1.
     """
     if eta not in (0.0, 1.0):
