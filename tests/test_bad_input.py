@@ -548,3 +548,21 @@ def test_sample_api_refuses_non_finite_guidance_and_wrong_channels(tiny):
             ddim.sample(model, x, schedule, steps=2, guidance_scale=g, **kw)
     with pytest.raises(ValueError, match=r"x must be \[B, 1, 8, 8\]"):
         ddim.sample(model, torch.randn(1, 3, 8, 8), schedule, steps=2)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["eval", "cost", "--out", "{tmp}/afile"], "a folder is needed"),
+        (["eval", "cost", "--seed", "4294967295", "--batches", "1,16", "--out", "{tmp}/c"], "last of 16 seeds"),
+        (["eval", "cost", "--eta", "inf", "--out", "{tmp}/c"], "--eta"),
+        (["eval", "memorization", "--guidance", "nan", "--out", "{tmp}/m"], "--guidance"),
+        (["eval", "diversity", "--out", "{tmp}/afile/x"], "not a folder"),
+        (["eval", "guidance", "--guidances", "1,inf", "--out", "{tmp}/g"], "--guidances values must be finite"),
+        (["serve", "--threads", "100000"], "--threads"),
+        (["serve", "--model", ""], "--model is empty"),
+    ],
+)
+def test_walk_the_newer_commands(tmp_path, capsys, no_work, args, needle):
+    (tmp_path / "afile").write_text("x")
+    usage_error([a.replace("{tmp}", str(tmp_path)) for a in args], capsys, needle)

@@ -579,13 +579,19 @@ def _evidence_inputs(setup, config, extractor, features, data, cache, train_data
 # ------------------------------------------------------------------ the evidence users ask for (issue 21)
 def _grid(text: str, name: str, kind: type = int, minimum: float | None = None) -> list:
     """A comma list of distinct values >= ``minimum``, else a UsageError naming ``name``."""
+    import math
+
     from ddim.evaluation.common import parse_list
     from ddim.evaluation.cost import check_grid
 
     try:
-        return check_grid(parse_list(text, kind, name), name, minimum=minimum, integer=kind is int)
+        values = check_grid(parse_list(text, kind, name), name, minimum=minimum, integer=kind is int)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise UsageError(f"{name} values must be finite numbers, got {bad[0]}")
+    return values
 
 
 def _sampler_list(text: str) -> list[str]:
@@ -611,9 +617,17 @@ def _setup_options(f):
             help="Classes as in `ddim sample`, or 'none' for unconditional. default: 'all' for class-conditional "
             "models.",
         ),
-        click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default]."),
+        click.option(
+            "--guidance",
+            default=None,
+            type=float,
+            callback=_finite_cb,
+            help="Classifier-free guidance weight [model's default].",
+        ),
         click.option("--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS))),
-        click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed K+i."),
+        click.option(
+            "--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Image i uses seed K+i."
+        ),
         click.option("--progress/--no-progress", default=True, show_default=True),
         _device_option,
     ]
@@ -627,7 +641,14 @@ def _setup_options(f):
 @click.option("--steps", "steps_list", default="10,25,50,100", show_default=True, help="Step counts S (distinct).")
 @click.option("--batches", "batch_list", default="1,16", show_default=True, help="Batch sizes (distinct).")
 @click.option("--sampler", "sampler_list", default="ddim,ddpm,dpmpp_2m", show_default=True, help="Samplers.")
-@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η of the ddim cells.")
+@click.option(
+    "--eta",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    callback=_finite_cb,
+    help="η of the ddim cells.",
+)
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Timed runs per cell.")
 @click.option("--out", default="eval/cost", show_default=True, help="Output folder (resumes what it holds).")
 def cost_cmd(
@@ -644,6 +665,8 @@ def cost_cmd(
     steps = _grid(steps_list, "--steps", int, 1)
     batches = _grid(batch_list, "--batches", int, 1)
     samplers = _sampler_list(sampler_list)
+    _check_out_folder(out)
+    _check_seeds(seed, max(batches))
     setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, max(batches), device)
     try:
         run_cost(
@@ -683,7 +706,9 @@ _feature_options = [
 @_feature_options[1]
 @click.option("--n", "-n", default=500, show_default=True, type=click.IntRange(min=1), help="Samples.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps S.")
-@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η (ddim).")
+@click.option(
+    "--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), callback=_finite_cb, help="η (ddim)."
+)
 @click.option("--sampler", default="ddim", show_default=True, help="Sampler.")
 @click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1), help="Closest pairs in the figure.")
 @click.option("--train-data", default=None, help="The model's training images (load_data spec) [from its config].")
@@ -701,6 +726,8 @@ def memorization_cmd(
     from ddim.evaluation.sources import heldout_data as heldout
 
     _sampler_list(sampler)
+    _check_out_folder(out)
+    _check_seeds(seed, n)
     if pairs > n:
         raise UsageError(f"--pairs ({pairs}) must be at most --n ({n})")
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
@@ -759,6 +786,8 @@ def diversity_cmd(
 
     etas = _grid(eta_list, "--eta", float, 0.0)
     samplers = _sampler_list(sampler_list)
+    _check_out_folder(out)
+    _check_seeds(seed, n)
     if seeds_shown > n:
         raise UsageError(f"--seeds-shown ({seeds_shown}) must be at most --n ({n})")
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
@@ -793,7 +822,14 @@ def diversity_cmd(
 @click.option("--guidances", "guidance_list", default="1,1.5,2,3,4", show_default=True, help="Guidance weights w.")
 @click.option("--steps", "steps_list", default="10,20,50", show_default=True, help="Step counts S (distinct).")
 @click.option("--sampler", "sampler_list", default="ddim", show_default=True, help="Samplers.")
-@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η of the ddim cells.")
+@click.option(
+    "--eta",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    callback=_finite_cb,
+    help="η of the ddim cells.",
+)
 @click.option("--n", "-n", default=200, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
 @click.option(
     "--min-accuracy",
@@ -815,6 +851,8 @@ def guidance_cmd(
     ws = _grid(guidance_list, "--guidances", float, 0.0)
     steps = _grid(steps_list, "--steps", int, 1)
     samplers = _sampler_list(sampler_list)
+    _check_out_folder(out)
+    _check_seeds(seed, n)
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     if not setup.num_classes or setup.class_spec is None:
         raise UsageError("--class: guidance needs a class-conditional model and classes (not 'none')")
