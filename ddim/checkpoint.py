@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from ddim.schedule import NoiseSchedule
 from ddim.unet import UNet, UNetConfig
 
-__all__ = ["load", "save_model", "default_model_path", "atomic_write", "FORMAT"]
+__all__ = ["load", "save_model", "default_model_path", "atomic_write", "build_unet", "FORMAT"]
 
 FORMAT = "ddim-unet"
 WEIGHTS = "model.safetensors"
@@ -118,7 +118,32 @@ def read_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
     for key in ("unet", "schedule", "prediction"):
         if key not in config:
             raise ValueError(f"model config {cfg_path} lacks the key {key!r}")
+    if config["prediction"] not in PREDICTIONS:
+        raise ValueError(
+            f"model config {cfg_path}: prediction must be one of {PREDICTIONS}, got {config['prediction']!r}"
+        )
     return config
+
+
+def _check_pipeline_weights(folder: Path) -> None:
+    """A diffusers pipeline folder must hold its network's weights (``unet/`` with a weights file)."""
+    unet = folder / "unet"
+    if not unet.is_dir():
+        raise FileNotFoundError(f"diffusers pipeline {folder} has no unet/ folder")
+    found = [p for p in unet.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json"))]
+    if not found:
+        raise FileNotFoundError(
+            f"diffusers pipeline {folder}: unet/ holds no weights (diffusion_pytorch_model.safetensors or .bin)"
+        )
+
+
+def build_unet(arch: object, where: str = "unet config") -> UNet:
+    """A :class:`~ddim.unet.UNet` from a config dict; ValueError naming ``where`` for an unknown or
+    wrongly typed field or an architecture that cannot be built (e.g. channels GroupNorm cannot split)."""
+    try:
+        return UNet(UNetConfig.from_dict(arch))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load(
@@ -146,16 +171,18 @@ def load(
     if is_stable_diffusion_folder(path):
         return load_stable_diffusion(path, device, dtype)
     if is_pipeline_folder(path):
+        _check_pipeline_weights(Path(path))
         return load_pipeline(path, device, dtype)
     weights_path, _ = _resolve(path)
     config = read_config(path)
+    _schedule(config, path)  # a bad config fails before the weights are read
     if not weights_path.is_file():
         raise FileNotFoundError(f"model weights {weights_path} are missing")
     try:
         state = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"model weights {weights_path} are corrupt or not safetensors: {e}") from e
-    model = UNet(UNetConfig(**config["unet"]))
+    model = build_unet(config["unet"], f"model config {_resolve(path)[1]}")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -175,5 +202,11 @@ def load(
         raise ValueError(f"weights {weights_path} do not match the architecture in its config: " + "; ".join(parts))
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.to(device=device, dtype=dtype).eval()
-    schedule = NoiseSchedule.from_dict(config["schedule"])
-    return model, schedule, config
+    return model, _schedule(config, path), config
+
+
+def _schedule(config: dict[str, Any], path: str | os.PathLike | None) -> NoiseSchedule:
+    try:
+        return NoiseSchedule.from_dict(config["schedule"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"model config {_resolve(path)[1]}: bad schedule ({type(e).__name__}: {e})") from None

@@ -40,7 +40,7 @@ def compare_samplers(
     seeds = list(seeds)
     n = len(seeds)
     labels = parse_classes(class_spec, n, getattr(model.config, "num_classes", 0))
-    common = dict(labels=labels, guidance=guidance, prediction=config["prediction"], batch=n)
+    common = dict(labels=labels, guidance=guidance, prediction=config["prediction"], batch=min(n, 256))
     plan = [("ddpm", ddpm_steps or schedule.T)] + [("ddim", int(s)) for s in steps]
     rows = []
     for sampler, s in plan:

@@ -138,8 +138,14 @@ def npz_images(path: str | os.PathLike) -> ImageData:
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: 'images' must be [N, H, W] or [N, H, W, C] with C in (1, 3), got {images.shape}")
     if images.dtype != np.uint8:
-        if images.min() < 0 or images.max() > 1:
-            raise ValueError(f"{path}: float 'images' must lie in [0, 1]")
+        if images.dtype == np.bool_ or not np.issubdtype(images.dtype, np.number):
+            raise ValueError(f"{path}: 'images' must be uint8 (0..255) or floats in [0, 1], got dtype {images.dtype}")
+        lo, hi = images.min(), images.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 1:
+            raise ValueError(
+                f"{path}: 'images' must be uint8 (0..255) or floats in [0, 1]; got {images.dtype} with values "
+                f"{lo}..{hi} (convert it: e.g. uint16 -> (a / 257).round().astype(np.uint8))"
+            )
         images = images * 255.0
     lab, names = _labels(path, labels, images.shape[0])
     return ImageData(_to_unit_range(images), lab, names, {"name": "npz", "path": str(path)})
@@ -182,9 +188,12 @@ def image_folder(path: str | os.PathLike, image_size: int) -> ImageData:
 
     Images directly in subfolders are labelled by the subfolder's name (sorted); images at the
     top level of a folder with no subfolders are unlabelled. All images must have the same number
-    of channels (grayscale 1 or RGB 3).
+    of channels (grayscale 1 or RGB 3). 16-bit images keep their full range (scaled to 8 bits, see
+    :func:`ddim.images.to_8bit`).
     """
     from PIL import Image, UnidentifiedImageError
+
+    from ddim.images import image_channels, to_8bit
 
     root = Path(path)
     if not root.is_dir():
@@ -200,9 +209,9 @@ def image_folder(path: str | os.PathLike, image_size: int) -> ImageData:
         try:
             with Image.open(p) as im:
                 im.load()
-                mode = "L" if im.mode in ("L", "1", "I;16", "I", "F", "LA") else "RGB"
-                modes.add(mode)
-                arrays.append(np.asarray(_resize_crop(im.convert(mode), image_size)))
+                channels = image_channels(im.mode)
+                modes.add(channels)
+                arrays.append(np.asarray(_resize_crop(to_8bit(im, channels, p), image_size)))
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {p}: {e}") from e
     if len(modes) > 1:
@@ -232,6 +241,8 @@ def load_data(spec: str, image_size: int | None = None) -> ImageData:
     ``"mnist-holdout"``, ``"digits"`` (sklearn 8×8), a path to a ``.npz`` file, or a folder of images
     (needs ``image_size``; default 64).
     """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"data is empty: give 'mnist', 'mnist-all', 'digits', a .npz file or a folder; got {spec!r}")
     if spec == "mnist":
         return mnist5k_split("train")
     if spec == "mnist-all":

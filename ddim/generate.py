@@ -8,6 +8,8 @@ step noise comes from the same seed, so image i does not depend on the batch it 
 from __future__ import annotations
 
 import io
+import math
+import numbers
 import os
 import time
 import zipfile
@@ -20,15 +22,18 @@ import numpy as np
 import torch
 
 from ddim.checkpoint import atomic_write
-from ddim.images import from_uint8, make_grid, save_png, to_uint8
+from ddim.images import from_uint8, make_grid, save_png, to_8bit, to_uint8
 from ddim.interpolate import slerp
-from ddim.noise import randn
+from ddim.noise import check_seed_range, check_seeds, randn
 from ddim.sampling import SAMPLERS, invert, nfe, sample
 from ddim.schedule import NoiseSchedule
 
 __all__ = [
     "KEEP",
     "SampleResult",
+    "seed_chunks",
+    "check_labels",
+    "check_guidance",
     "parse_classes",
     "generate",
     "sample_shape",
@@ -101,6 +106,56 @@ def parse_classes(spec: str | int | Sequence[int] | None, n: int, num_classes: i
     return torch.tensor([values[i % len(values)] for i in range(n)], dtype=torch.long)
 
 
+def seed_chunks(seeds: Sequence[int], batch: int) -> list[slice]:
+    """Split ``seeds`` into the batches :func:`generate` runs: consecutive runs of seeds that share
+    ``seed // batch`` (fixed chunks aligned in seed space, the first and last of a range possibly short).
+
+    Returns slices into ``seeds``. A chunk never holds more than ``batch`` seeds, and which seeds share
+    a batch is a function of the seeds alone: a run over seeds 0..9 with batch 4 runs {0..3}, {4..7},
+    {8, 9}, whether one process does them all or two processes take whole chunks each.
+    """
+    out: list[slice] = []
+    start = 0
+    for i in range(1, len(seeds) + 1):
+        if i == len(seeds) or i - start >= batch or seeds[i] // batch != seeds[start] // batch:
+            out.append(slice(start, i))
+            start = i
+    return out
+
+
+def check_labels(model: object, labels: torch.Tensor | Sequence[int] | None, n: int) -> torch.Tensor:
+    """Class labels for ``n`` images as int64 [n]: -1 (unconditional) or a class of ``model`` (0..K-1).
+
+    Raises ValueError naming ``labels`` for a wrong shape, a label outside [-1, K) or any label but -1
+    on an unconditional model (K = ``model.config.num_classes``, 0 when absent). Label K itself is the
+    null class the network was trained with; ask for it with -1.
+    """
+    if labels is None:
+        return torch.full((n,), -1, dtype=torch.long)
+    t = torch.as_tensor(labels)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"labels must be ints, got dtype {t.dtype}")
+    t = t.to(torch.long)
+    if t.shape != (n,):
+        raise ValueError(f"labels must have shape [{n}], got {tuple(t.shape)}")
+    k = int(getattr(getattr(model, "config", None), "num_classes", 0) or 0)
+    bad = t[(t < -1) | (t >= k)] if n else t
+    if bad.numel():
+        valid = f"-1 (unconditional) or a class 0..{k - 1}" if k else "-1 (this model is unconditional)"
+        raise ValueError(f"labels must be {valid}, got {int(bad[0])}")
+    return t
+
+
+def check_guidance(guidance: object) -> float:
+    """``guidance`` as a float; raises ValueError unless it is a finite number (TypeError for a non-number)."""
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+        raise TypeError(f"guidance must be a number, got {guidance!r}")
+    g = float(guidance)
+    if not math.isfinite(g):
+        raise ValueError(f"guidance must be a finite number (1 = no guidance), got {g}")
+    return g
+
+
 def _class_kwargs(model: torch.nn.Module, labels: torch.Tensor, device: torch.device) -> tuple[dict, dict | None]:
     k = getattr(getattr(model, "config", None), "num_classes", 0)
     if not k:
@@ -157,8 +212,12 @@ def generate(
         variance: the noise scale of stochastic DDIM/DDPM steps, see :func:`ddim.sample`: "eta"
             (default, σ of Eq. 16 times η) or "large" (η·σ̂ with σ̂² = 1 - ᾱ_t/ᾱ_prev: at η = 1 the
             σ̂ row of Table 1 of Song et al.).
-        batch: images per network batch; results do not depend on it. Memory: one chunk in flight,
-            plus what ``keep`` keeps.
+        batch: images per network batch. Batches are fixed chunks of seed space (see
+            :func:`seed_chunks`): the seeds ``k·batch .. (k+1)·batch - 1`` that are asked for run together,
+            so a seed's batch depends on the seeds alone, never on how a request was split (ranks, resumed
+            folders, sub-ranges). Mathematically the images do not depend on ``batch``; in floating point a
+            kernel may round differently for another batch size, changing a pixel by one level. Memory: one
+            chunk in flight, plus what ``keep`` keeps.
         image_shape: [C, H, W] (or [C, L], [C, F, H, W], any shape the model takes); default from
             ``model.config`` (:func:`sample_shape`).
         on_batch: called as ``on_batch(first_index, images_chunk)`` after each chunk (float32
@@ -197,15 +256,18 @@ def generate(
         if variance not in ("eta", given):
             raise ValueError(f"variance={variance!r} and sample_kwargs['variance']={given!r} disagree")
         variance = given
-    labels = torch.full((n,), -1, dtype=torch.long) if labels is None else torch.as_tensor(labels, dtype=torch.long)
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape [{n}], got {tuple(labels.shape)}")
+    labels = check_labels(model, labels, n)
+    guidance = check_guidance(guidance)
     if image_shape is None:
         image_shape = sample_shape(model)
     image_shape = tuple(int(d) for d in image_shape)
     if keep == "uint8" and len(image_shape) != 3:
         raise ValueError(f"keep='uint8' needs images [C, H, W]; these samples are {list(image_shape)}: keep 'float'")
-    seeds = [seed + i for i in range(n)] if seeds is None else [int(s) for s in seeds]
+    if seeds is None:
+        check_seed_range(seed, n)
+        seeds = [seed + i for i in range(n)]
+    else:
+        seeds = check_seeds(seeds, n)
     device = torch.device(device)
     chunks: list[torch.Tensor] = []
     u8 = np.empty((n, *image_shape[1:], image_shape[0]), dtype=np.uint8) if keep == "uint8" and decode is None else None
@@ -217,8 +279,7 @@ def generate(
         bar = tqdm(total=n, unit="img", desc=f"{sampler} {calls} NFE")
     tic = time.perf_counter()
     with torch.inference_mode():
-        for start in range(0, n, batch):
-            sl = slice(start, min(n, start + batch))
+        for sl in seed_chunks(seeds, batch):
             x_T = randn((sl.stop - sl.start, *image_shape), seeds[sl], device=device)
             if conditioning is None:
                 kwargs, uncond = _class_kwargs(model, labels[sl], device)
@@ -354,8 +415,8 @@ def write_uint8(
 
 # ------------------------------------------------------------------ inversion and interpolation
 def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int | tuple[int, int]) -> torch.Tensor:
-    """Read image files as float32 [N, channels, H, W] in [-1, 1] (converted, resized if needed); ``size``
-    is H = W or (H, W)."""
+    """Read image files as float32 [N, channels, H, W] in [-1, 1] (converted to 8 bits with their
+    full range kept, see :func:`ddim.images.to_8bit`; resized if needed, bicubic); ``size`` is H = W or (H, W)."""
     from PIL import Image, UnidentifiedImageError
 
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -363,7 +424,7 @@ def load_images(paths: Sequence[str | os.PathLike], channels: int, size: int | t
     for p in paths:
         try:
             with Image.open(p) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
+                im = to_8bit(im, channels, p)
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.Resampling.BICUBIC)
                 a = np.asarray(im)
@@ -389,7 +450,7 @@ def invert_images(
     (per-dimension MSE on [0, 1], as in the paper's Table 2), ``seconds``.
     """
     n = images.shape[0]
-    labels = torch.full((n,), -1, dtype=torch.long) if labels is None else labels
+    labels = check_labels(model, labels, n)
     kwargs, _ = _class_kwargs(model, labels, images.device)
     tic = time.perf_counter()
     with torch.inference_mode():
@@ -412,32 +473,52 @@ def interpolate_seeds(
     spacing: str = "leading",
     prediction: str = "epsilon",
     device: str | torch.device = "cpu",
+    batch: int = 256,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
+    keep: bool = True,
 ) -> torch.Tensor:
     """Decode a slerp strip between the noises of two seeds (DDIM η = 0): float32 [frames, C, H, W] on the CPU.
 
     The noises are drawn on the CPU (as :func:`generate` does, so a seed gives the same x_T on any
-    device), interpolated there, and the strip is sampled on ``device``, where the model must be.
+    device), interpolated there, and the strip is sampled on ``device``, where the model must be, in
+    batches of at most ``batch`` frames (memory stays bounded however many frames are asked for).
+    ``on_batch(first_frame, frames_chunk)`` is called after each batch (float32 on the CPU); with
+    ``keep=False`` the frames are not kept and an empty [0, C, H, W] tensor is returned.
     """
-    if frames < 2:
-        raise ValueError(f"frames must be >= 2, got {frames}")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+        raise ValueError(f"frames must be an int >= 2, got {frames!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    check_seed_range(seed_a, name="seed_a")
+    check_seed_range(seed_b, name="seed_b")
+    guidance = check_guidance(guidance)
+    labels = check_labels(model, [label] * frames, frames)
     cfg = model.config
     shape = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
     za, zb = randn(shape, [seed_a])[0], randn(shape, [seed_b])[0]
     device = torch.device(device)
-    x_T = slerp(za, zb, torch.linspace(0, 1, frames)).to(device)
-    labels = torch.full((frames,), label, dtype=torch.long)
-    kwargs, uncond = _class_kwargs(model, labels, device)
-    guided = guidance != 1.0 and uncond is not None and label >= 0
-    with torch.inference_mode():
-        x = sample(
-            model,
-            x_T,
-            schedule,
-            steps=steps,
-            spacing=spacing,
-            prediction=prediction,
-            model_kwargs=kwargs,
-            guidance_scale=guidance if guided else 1.0,
-            uncond_kwargs=uncond if guided else None,
-        )
-    return x.float().cpu()
+    alphas = torch.linspace(0, 1, frames)
+    chunks = []
+    for start in range(0, frames, batch):
+        sl = slice(start, min(frames, start + batch))
+        x_T = slerp(za, zb, alphas[sl]).to(device)
+        kwargs, uncond = _class_kwargs(model, labels[sl], device)
+        guided = guidance != 1.0 and uncond is not None and label >= 0
+        with torch.inference_mode():
+            x = sample(
+                model,
+                x_T,
+                schedule,
+                steps=steps,
+                spacing=spacing,
+                prediction=prediction,
+                model_kwargs=kwargs,
+                guidance_scale=guidance if guided else 1.0,
+                uncond_kwargs=uncond if guided else None,
+            )
+        x = x.float().cpu()
+        if on_batch is not None:
+            on_batch(start, x)
+        if keep:
+            chunks.append(x)
+    return torch.cat(chunks) if chunks else torch.empty((0, *shape[1:]))

@@ -11,7 +11,44 @@ import torch
 
 from ddim.checkpoint import atomic_write
 
-__all__ = ["to_uint8", "from_uint8", "make_grid", "save_png", "save_grid"]
+__all__ = ["to_uint8", "from_uint8", "make_grid", "save_png", "save_grid", "image_channels", "to_8bit"]
+
+#: Pillow modes that hold one grey channel (with or without alpha); everything else loads as RGB.
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+def image_channels(mode: str) -> int:
+    """Channels an image of Pillow ``mode`` loads with: 1 for the grey modes (:data:`GRAY_MODES`), else 3."""
+    return 1 if mode in GRAY_MODES else 3
+
+
+def to_8bit(im, channels: int, name: object = "image"):
+    """A Pillow image as 8-bit "L" (``channels`` 1) or "RGB" (3), its full range kept.
+
+    16-bit grey ("I;16*", and "I" with values in 0..65535, as Pillow opens 16-bit PNGs and TIFFs) is
+    scaled by 255/65535 and rounded; Pillow's own ``convert`` would clip it to 255 (a near-white
+    image). 16-bit colour PNGs already open as 8-bit "RGB"/"RGBA". Alpha is dropped, as ``convert``
+    does. Raises ValueError naming ``name`` for 32-bit float images and for "I" values outside
+    0..65535, whose scale cannot be known.
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "F":
+        raise ValueError(
+            f"{name}: 32-bit float images are not supported (their range is unknown); save it as 8- or 16-bit"
+        )
+    if mode == "I" or mode.startswith("I;16"):
+        a = np.asarray(im)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise ValueError(f"{name}: 32-bit integer image with values outside 0..65535; save it as 8- or 16-bit")
+        im = Image.fromarray(np.round(a.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8), "L")
+    try:
+        return im.convert("L" if channels == 1 else "RGB")
+    except (ValueError, OSError) as e:
+        raise ValueError(
+            f"{name}: cannot convert a {mode!r} image to {'grey' if channels == 1 else 'RGB'} ({e})"
+        ) from e
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

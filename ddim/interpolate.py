@@ -23,6 +23,10 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor, *, ep
 
     Returns:
         In z0's dtype and device; weights computed in float64.
+
+    Raises:
+        TypeError for non-tensors or non-floating tensors; ValueError for different shapes, empty or
+        non-finite z0/z1, or a non-finite alpha.
     """
     if not isinstance(z0, torch.Tensor) or not isinstance(z1, torch.Tensor):
         raise TypeError("z0 and z1 must be tensors")
@@ -32,6 +36,8 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor, *, ep
         raise TypeError("z0 and z1 must be floating tensors")
     if z0.numel() == 0:
         raise ValueError("z0 and z1 must not be empty")
+    if not (bool(torch.isfinite(z0).all()) and bool(torch.isfinite(z1).all())):
+        raise ValueError("z0 and z1 must be finite (they hold NaN or Inf)")
     a = torch.as_tensor(alpha, dtype=torch.float64).cpu()
     if a.ndim > 1:
         raise ValueError(f"alpha must be a float or a 1-D tensor, got shape {tuple(a.shape)}")

@@ -12,7 +12,23 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["randn", "StepNoise", "check_seeds"]
+__all__ = ["randn", "StepNoise", "check_seeds", "SEED_LIMIT", "check_seed_range"]
+
+#: Seeds are ints in [0, SEED_LIMIT): torch's CPU generator keeps only the low 32 bits of a seed, so
+#: 2**32 (or -1) would silently give the images of seed 0 (or 2**32 - 1).
+SEED_LIMIT = 2**32
+
+
+def check_seed_range(first: int, n: int = 1, name: str = "seed") -> None:
+    """Raise ValueError naming ``name`` unless seeds ``first .. first + n - 1`` all lie in [0, 2**32)."""
+    if isinstance(first, bool) or not isinstance(first, int):
+        raise TypeError(f"{name} must be an int, got {first!r}")
+    if first < 0 or first + max(n, 1) - 1 >= SEED_LIMIT:
+        last = f" (the last of {n} seeds would be {first + n - 1})" if n > 1 and first >= 0 else ""
+        raise ValueError(
+            f"{name} {first} is out of range{last}: seeds are ints in [0, {SEED_LIMIT - 1}] "
+            "(torch's CPU generator keeps only their low 32 bits)"
+        )
 
 
 def check_seeds(seeds: object, batch: int) -> list[int]:
@@ -26,6 +42,12 @@ def check_seeds(seeds: object, batch: int) -> list[int]:
         if isinstance(s, bool) or not hasattr(s, "__index__"):
             raise TypeError(f"seeds must hold ints, got {s!r}")
         out.append(int(s))
+    bad = [s for s in out if not 0 <= s < SEED_LIMIT]
+    if bad:
+        raise ValueError(
+            f"seeds must be ints in [0, {SEED_LIMIT - 1}] (torch's CPU generator keeps only their low 32 bits, "
+            f"so others would alias), got {bad[0]}"
+        )
     if len(out) != batch:
         raise ValueError(f"seeds must hold one int per sample: got {len(out)} seeds for batch size {batch}")
     return out
@@ -50,8 +72,11 @@ def randn(
     float32 on the CPU; the samples are stacked and then moved to ``device`` (default CPU) and cast to
     ``dtype`` (default float32). Equals diffusers' ``randn_tensor`` with one CPU generator per sample.
 
-    Raises ValueError naming ``seeds`` when ``len(seeds) != shape[0]``.
+    Raises ValueError naming ``seeds`` when ``len(seeds) != shape[0]`` or a seed is outside
+    [0, 2**32), and TypeError naming ``dtype`` when it is not a floating dtype.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     shape = _check_shape(shape)
     seeds = check_seeds(seeds, shape[0])
     out = torch.empty(shape, dtype=torch.float32)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "prepare", "resolve_dtype", "set_threads"]
+__all__ = ["PRECISIONS", "Precision", "prepare", "resolve_dtype", "set_threads", "check_threads", "input_dtype"]
 
 #: Names accepted for ``--dtype``.
 PRECISIONS = {
@@ -54,6 +54,18 @@ def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "
     return dtype
 
 
+def check_threads(threads: int | None) -> int | None:
+    """``threads`` unchanged if it is None or at most the machine's CPU count (``os.cpu_count()``).
+
+    Raises ValueError otherwise: more threads than CPUs never helps, and far more (e.g. 100000)
+    crashes the OpenMP runtime instead of failing.
+    """
+    cpus = os.cpu_count() or 1
+    if threads is not None and threads > cpus:
+        raise ValueError(f"{threads} threads is more than this machine's {cpus} CPUs; give at most {cpus}")
+    return threads
+
+
 def set_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads and return the number in use.
 
@@ -61,6 +73,7 @@ def set_threads(threads: int | None = None) -> int:
     the CPUs this process may run on (``os.sched_getaffinity``), as torch's default may count
     hyper-threads or CPUs outside a container's share. One inter-op thread: sampling is sequential.
     """
+    check_threads(threads)
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
         if env.isdigit() and int(env) > 0:
@@ -77,6 +90,26 @@ def set_threads(threads: int | None = None) -> int:
     except RuntimeError:  # already set, or parallel work has started
         pass
     return torch.get_num_threads()
+
+
+def input_dtype(model: Any) -> torch.dtype | None:
+    """The dtype ``model`` wants its input x in: its first floating parameter's, or None when any
+    floating dtype will do (a :class:`Precision` wrapper casts x itself; a plain function has no
+    parameters). Looks through ``torch.compile`` and :func:`prepare`'s wrappers; costs a few µs."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    mods = [model._modules.get("_orig_mod", model)]  # (no getattr: the wrappers' __getattr__ raises twice)
+    while mods:
+        mod = mods.pop()
+        if mod is None:
+            continue
+        if isinstance(mod, Precision):
+            return None
+        for p in mod._parameters.values():
+            if p is not None and p.is_floating_point():
+                return p.dtype
+        mods.extend(reversed(mod._modules.values()))
+    return None
 
 
 class Precision(torch.nn.Module):

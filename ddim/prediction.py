@@ -473,6 +473,8 @@ class Denoiser:
         if not 0.0 <= float(guidance_rescale) <= 1.0:
             raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
         self.guidance_rescale = float(guidance_rescale)
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {self.guidance_scale}")
         for name, kw in (("model_kwargs", model_kwargs), ("uncond_kwargs", uncond_kwargs)):
             if kw is not None and not isinstance(kw, Mapping):
                 raise TypeError(f"{name} must be a dict, got {type(kw).__name__}")

@@ -266,9 +266,12 @@ def nfe(sampler: str = "ddim", steps: int = 50) -> int:
     """Number of network evaluations ``sampler`` makes for ``steps`` listed timesteps (known up front).
 
     "ddim" and "ddpm": one per step, so ``steps``. A guided forward (cond and uncond in one batch)
-    counts as one.
+    counts as one. Raises ValueError unless ``steps`` is an int >= 1.
     """
-    return _check_sampler(sampler).nfe(steps)
+    spec = _check_sampler(sampler)
+    if isinstance(steps, bool) or not hasattr(steps, "__index__") or int(steps) < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return spec.nfe(int(steps))
 
 
 class _NoBar:
@@ -499,6 +502,17 @@ def _check_x(x: object, name: str) -> torch.Tensor:
     return x
 
 
+def _in_model_dtype(model: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None]:
+    """x cast to the dtype the model's weights are in, and x's own dtype to cast the result back to
+    (None when no cast is needed): a float64 or float16 x on a float32 model runs in float32."""
+    from ddim.perf import input_dtype
+
+    want = input_dtype(model)
+    if want is None or want == x.dtype or not want.is_floating_point:
+        return x, None
+    return x.to(want), x.dtype
+
+
 def _check_bool(v: object, name: str) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be a bool, got {v!r}")
@@ -636,6 +650,8 @@ def sample(
             tensor shaped like x_t (or an object with ``.sample``).
         x_T: [B, ...] floating tensor at level ᾱ of the first listed timestep (usually N(0, I), e.g.
             ``ddim.randn(shape, seeds)``). Output has its shape, dtype and device; x_T is not modified.
+            The run itself is in the dtype of the model's weights (a float64 or float16 x_T on a
+            float32 model runs in float32 and comes back in x_T's dtype).
         schedule: the model's training :class:`~ddim.schedule.NoiseSchedule`.
         steps: number of listed timesteps S in [1, T] (default 50) = number of network evaluations.
             For sampler="ddpm", steps=T (with any spacing) is the original T-step DDPM chain and fewer
@@ -686,6 +702,7 @@ def sample(
         x_0, shaped like x_T.
     """
     _check_x(x_T, "x_T")
+    x_T, out_dtype = _in_model_dtype(model, x_T)
     spec = _check_sampler(sampler)
     eta = _check_eta(eta)
     if sampler == "ddpm" and eta not in (0.0, 1.0):
@@ -726,7 +743,7 @@ def sample(
     x = spec.fn(denoise, x_T, levels, eta=eta, variance=variance, noise=noise, callback=callback, progress=progress)
     if stats is not None:
         stats.update(nfe=denoise.nfe, timesteps=ts.tolist(), sampler=sampler)
-    return x
+    return x if out_dtype is None else x.to(out_dtype)
 
 
 @_no_grad
@@ -776,6 +793,7 @@ def invert(
         x_T shaped like x_0.
     """
     _check_x(x_0, "x_0")
+    x_0, out_dtype = _in_model_dtype(model, x_0)
     check_prediction(prediction)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -821,4 +839,4 @@ def invert(
     denoise.finish(plan)
     if stats is not None:
         stats.update(nfe=denoise.nfe, timesteps=ts.tolist(), sampler="invert")
-    return x
+    return x if out_dtype is None else x.to(out_dtype)

@@ -7,9 +7,13 @@ at most the batches in flight and never duplicates an image. ``DIR/ddim-sample.j
 settings the images were made with (model weights digest, sampler, steps, guidance, classes, first
 seed, ...); a later run with other settings is refused instead of mixing two kinds of images.
 
-Under ``torchrun`` the missing seeds are dealt out to the ranks (position i to rank i mod N).
-Image i depends only on its seed (its noise is drawn per seed, never per batch), so the files are
-byte-identical to a single-process run. For ``--out x.npz`` or ``x.png`` each rank samples its
+Under ``torchrun`` the missing seeds are cut into the batches a single process would run (fixed
+chunks of seed space: seeds ``k·batch .. (k+1)·batch - 1`` together) and whole chunks are dealt to
+the ranks (chunk j to rank j mod N). Image i depends only on its seed (its noise is drawn per seed,
+never per batch) and is computed in the same batch as in a single-process run, so the files are
+byte-identical to it. What can still change the last bit of an image: another ``--batch`` (kernels
+may round differently per batch size), another thread count, device, dtype, torch version or
+``--compile``. For ``--out x.npz`` or ``x.png`` each rank samples its
 share and rank 0 gathers them and writes the one file, identical to a single-process run.
 
 For evaluation, :func:`sharded_features`, :func:`sharded_feature_stats` and :func:`map_images` spread
@@ -33,13 +37,15 @@ import torch
 
 from ddim import distributed as ddist
 from ddim.checkpoint import write_json
-from ddim.images import from_uint8, save_png, to_uint8
+from ddim.images import from_uint8, image_channels, save_png, to_8bit, to_uint8
+from ddim.noise import check_seed_range
 
 __all__ = [
     "MANIFEST",
     "SampleJob",
     "seed_filename",
     "existing_seeds",
+    "png_is_complete",
     "remove_stale",
     "image_files",
     "FolderImages",
@@ -67,17 +73,39 @@ def seed_filename(seed: int) -> str:
     return f"seed_{seed:06d}.png"
 
 
-def existing_seeds(folder: str | os.PathLike) -> set[int]:
-    """Seeds whose ``seed_XXXXXX.png`` is in ``folder`` (complete files: they are written atomically)."""
+def existing_seeds(folder: str | os.PathLike, *, verify: bool = False) -> set[int]:
+    """Seeds whose ``seed_XXXXXX.png`` is in ``folder``.
+
+    ``ddim sample`` writes them atomically, but a file can still be damaged afterwards (a full disk,
+    a copy cut short, an editor): with ``verify=True`` only files that decode as a whole PNG
+    (:func:`png_is_complete`) count, so a resumed run makes the others again (replacing them).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return set()
     seeds = set()
     for entry in os.scandir(folder):
         m = _SEED_FILE.match(entry.name)
-        if m and entry.is_file():
+        if m and entry.is_file() and (not verify or png_is_complete(entry.path)):
             seeds.add(int(m.group(1)))
     return seeds
+
+
+def png_is_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a non-empty PNG whose every chunk is present and passes its CRC (Pillow's
+    ``verify``; about 0.1 ms for a small image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return False
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                return False
+            im.verify()
+        return True
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return False
 
 
 def remove_stale(folder: str | os.PathLike) -> int:
@@ -160,6 +188,7 @@ class SampleJob:
     ctx: ddist.Context = field(default_factory=ddist.Context)
     nrow: int | None = None
     written: int = 0
+    chunks: int = 0  # batches the whole request needs (over all ranks)
 
     @property
     def seeds(self) -> list[int]:
@@ -170,6 +199,11 @@ class SampleJob:
     def labels(self) -> torch.Tensor:
         """Their labels (int64, -1 = unconditional)."""
         return self.all_labels[torch.as_tensor(self.positions, dtype=torch.long)]
+
+    @property
+    def idle_ranks(self) -> int:
+        """How many ranks get no chunk (0 single-process, or when every rank has work)."""
+        return max(0, self.ctx.world_size - self.chunks) if self.ctx.distributed and self.chunks else 0
 
     @property
     def progress(self) -> bool:
@@ -187,12 +221,21 @@ class SampleJob:
         model: Any = None,
         settings: dict[str, Any] | None = None,
         nrow: int | None = None,
+        batch: int = 256,
     ) -> SampleJob:
         """Join the process group (under torchrun) and work out what this rank samples.
+
+        The seeds to make are cut into the batches :func:`ddim.generate.generate` runs (fixed chunks
+        of seed space, :func:`ddim.generate.seed_chunks`) and whole chunks are dealt to the ranks
+        (chunk j to rank j mod N), so every image is made in the same batch, with the same
+        neighbours, whatever the number of processes: the files are byte-identical to a
+        one-process run with the same ``batch``. (Fewer chunks than ranks leaves ranks idle: give a
+        smaller ``batch`` to spread a small request.)
 
         Args:
             out: ``*.png`` (one grid), ``*.npz``, or a folder (resumable, one PNG per seed).
             n, seed: the request: image i has seed ``seed + i``.
+            batch: the ``batch`` that will be passed to ``generate``.
             labels: int64 [n]; None = all unconditional.
             model: its weights digest goes into a folder's settings file.
             settings: everything else that changes the images (sampler, steps, guidance, classes,
@@ -209,6 +252,9 @@ class SampleJob:
             raise ValueError(f"out must end in .png or .npz, or be a folder; got {str(out)!r}")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        check_seed_range(seed, n)
         labels = torch.full((n,), -1, dtype=torch.long) if labels is None else torch.as_tensor(labels, dtype=torch.long)
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape [{n}], got {tuple(labels.shape)}")
@@ -231,7 +277,7 @@ class SampleJob:
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 remove_stale(out)
-                have = existing_seeds(out)
+                have = existing_seeds(out, verify=True)
                 error = _manifest_error(out, manifest, bool(have))
             except OSError as e:
                 error, have = ValueError(f"--out {out}: {e}"), set()
@@ -246,10 +292,14 @@ class SampleJob:
             have = set().union(*ddist.all_gather_objects(have, ctx))
             missing = [i for i in range(n) if seed + i not in have]
             skipped = n - len(missing)
-            positions = ddist.shard(missing, ctx)
+            todo = missing
         else:
-            positions = ddist.shard(positions, ctx)
-        return cls(out, kind, n, seed, labels, positions, skipped, ctx, nrow)
+            todo = positions
+        positions = _deal_chunks(todo, seed, batch, ctx)
+        from ddim.generate import seed_chunks
+
+        chunks = len(seed_chunks([seed + i for i in todo], batch))
+        return cls(out, kind, n, seed, labels, positions, skipped, ctx, nrow, chunks=chunks)
 
     def on_batch(self, first: int, images: torch.Tensor) -> None:
         """``generate``'s streaming hook: a folder output writes each finished image at once."""
@@ -307,6 +357,17 @@ class SampleJob:
         )
 
 
+def _deal_chunks(positions: list[int], seed: int, batch: int, ctx: ddist.Context) -> list[int]:
+    """This rank's positions: the request's batches (seed-aligned chunks of ``positions``), chunk j to
+    rank j mod N, concatenated in order."""
+    from ddim.generate import seed_chunks
+
+    if not ctx.distributed:
+        return list(positions)
+    chunks = seed_chunks([seed + i for i in positions], batch)
+    return [p for sl in chunks[ctx.rank :: ctx.world_size] for p in positions[sl]]
+
+
 def _module_device(model: Any) -> torch.device | None:
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
@@ -353,7 +414,7 @@ def _image_header(path: Path) -> tuple[int, tuple[int, int]]:
 
     try:
         with Image.open(path) as im:
-            return (1 if im.mode in ("L", "1", "I", "I;16", "F") else 3), im.size
+            return image_channels(im.mode), im.size
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
@@ -419,7 +480,7 @@ class FolderImages:
                             f"{p} is {im.size[0]}×{im.size[1]} but {self.files[0].name} is {w}×{h}: "
                             "the images of one sample set must all have the same size"
                         )
-                    a = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
+                    a = np.asarray(to_8bit(im, self.channels, p))
             except (UnidentifiedImageError, OSError) as e:
                 raise ValueError(f"cannot read image {p}: {e}") from e
             arrs.append(a[..., None] if a.ndim == 2 else a)
@@ -436,7 +497,7 @@ class ArrayImages:
         if a.ndim != 4 or a.shape[0] == 0 or a.shape[-1] not in (1, 3):
             raise ValueError(f"{name}: images must be [N, H, W] or [N, H, W, C] with C in (1, 3), got {a.shape}")
         if a.dtype != np.uint8:
-            if not np.issubdtype(a.dtype, np.floating) or a.min() < 0 or a.max() > 1:
+            if not np.issubdtype(a.dtype, np.floating) or not (0 <= a.min() <= a.max() <= 1):  # NaN fails too
                 raise ValueError(f"{name}: images must be uint8, or floats in [0, 1]; got {a.dtype}")
             a = np.round(a * 255).astype(np.uint8)
         self.images, self.name = a, name

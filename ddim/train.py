@@ -16,6 +16,7 @@ Run folder layout::
     state.safetensors                everything needed to resume (raw weights, EMA, AdamW, RNG, step)
     log.csv                          step, loss, learning rate, images/s, wall seconds
     samples/step_XXXXXXX.png         a sample grid every ``sample_every`` steps
+    train.lock                       held while a run trains (a second run into the folder is refused)
 
 Under ``torchrun`` the model is wrapped in DistributedDataParallel: each of the N ranks draws its
 own ``batch_size`` images (so the effective batch is ``batch_size`` × N), gradients are averaged,
@@ -40,12 +41,15 @@ import torch
 from safetensors.torch import load, save_file
 
 from ddim import distributed as ddist
-from ddim.checkpoint import CONFIG, WEIGHTS, atomic_write, save_model
+from ddim.checkpoint import CONFIG, WEIGHTS, atomic_write, build_unet, save_model
 from ddim.data import ImageData, load_data
+from ddim.noise import check_seed_range
+from ddim.outputs import check_folder
+from ddim.perf import check_threads
 from ddim.schedule import NoiseSchedule
 from ddim.unet import UNet, UNetConfig
 
-__all__ = ["TrainConfig", "train", "make_schedule", "diffusion_loss"]
+__all__ = ["TrainConfig", "train", "make_schedule", "diffusion_loss", "RunLock"]
 
 STATE = "state.safetensors"
 TARGETS = ("epsilon", "sample", "v_prediction", "flow")
@@ -128,6 +132,26 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < self.steps:
             raise ValueError(f"lr_decay_start must be in [0, steps={self.steps}), got {self.lr_decay_start}")
+        for name in ("lr", "weight_decay", "grad_clip", "guidance"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0 (grad_clip 0 = no clipping)")
+        for name in ("warmup", "checkpoint_every", "sample_every", "log_every", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        check_seed_range(self.seed, 1, "seed")
+        if self.init is not None and not Path(self.init).exists():
+            raise FileNotFoundError(f"init {self.init} does not exist (a run or model folder, or a .safetensors file)")
+        check_threads(self.threads or None)
+        if not isinstance(self.unet, dict):
+            raise ValueError(f"unet must be a dict of UNetConfig fields, got {type(self.unet).__name__}")
+        if self.unet:  # the data fixes image_size and channels later; check the rest now
+            levels = self.unet.get("channel_mults", (1, 3, 6))
+            size = 2 ** (len(levels) - 1) if isinstance(levels, (list, tuple)) and levels else 1
+            UNetConfig.from_dict({"image_size": size, **self.unet})
 
 
 def make_schedule(name: str, T: int) -> NoiseSchedule:
@@ -237,7 +261,7 @@ def _build(cfg: TrainConfig, data: ImageData) -> UNet:
     num_classes = data.num_classes if (cfg.class_cond and data.labels is not None) else 0
     arch = {**_shape_arch(tuple(data.images.shape)), "num_classes": num_classes, **cfg.unet}
     if cfg.init is None:
-        return UNet(UNetConfig(**arch))
+        return build_unet(arch, "unet")
     return _init_from(cfg, arch)
 
 
@@ -246,7 +270,7 @@ def _init_from(cfg: TrainConfig, arch: dict[str, Any]) -> UNet:
     from ddim.checkpoint import load as load_model
 
     model, _, config = load_model(cfg.init)
-    got, want = asdict(model.config), asdict(UNetConfig(**{**asdict(model.config), **arch}))
+    got, want = asdict(model.config), asdict(UNetConfig.from_dict({**asdict(model.config), **arch}))
     wrong = [f"{k} {got[k]!r} (the run wants {want[k]!r})" for k in got if got[k] != want[k]]
     if wrong:
         raise ValueError(f"init {cfg.init}: its network does not fit this run: " + ", ".join(wrong))
@@ -286,14 +310,32 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
     data, schedule and prediction.
     """
     cfg.validate()
+    out = check_folder(cfg.out, flag="out")
     ctx = ddist.init()
+    lock, error = None, None
+    if ctx.is_main:  # one run per folder: rank 0 holds the lock for the whole run
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock.acquire(out)
+        except (ValueError, OSError) as e:
+            error = e
+    try:
+        ddist.check(error, ctx)
+        return _train(cfg, out, ctx, resume, progress, data)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    cfg: TrainConfig, out: Path, ctx: ddist.Context, resume: bool, progress: bool, data: ImageData | None
+) -> Path:
     world = ctx.world_size
     data = data if data is not None else load_data(cfg.data, cfg.image_size)
     if len(data) == 0:
         raise ValueError(f"data {cfg.data!r} holds no images")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -313,20 +355,36 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
     blob = state_path.read_bytes() if resume and ctx.is_main and state_path.is_file() else None
     blob = ddist.broadcast_object(blob, ctx=ctx)
     if blob is not None:
-        _, meta = _read_state(blob)
+        try:
+            _, meta = _read_state(blob)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(
+                f"cannot resume {out}: {STATE} is damaged ({type(e).__name__}: {e}); start over with --fresh"
+            ) from None
         if meta.get("world_size", 1) != world:
             raise ValueError(
                 f"cannot resume {out}: it was trained on {meta.get('world_size', 1)} processes and this run has "
                 f"{world}; resume it with torchrun --nproc_per_node={meta.get('world_size', 1)} "
                 "(each rank has its own random streams) or start over (ddim train --fresh)"
             )
-        meta = _restore_state(blob, model, ema, opt, gen, ctx.rank)
-        step, wall_before, last_loss = meta["step"], meta["wall_seconds"], meta["loss"]
-        if meta.get("train") and _identity(meta["train"]) != _identity(asdict(cfg)):
+        if meta.get("train"):
+            old, new = _identity(meta["train"]), _identity(asdict(cfg))
+            diff = [f"{k} {old[k]!r} there, {new[k]!r} now" for k in old if old[k] != new[k]]
+            if diff:
+                raise ValueError(
+                    f"cannot resume {out}: its run was trained with different settings ({'; '.join(diff)}); "
+                    "use the same settings, another --out, or --fresh to start over"
+                )
+        try:
+            meta = _restore_state(blob, model, ema, opt, gen, ctx.rank)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            first = next((ln for ln in lines if "mismatch" in ln or "key" in ln.lower()), lines[0])
             raise ValueError(
-                f"cannot resume {out}: its run was trained with different settings "
-                f"({_identity(meta['train'])} vs {_identity(asdict(cfg))})"
-            )
+                f"cannot resume {out}: its saved state does not fit this run's network (the data or the "
+                f"architecture changed?): {first}; use another --out, or --fresh to start over"
+            ) from None
+        step, wall_before, last_loss = meta["step"], meta["wall_seconds"], meta["loss"]
     n_params = sum(p.numel() for p in model.parameters())
     images, labels = data.images, data.labels
     model.train()
@@ -399,6 +457,52 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
     if bar is not None:
         bar.close()
     return out
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``train.lock``, an OS lock on an open file).
+
+    The operating system drops the lock when its process ends, however it ends (a crash, ``kill -9``,
+    a lost node), so a killed run never leaves the folder stuck; the file itself stays and is reused.
+    Where the OS has no file locks (no ``fcntl``, e.g. Windows) it does nothing.
+    """
+
+    NAME = "train.lock"
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, folder: str | Path) -> RunLock:
+        """Take the lock of ``folder`` (which must exist), or raise ValueError naming the holder's pid."""
+        import os
+
+        path = Path(folder) / cls.NAME
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return cls(path, None)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(
+                f"{folder} is in use by another `ddim train` (pid {holder}); wait for it to finish, "
+                "or train into another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Let the next run in (closing the file drops the OS lock)."""
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _identity(d: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ frames F works; attention runs over all F·H·W positions of the lowest level).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -55,15 +55,35 @@ class UNetConfig:
     frames: int = 0
 
     def __post_init__(self) -> None:
-        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        for name, low in (("image_size", 1), ("in_channels", 1), ("base_channels", 1), ("num_res_blocks", 1)):
+            _check_int(name, getattr(self, name), low)
+        _check_int("num_classes", self.num_classes, 0)
+        _check_int("num_heads", self.num_heads, 1)
+        self.channel_mults = _int_tuple("channel_mults", self.channel_mults, 1)
+        if not self.channel_mults:
+            raise ValueError("channel_mults must name at least one level, e.g. [1, 2, 2]")
         if self.attention_levels is None:
             self.attention_levels = (len(self.channel_mults) - 1,)
-        self.attention_levels = tuple(int(a) for a in self.attention_levels)
+        self.attention_levels = _int_tuple("attention_levels", self.attention_levels, 0)
+        bad = [a for a in self.attention_levels if a >= len(self.channel_mults)]
+        if bad:
+            raise ValueError(
+                f"attention_levels: level {bad[0]} does not exist (levels 0..{len(self.channel_mults) - 1})"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         down = 2 ** (len(self.channel_mults) - 1)
         if self.image_size % down:
             raise ValueError(f"image_size={self.image_size} must be divisible by {down} for channel_mults")
-        if self.dims not in (1, 2, 3):
+        for level in {*self.attention_levels, len(self.channel_mults) - 1}:  # the middle attends too
+            ch = self.base_channels * self.channel_mults[level]
+            if ch % self.num_heads:
+                raise ValueError(f"num_heads={self.num_heads} must divide the {ch} channels of level {level}")
+        if isinstance(self.dims, bool) or self.dims not in (1, 2, 3):
             raise ValueError(f"dims must be 1 (signals), 2 (images) or 3 (video), got {self.dims!r}")
+        _check_int("frames", self.frames, 0)
         if (self.dims == 3) != (self.frames >= 1):
             raise ValueError(f"frames must be >= 1 for dims=3 and 0 otherwise, got {self.frames} with dims={self.dims}")
 
@@ -73,6 +93,20 @@ class UNetConfig:
         c, s = self.in_channels, self.image_size
         return {1: (c, s), 2: (c, s, s), 3: (c, self.frames, s, s)}[self.dims]
 
+    @classmethod
+    def from_dict(cls, d: object) -> UNetConfig:
+        """A config from a dict (a checkpoint's ``"unet"``); ValueError naming an unknown or wrongly typed field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the unet config must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown unet field(s) {unknown}; valid: {sorted(known)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"unet config: {e}") from None
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channel_mults"] = list(self.channel_mults)
@@ -80,6 +114,18 @@ class UNetConfig:
         if self.dims == 2:  # image configs stay as they were written before 1-D/3-D existed
             del d["dims"], d["frames"]
         return d
+
+
+def _check_int(name: str, v: object, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return v
+
+
+def _int_tuple(name: str, v: object, low: int) -> tuple[int, ...]:
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+        raise ValueError(f"{name} must be a list of ints, got {v!r}")
+    return tuple(_check_int(f"{name} entries", m, low) for m in v)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -144,6 +190,16 @@ class Attention(nn.Module):
         return x + self.out(a.transpose(-1, -2).reshape(x.shape))
 
 
+def _check_labels(y: torch.Tensor, k: int) -> None:
+    """Class labels must be 0..k-1, or k (the null class): ValueError naming ``y`` otherwise."""
+    if y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi > k:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"y: class label {bad} is out of range: 0..{k - 1}, or {k} for the null class")
+
+
 class UNet(nn.Module):
     """ε/x₀/v-prediction U-Net: ``forward(x [B,C,H,W] float, t [B] int64, y [B] int64 | None) -> [B,C,H,W]``
     (x [B, C, L] with ``dims=1``, [B, C, F, H, W] with ``dims=3``; the output is shaped like x).
@@ -205,12 +261,17 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 2 + self.config.dims or x.shape[1] != self.config.in_channels:
+            shape = ", ".join(map(str, self.config.sample_shape))
+            raise ValueError(f"x must be [B, {shape}] for this model, got {tuple(x.shape)}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
         if self.class_emb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device)
+            elif y.device.type == "cpu":  # (on an accelerator a check would wait for the device every call)
+                _check_labels(y, self.config.num_classes)
             emb = emb + self.class_emb(y)
         h = self.conv_in(x)
         hs = [h]

@@ -117,7 +117,7 @@ def test_bad_source_one_line_exit_2(files, tmp_path, capsys, case):
     [
         ([], "default reference (MNIST-5k) is 1×28×28: pass --data"),
         (["--data", "digits"], "--data: reference images digits are 1×8×8 but the samples are 1×16×16"),
-        (["--out", "r.txt"], "--out must end in .json or .csv"),
+        (["--out", "r.txt"], "must end in .json or .csv"),
         (["--features", "nonsense"], "--features:"),
     ],
 )

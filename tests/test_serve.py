@@ -92,7 +92,7 @@ SETTINGS = [
     dict(seed=12, steps=3, eta=1.0, sampler="dpmpp_2m_sde", spacing="leading", label=2, guidance=2.0),
     dict(seed=13, steps=3, eta=0.0, sampler="unipc", spacing="trailing", label=4, guidance=2.0),
     dict(seed=14, steps=3, eta=0.0, sampler="euler", spacing="karras", label=6, guidance=2.0),
-    dict(seed=2**40, steps=3, eta=0.0, sampler="heun", spacing="leading", label=8, guidance=1.5),
+    dict(seed=2**32 - 1, steps=3, eta=0.0, sampler="heun", spacing="leading", label=8, guidance=1.5),
 ]
 
 
@@ -145,6 +145,7 @@ BAD = [
     ("steps=3.5", "steps must be an int"),
     ("steps=1&steps=2", "steps is given 2 times"),
     ("seed=-1", "seed must be an int"),
+    ("seed=4294967296", "seed must be an int"),  # 2**32 would give seed 0's image
     ("seed=x", "seed must be an int"),
     ("eta=-0.1", "eta must be a number in [0, 1]"),
     ("eta=nan", "eta must be a number"),

@@ -32,11 +32,27 @@ def run(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("ddim: aborted", err=True)
         return 130
+    except MemoryError as e:
+        click.echo(
+            f"ddim: error: out of memory ({_first_line(e) or 'MemoryError'}); ask for less (-n, --batch)", err=True
+        )
+        return 1
+    except RuntimeError as e:  # torch's allocators raise RuntimeError
+        text = str(e)
+        if "can't allocate memory" not in text and "out of memory" not in text.lower():
+            raise
+        click.echo(f"ddim: error: out of memory ({_first_line(e)}); ask for less (-n, --batch)", err=True)
+        return 1
     if rv in (None, 0):  # every rank got here: leave the process group before the interpreter shuts down
         from ddim import distributed as ddist
 
         ddist.finish()
     return rv if isinstance(rv, int) else 0
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else ""
 
 
 def console() -> None:  # pragma: no cover - the installed `ddim` script

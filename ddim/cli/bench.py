@@ -6,7 +6,7 @@ import time
 
 import click
 
-from ddim.cli.common import UsageError, _check_device, main
+from ddim.cli.common import UsageError, _check_device, _finite_cb, _threads_cb, main
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -52,9 +52,22 @@ def _int_list(text: str, flag: str) -> list[int]:
     type=click.FloatRange(min=0),
     help="Seconds a shipped-model row may take (at least one run of each loop is always made).",
 )
-@click.option("--guidance", default=1.0, show_default=True, type=float, help="Guidance weight (shipped model).")
+@click.option(
+    "--guidance",
+    default=1.0,
+    show_default=True,
+    type=float,
+    callback=_finite_cb,
+    help="Guidance weight (shipped model).",
+)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [$OMP_NUM_THREADS, else all].")
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    callback=_threads_cb,
+    help="CPU threads [$OMP_NUM_THREADS, else all].",
+)
 def bench_cmd(
     models, model_path, batches, algorithms, repeats, model_repeats, model_budget, guidance, device, threads
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ddim import __version__
@@ -20,10 +22,19 @@ def main() -> None:
 def _load_model(path: str | None, device: str = "cpu"):
     from ddim.checkpoint import load
 
+    if path is not None and not str(path).strip():
+        raise UsageError("--model is empty: give a model folder or .safetensors file, or leave it out (embedded model)")
     try:
         return load(path, device=_check_device(device))
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise UsageError(f"--model: {e}") from None
+    except (FileNotFoundError, ValueError, ImportError, TypeError) as e:
+        raise UsageError(f"--model: {_first_line(e)}") from None
+    except OSError as e:  # e.g. a diffusers folder without its weights
+        raise UsageError(f"--model {path}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 # ----------------------------------------------------------------- runtime (speed) options
@@ -54,7 +65,11 @@ def _runtime_options(f):
             "--channels-last/--no-channels-last", default=None, help="Channels-last memory format [on for conv nets]."
         ),
         click.option(
-            "--threads", default=None, type=click.IntRange(min=1), help="CPU threads [$OMP_NUM_THREADS, else all]."
+            "--threads",
+            default=None,
+            type=click.IntRange(min=1),
+            callback=_threads_cb,
+            help="CPU threads [$OMP_NUM_THREADS, else all].",
         ),
     ]
     for o in reversed(opts):
@@ -62,18 +77,78 @@ def _runtime_options(f):
     return f
 
 
-def _check_device(device: str) -> str:
+def _check_device(device: str, flag: str = "--device") -> str:
+    """``device`` if torch can put a tensor there, else a UsageError naming ``flag`` (one line)."""
     import torch
 
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {device!r}") from None
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"{flag} {device}: unknown device; valid: cpu, cuda, cuda:N, mps, ...") from None
+    if dev.type == "meta":
+        raise UsageError(f"{flag} meta holds no data; use cpu, cuda or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available") from None
+        raise UsageError(f"{flag} {device}: no CUDA device is available") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available") from None
+        raise UsageError(f"{flag} {device}: MPS is not available") from None
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{flag} {device}: cannot use it ({first})") from None
     return device
+
+
+def _threads_cb(ctx, param, threads: int | None) -> int | None:
+    """click callback: --threads at most the machine's CPU count (far more crashes OpenMP)."""
+    from ddim.perf import check_threads
+
+    try:
+        return check_threads(threads)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _finite_cb(ctx, param, value: float | None) -> float | None:
+    """click callback: a float flag must be finite (click's FloatRange lets inf and nan through)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _check_out_file(out: str, suffixes: tuple[str, ...] | None, flag: str = "--out") -> Path:
+    """:func:`ddim.outputs.check_file` as a usage error."""
+    from ddim.outputs import check_file
+
+    try:
+        return check_file(out, flag=flag, suffixes=suffixes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_out_folder(out: str, flag: str = "--out") -> Path:
+    """:func:`ddim.outputs.check_folder` as a usage error."""
+    from ddim.outputs import check_folder
+
+    try:
+        return check_folder(out, flag=flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_seeds(first: int, n: int = 1, flag: str = "--seed") -> int:
+    """Seeds ``first .. first + n - 1`` must lie in [0, 2**32) (torch aliases the others)."""
+    from ddim.noise import check_seed_range
+
+    try:
+        check_seed_range(first, n, flag)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    return first
 
 
 def _prepare_model(model, device: str, precision: str, compile_model: bool, channels_last: bool | None, threads):
@@ -105,6 +180,7 @@ def _sampling_options(f):
             default=0.0,
             show_default=True,
             type=click.FloatRange(min=0),
+            callback=_finite_cb,
             help="η: 0 deterministic DDIM, 1 DDPM-like.",
         ),
         click.option(
@@ -131,9 +207,12 @@ def _parse_timesteps(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"--timesteps must be a comma list of ints, got {text!r}") from None
+    if not values:
+        raise UsageError(f"--timesteps must list at least one timestep, got {text!r}")
+    return values
 
 
 def _guidance(config: dict, guidance: float | None) -> float:

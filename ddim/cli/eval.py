@@ -8,7 +8,16 @@ from pathlib import Path
 
 import click
 
-from ddim.cli.common import UsageError, _load_model, main
+from ddim.cli.common import (
+    UsageError,
+    _check_device,
+    _check_out_file,
+    _check_out_folder,
+    _check_seeds,
+    _finite_cb,
+    _load_model,
+    main,
+)
 from ddim.evaluation.report import ReportSettings
 
 
@@ -26,9 +35,17 @@ def _common(f):
             help="Classes as in `ddim sample` (int, comma list, 'all'), or 'none' for unconditional. "
             "default: 'all' for class-conditional models.",
         ),
-        click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default]."),
+        click.option(
+            "--guidance",
+            default=None,
+            type=float,
+            callback=_finite_cb,
+            help="Classifier-free guidance weight [model's default].",
+        ),
         click.option("--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS))),
-        click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed K+i."),
+        click.option(
+            "--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Image i uses seed K+i."
+        ),
         click.option(
             "--batch",
             default=50,
@@ -116,11 +133,7 @@ def _setup(model_path, class_spec, guidance, spacing, seed, batch, device="cpu")
 
     from ddim.evaluation.common import EvalSetup
 
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise UsageError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    dev = torch.device(_check_device(device))
     model, schedule, config = _load_model(model_path)
     model.to(dev)
     try:
@@ -216,6 +229,8 @@ def table1_cmd(
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad or not samplers:
         raise UsageError(f"--sampler: unknown {bad or sampler_list!r}; valid: {', '.join(sorted(SAMPLERS))}")
+    _check_out_folder(out)
+    _check_seeds(seed, n)
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
     try:
@@ -270,6 +285,7 @@ def table2_cmd(model_path, steps_list, n, data, labels, spacing, batch, out, pro
     from ddim.evaluation.table2 import run_table2
 
     steps = _ints(steps_list, "--steps")
+    _check_out_folder(out)
     setup, config = _setup(model_path, "none", None, spacing, 0, batch, device)
     try:
         d, name = heldout_data(setup.model, config, data)
@@ -307,6 +323,8 @@ def consistency_cmd(
     from ddim.evaluation.consistency import run_consistency
 
     steps = _ints(steps_list, "--steps")
+    _check_out_folder(out)
+    _check_seeds(seed, n)
     setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     try:
         run_consistency(setup, out, steps=steps, n=n, columns=columns, progress=progress)
@@ -328,6 +346,8 @@ def interpolation_cmd(
     """§5.3: slerp strips between noises, and how even their steps are (largest / mean)."""
     from ddim.evaluation.interpolation import run_interpolation
 
+    _check_out_folder(out)
+    _check_seeds(seed, 2 * pairs)
     setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     try:
         run_interpolation(setup, out, pairs=pairs, frames=frames, steps=steps, progress=progress)
@@ -366,8 +386,8 @@ def samples_cmd(source, data, features, inception_weights, cache, batch, out, pr
     from ddim.evaluation.sources import samples_reference_data
     from ddim.shard import open_images
 
-    if out is not None and Path(out).suffix.lower() not in (".json", ".csv"):
-        raise UsageError(f"--out must end in .json or .csv, got {out!r}")
+    if out is not None:
+        _check_out_file(out, (".json", ".csv"))
     device = _check_device(ddist.local_device(device))
     ctx = ddist.init(device)
 
@@ -501,6 +521,11 @@ def report_cmd(
     )
     if len(set(settings.consistency_steps)) < 2:
         raise UsageError("--consistency-steps needs at least two step counts")
+    _check_seeds(seed, max(n, consistency_n, 2 * pairs))
+    out_path = _check_out_file(out, (".html", ".htm"))
+    work_dir = _check_out_folder(work, "--work") if work else out_path.with_name(out_path.stem + "_files")
+    if not work:
+        _check_out_folder(str(work_dir), "--work")
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
     try:
@@ -512,8 +537,6 @@ def report_cmd(
     if evidence:
         extra = _evidence_inputs(setup, config, extractor, features, data, cache, train_data, progress)
         extra["memorization_heldout"] = held_all.images
-    out_path = Path(out)
-    work_dir = Path(work) if work else out_path.with_name(out_path.stem + "_files")
     try:
         build_report(
             setup,
@@ -556,13 +579,19 @@ def _evidence_inputs(setup, config, extractor, features, data, cache, train_data
 # ------------------------------------------------------------------ the evidence users ask for (issue 21)
 def _grid(text: str, name: str, kind: type = int, minimum: float | None = None) -> list:
     """A comma list of distinct values >= ``minimum``, else a UsageError naming ``name``."""
+    import math
+
     from ddim.evaluation.common import parse_list
     from ddim.evaluation.cost import check_grid
 
     try:
-        return check_grid(parse_list(text, kind, name), name, minimum=minimum, integer=kind is int)
+        values = check_grid(parse_list(text, kind, name), name, minimum=minimum, integer=kind is int)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise UsageError(f"{name} values must be finite numbers, got {bad[0]}")
+    return values
 
 
 def _sampler_list(text: str) -> list[str]:
@@ -588,9 +617,17 @@ def _setup_options(f):
             help="Classes as in `ddim sample`, or 'none' for unconditional. default: 'all' for class-conditional "
             "models.",
         ),
-        click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default]."),
+        click.option(
+            "--guidance",
+            default=None,
+            type=float,
+            callback=_finite_cb,
+            help="Classifier-free guidance weight [model's default].",
+        ),
         click.option("--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS))),
-        click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed K+i."),
+        click.option(
+            "--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Image i uses seed K+i."
+        ),
         click.option("--progress/--no-progress", default=True, show_default=True),
         _device_option,
     ]
@@ -604,7 +641,14 @@ def _setup_options(f):
 @click.option("--steps", "steps_list", default="10,25,50,100", show_default=True, help="Step counts S (distinct).")
 @click.option("--batches", "batch_list", default="1,16", show_default=True, help="Batch sizes (distinct).")
 @click.option("--sampler", "sampler_list", default="ddim,ddpm,dpmpp_2m", show_default=True, help="Samplers.")
-@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η of the ddim cells.")
+@click.option(
+    "--eta",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    callback=_finite_cb,
+    help="η of the ddim cells.",
+)
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Timed runs per cell.")
 @click.option("--out", default="eval/cost", show_default=True, help="Output folder (resumes what it holds).")
 def cost_cmd(
@@ -621,6 +665,8 @@ def cost_cmd(
     steps = _grid(steps_list, "--steps", int, 1)
     batches = _grid(batch_list, "--batches", int, 1)
     samplers = _sampler_list(sampler_list)
+    _check_out_folder(out)
+    _check_seeds(seed, max(batches))
     setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, max(batches), device)
     try:
         run_cost(
@@ -660,7 +706,9 @@ _feature_options = [
 @_feature_options[1]
 @click.option("--n", "-n", default=500, show_default=True, type=click.IntRange(min=1), help="Samples.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps S.")
-@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η (ddim).")
+@click.option(
+    "--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), callback=_finite_cb, help="η (ddim)."
+)
 @click.option("--sampler", default="ddim", show_default=True, help="Sampler.")
 @click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1), help="Closest pairs in the figure.")
 @click.option("--train-data", default=None, help="The model's training images (load_data spec) [from its config].")
@@ -678,6 +726,8 @@ def memorization_cmd(
     from ddim.evaluation.sources import heldout_data as heldout
 
     _sampler_list(sampler)
+    _check_out_folder(out)
+    _check_seeds(seed, n)
     if pairs > n:
         raise UsageError(f"--pairs ({pairs}) must be at most --n ({n})")
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
@@ -736,6 +786,8 @@ def diversity_cmd(
 
     etas = _grid(eta_list, "--eta", float, 0.0)
     samplers = _sampler_list(sampler_list)
+    _check_out_folder(out)
+    _check_seeds(seed, n)
     if seeds_shown > n:
         raise UsageError(f"--seeds-shown ({seeds_shown}) must be at most --n ({n})")
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
@@ -770,7 +822,14 @@ def diversity_cmd(
 @click.option("--guidances", "guidance_list", default="1,1.5,2,3,4", show_default=True, help="Guidance weights w.")
 @click.option("--steps", "steps_list", default="10,20,50", show_default=True, help="Step counts S (distinct).")
 @click.option("--sampler", "sampler_list", default="ddim", show_default=True, help="Samplers.")
-@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), help="η of the ddim cells.")
+@click.option(
+    "--eta",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    callback=_finite_cb,
+    help="η of the ddim cells.",
+)
 @click.option("--n", "-n", default=200, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
 @click.option(
     "--min-accuracy",
@@ -792,6 +851,8 @@ def guidance_cmd(
     ws = _grid(guidance_list, "--guidances", float, 0.0)
     steps = _grid(steps_list, "--steps", int, 1)
     samplers = _sampler_list(sampler_list)
+    _check_out_folder(out)
+    _check_seeds(seed, n)
     setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
     if not setup.num_classes or setup.class_spec is None:
         raise UsageError("--class: guidance needs a class-conditional model and classes (not 'none')")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ddim.cli.common import UsageError, _guidance, _load_model, main
+from ddim.cli.common import UsageError, _check_seeds, _finite_cb, _guidance, _load_model, main
 from ddim.sampling import SAMPLERS
 from ddim.solvers import STOCHASTIC_SAMPLERS
 
@@ -26,7 +26,13 @@ _DETERMINISTIC = sorted(s for s in SAMPLERS if s not in STOCHASTIC_SAMPLERS)
     show_default=True,
     help="Classes of the training noises as in `ddim sample` ('all', an int, a comma list), or 'none'.",
 )
-@click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default].")
+@click.option(
+    "--guidance",
+    default=None,
+    type=float,
+    callback=_finite_cb,
+    help="Classifier-free guidance weight [model's default].",
+)
 @click.option(
     "--reference-sampler",
     default="dpmpp_3m",
@@ -75,6 +81,7 @@ def optimize_cmd(
     from ddim.optimize import optimize_timesteps, trajectory_error
     from ddim.sampling import sample
 
+    _check_seeds(seed, n + (validate or 0))
     model, schedule, config = _load_model(model_path)
     cfg = model.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)

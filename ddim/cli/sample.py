@@ -9,6 +9,11 @@ import click
 from ddim.cli.common import (
     RUNTIME_ONLY,
     UsageError,
+    _check_device,
+    _check_out_file,
+    _check_out_folder,
+    _check_seeds,
+    _finite_cb,
     _guidance,
     _load_model,
     _parse_timesteps,
@@ -37,7 +42,13 @@ from ddim.cli.common import (
     default=None,
     help="Class: an int, a comma list, or 'all' (image i gets class i mod K). Absent: unconditional.",
 )
-@click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight [model's default].")
+@click.option(
+    "--guidance",
+    default=None,
+    type=float,
+    callback=_finite_cb,
+    help="Classifier-free guidance weight [model's default].",
+)
 @click.option(
     "--batch",
     default=256,
@@ -122,10 +133,13 @@ def sample_cmd(
 
     ts = _parse_timesteps(timesteps_list)
     ctx = click.get_current_context()
-    device = local_device(device)  # under torchrun, "cuda" is this rank's GPU (LOCAL_RANK)
+    _check_seeds(seed, n)
+    _check_sample_out(out)
+    device = _check_device(local_device(_check_device(device)))  # under torchrun, "cuda" is this rank's GPU
     model, schedule, config = _load_model(model_path, device)
     text = _text_options(model, prompt, negative_prompt, prompts_file, height, width, guidance_rescale, vae_tiling)
     try:
+        _check_sample_memory(model, n, out)
         labels = parse_classes(class_spec, n, model.config.num_classes)
         # --spacing if given, else the model's (a diffusers scheduler's spacing, offset, clipping...)
         given = ctx.get_parameter_source("spacing") is not click.core.ParameterSource.DEFAULT
@@ -142,7 +156,13 @@ def sample_cmd(
                 f"this model makes samples shaped {list(sample_shape(model))}, not images: "
                 f"--out must end in .npz, got {out!r}"
             )
-        job = SampleJob.plan(out, n=n, seed=seed, labels=labels, model=model, settings=settings)
+        job = SampleJob.plan(out, n=n, seed=seed, labels=labels, model=model, settings=settings, batch=batch)
+        if job.idle_ranks and job.ctx.is_main:
+            click.echo(
+                f"note: {job.chunks} batch(es) of --batch {batch} for {job.ctx.world_size} processes: "
+                f"{job.idle_ranks} of them have nothing to do; a smaller --batch spreads the work",
+                err=True,
+            )
         fast = _prepare_model(model, device, precision, compile_model, channels_last, threads)
         extra = {}
         if text is not None:  # prompts are encoded once, on the device and in the precision of the model
@@ -192,6 +212,42 @@ def sample_cmd(
         click.echo(summary)
 
 
+def _check_sample_memory(model, n: int, out: str) -> None:
+    """Refuse an -n whose bookkeeping (about 150 bytes an image: labels, seed lists) or, for a .npz/.png,
+    whose images (uint8, float32 under torchrun, and the file's copy) would not fit in this machine's RAM."""
+    import math
+    import os
+
+    from ddim.generate import sample_shape
+    from ddim.outputs import check_memory
+
+    per = 150
+    if Path(out).suffix:  # a .npz/.png holds every image in memory until it is written (floats for non-images)
+        size = math.prod(sample_shape(model))
+        per += size * (8 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 4)
+    hint = "write a folder (--out DIR/) or ask for fewer" if Path(out).suffix else "ask for fewer"
+    check_memory(n * per, f"-n {n} with --out {out}", hint)
+
+
+def _check_sample_out(out: str) -> None:
+    """``ddim sample --out``: a .png or .npz file, or a folder (no suffix), that can be written."""
+    suffix = Path(out).suffix.lower() if out.strip() else ""
+    if suffix in (".png", ".npz"):
+        _check_out_file(out, (".png", ".npz"))
+    elif suffix:
+        raise UsageError(f"--out {out}: must end in .png or .npz, or be a folder (no suffix)")
+    else:
+        _check_out_folder(out)
+
+
+def _spacing_option(f):
+    from ddim.timesteps import SPACINGS
+
+    return click.option(
+        "--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS)), help="Which timesteps."
+    )(f)
+
+
 def _text_options(model, prompt, negative_prompt, prompts_file, height, width, guidance_rescale, vae_tiling):
     """Check the text-to-image flags against the model: None for a model without a text encoder (then
     none may be given), else (prompts, latent shape [C, h, w])."""
@@ -238,7 +294,7 @@ def _text_options(model, prompt, negative_prompt, prompts_file, height, width, g
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
-@click.option("--spacing", default="leading", show_default=True)
+@_spacing_option
 @click.option("--class", "class_spec", default=None, help="Condition on this class (int or comma list) [null class].")
 @click.option(
     "--out",
@@ -259,6 +315,9 @@ def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guid
     from ddim.generate import invert_images, load_images, parse_classes, save_npz
     from ddim.images import make_grid, save_png, to_uint8
 
+    outdir = _check_out_folder(out)
+    for name in ("latents.npz", "reconstruction.png"):
+        _check_out_file(str(outdir / name), None)
     model, schedule, config = _load_model(model_path)
     cfg = model.config
     if hasattr(model, "encode_prompt"):
@@ -273,16 +332,18 @@ def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guid
         )
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    save_npz(
-        outdir / "latents.npz",
-        latents=res["latents"].float().numpy(),
-        names=np.array([str(p) for p in images]),
-        mse=res["mse"].double().numpy(),
-    )
-    both = torch.cat([x, res["reconstruction"]])
-    save_png(make_grid(to_uint8(both), nrow=len(images)), outdir / "reconstruction.png")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        save_npz(
+            outdir / "latents.npz",
+            latents=res["latents"].float().numpy(),
+            names=np.array([str(p) for p in images]),
+            mse=res["mse"].double().numpy(),
+        )
+        both = torch.cat([x, res["reconstruction"]])
+        save_png(make_grid(to_uint8(both), nrow=len(images)), outdir / "reconstruction.png")
+    except OSError as e:
+        raise click.ClickException(f"--out {outdir}: {e}") from None
     for p, m in zip(images, res["mse"].tolist(), strict=True):
         click.echo(f"{p}: reconstruction MSE {m:.6f}")
     click.echo(
@@ -332,27 +393,45 @@ def _invert_text(model, schedule, config, images, steps, spacing, class_spec, ou
 
 @main.command("interpolate")
 @click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
-@click.option("--seed-a", default=0, show_default=True, type=int)
-@click.option("--seed-b", default=1, show_default=True, type=int)
+@click.option("--seed-a", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@click.option("--seed-b", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--frames", default=9, show_default=True, type=click.IntRange(min=2))
 @click.option("--class", "class_spec", default=None, type=int, help="Class of the strip [unconditional].")
-@click.option("--guidance", default=None, type=float, help="Guidance weight [model's default].")
+@click.option("--guidance", default=None, type=float, callback=_finite_cb, help="Guidance weight [model's default].")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
-@click.option("--spacing", default="leading", show_default=True)
+@_spacing_option
+@click.option("--batch", default=256, show_default=True, type=click.IntRange(min=1), help="Frames per batch.")
 @click.option("--out", default="interpolation.png", show_default=True, help="PNG strip.")
-def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, steps, spacing, out) -> None:
+def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, steps, spacing, batch, out) -> None:
     """Decode a slerp strip between the noises of two seeds (deterministic DDIM)."""
+    import numpy as np
+
     from ddim.generate import interpolate_seeds
     from ddim.images import make_grid, save_png, to_uint8
 
+    _check_out_file(out, (".png",))
     model, schedule, config = _load_model(model_path)
     if hasattr(model, "encode_prompt"):
         raise UsageError("--model: ddim interpolate does not take Stable Diffusion folders (it has no --prompt)")
     label = -1 if class_spec is None else class_spec
-    if label >= 0 and not 0 <= label < model.config.num_classes:
-        raise UsageError(f"--class {label} is out of range for this model")
+    k = model.config.num_classes
+    if class_spec is not None and not 0 <= label < k:
+        valid = f"classes 0..{k - 1}" if k else "no classes (it is unconditional)"
+        raise UsageError(f"--class {label} is out of range: this model has {valid}")
+    cfg = model.config
     try:
-        x = interpolate_seeds(
+        from ddim.outputs import check_memory
+
+        check_memory(3 * frames * cfg.in_channels * (cfg.image_size + 2) ** 2, f"--frames {frames}", "ask for fewer")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    u8 = np.empty((frames, cfg.image_size, cfg.image_size, cfg.in_channels), dtype=np.uint8)
+
+    def keep(first, x):
+        u8[first : first + x.shape[0]] = to_uint8(x)
+
+    try:
+        interpolate_seeds(
             model,
             schedule,
             seed_a,
@@ -363,10 +442,16 @@ def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, st
             steps=steps,
             spacing=spacing,
             prediction=config["prediction"],
+            batch=batch,
+            on_batch=keep,
+            keep=False,
         )
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    save_png(make_grid(to_uint8(x), nrow=frames), out)
+    try:
+        save_png(make_grid(u8, nrow=frames), out)
+    except OSError as e:
+        raise click.ClickException(f"--out {out}: {e}") from None
     click.echo(f"{frames} frames between seeds {seed_a} and {seed_b} -> {out}")
 
 
@@ -382,20 +467,23 @@ def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, st
     help="Steps of the DDPM reference row (the model's T for the full chain).",
 )
 @click.option("--class", "class_spec", default=None, help="Class spec as in `ddim sample` [unconditional].")
-@click.option("--guidance", default=None, type=float, help="Guidance weight [model's default].")
+@click.option("--guidance", default=None, type=float, callback=_finite_cb, help="Guidance weight [model's default].")
 @click.option("--out", default="compare.png", show_default=True, help="Figure (PNG).")
 def compare_cmd(model_path, seeds, steps_list, ddpm_steps, class_spec, guidance, out) -> None:
     """DDPM with the full chain next to DDIM at a few step counts, same seeds, with the time each took."""
     from ddim.compare import compare_samplers, plot_comparison
 
+    seed_list = _int_list(seeds, "--seeds")
+    steps = _int_list(steps_list, "--steps")
+    for s in seed_list:
+        _check_seeds(s, 1, "--seeds:")
+    bad = [s for s in steps if s < 1]
+    if bad:
+        raise UsageError(f"--steps: step counts must be >= 1, got {bad[0]}")
+    _check_out_file(out, (".png",))
     model, schedule, config = _load_model(model_path)
     if hasattr(model, "encode_prompt"):
         raise UsageError("--model: ddim compare does not take Stable Diffusion folders (it has no --prompt)")
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        steps = [int(s) for s in steps_list.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError("--seeds and --steps must be comma lists of ints") from None
     try:
         rows = compare_samplers(
             model,
@@ -409,10 +497,24 @@ def compare_cmd(model_path, seeds, steps_list, ddpm_steps, class_spec, guidance,
         )
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    plot_comparison(rows, out)
+    try:
+        plot_comparison(rows, out)
+    except OSError as e:
+        raise click.ClickException(f"--out {out}: {e}") from None
     for r in rows:
         click.echo(
             f"{r['name']:>14}: {r['nfe']:5d} NFE  {r['seconds']:7.2f} s  "
             f"mean |x - DDIM at most steps| on [0,1] {r['dist_to_first']:.4f}"
         )
     click.echo(f"-> {out}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """A non-empty comma list of ints, or a usage error naming ``flag``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be a comma list of ints, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{flag} must name at least one int, got {text!r}")
+    return values

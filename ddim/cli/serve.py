@@ -7,7 +7,7 @@ import socket
 
 import click
 
-from ddim.cli.common import UsageError, _check_device, main
+from ddim.cli.common import UsageError, _check_device, _threads_cb, main
 
 
 def _is_loopback(host: str) -> bool:
@@ -44,7 +44,13 @@ def _check_listen(host: str, port: int) -> None:
 )
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535), help="Port (0: a free one).")
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, mps.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads [$OMP_NUM_THREADS, else all].")
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    callback=_threads_cb,
+    help="CPU threads [$OMP_NUM_THREADS, else all].",
+)
 @click.option(
     "--queue",
     "queue_size",
@@ -70,6 +76,8 @@ def _check_listen(host: str, port: int) -> None:
 )
 def serve_cmd(model_path, host, port, device, threads, queue_size, cache_size, max_steps) -> None:
     """Serve a page with live drafts, side-by-side settings, interpolation and image edits, and its HTTP API."""
+    if model_path is not None and not model_path.strip():
+        raise UsageError("--model is empty: give a model folder or .safetensors file, or leave it out (embedded model)")
     try:
         from ddim.serve import LOOPBACK_HOSTS, create_app, serve
     except ImportError as e:

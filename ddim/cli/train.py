@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ddim.cli.common import UsageError, main
+from ddim.cli.common import UsageError, _finite_cb, _threads_cb, main
 
 
 @main.command("train")
@@ -17,7 +17,7 @@ from ddim.cli.common import UsageError, main
 @click.option("--out", default="runs/default", show_default=True, help="Run folder (checkpoints, log, grids).")
 @click.option("--steps", default=10000, show_default=True, type=click.IntRange(min=1), help="Total optimizer steps.")
 @click.option("--batch", "batch_size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True), callback=_finite_cb)
 @click.option("--warmup", default=200, show_default=True, type=click.IntRange(min=0))
 @click.option(
     "--lr-decay-start",
@@ -26,7 +26,9 @@ from ddim.cli.common import UsageError, main
     help="Keep --lr constant up to this step, then cosine-anneal it to 0 at --steps [never].",
 )
 @click.option("--ema", "ema_decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0))
+@click.option(
+    "--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0), callback=_finite_cb, help="0 = off."
+)
 @click.option(
     "--objective",
     default="ddpm",
@@ -65,8 +67,15 @@ from ddim.cli.common import UsageError, main
 @click.option("--channel-mults", default=None, help="U-Net channel multipliers per level, e.g. 1,3,6.")
 @click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(min=0))
 @click.option("--sample-every", default=1000, show_default=True, type=click.IntRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="CPU threads (0 = torch).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@click.option(
+    "--threads",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    callback=lambda c, p, v: v and _threads_cb(c, p, v),
+    help="CPU threads (0 = torch).",
+)
 @click.option(
     "--init",
     default=None,
@@ -101,6 +110,10 @@ def train_cmd(fresh: bool, base_channels, channel_mults, objective: str, **kw) -
     if cfg.lr_decay_start is not None and cfg.lr_decay_start >= cfg.steps:
         raise UsageError(f"--lr-decay-start must be below --steps ({cfg.steps}), got {cfg.lr_decay_start}")
     try:
+        cfg.validate()
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise UsageError(_flag_message(str(e))) from None
+    try:
         ctx = ddist.init()
         if ctx.distributed and ctx.is_main:
             click.echo(
@@ -109,11 +122,32 @@ def train_cmd(fresh: bool, base_channels, channel_mults, objective: str, **kw) -
             )
         out = train(cfg, resume=not fresh, progress=True)
     except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(_flag_message(str(e))) from None
     except ddist.RankError as e:
         raise click.ClickException(str(e)) from None
     if ctx.is_main:
         click.echo(f"trained {cfg.steps} steps -> {out}")
+
+
+_FLAGS = {
+    "lr": "--lr",
+    "grad_clip": "--grad-clip",
+    "seed": "--seed",
+    "threads": "--threads",
+    "out": "--out",
+    "channel_mults entries": "--channel-mults entries",
+    "channel_mults": "--channel-mults",
+    "base_channels": "--base-channels",
+    "unet: ": "--base-channels/--channel-mults: ",
+}
+
+
+def _flag_message(text: str) -> str:
+    """A library message with its field names (``lr``, ``out``...) written as the flags that set them."""
+    for field_name, flag in _FLAGS.items():
+        if text.startswith(field_name + " ") or text.startswith(field_name + ":") or text.startswith(field_name):
+            return flag + text[len(field_name) :]
+    return text
 
 
 # ------------------------------------------------------------------ shared options

@@ -108,7 +108,7 @@ FIELDS = {
     "inpaint": ("seed", "steps", "eta", "spacing", "class", "guidance"),
 }
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**32 - 1  # torch's CPU generator keeps a seed's low 32 bits: larger seeds would alias (ddim.noise)
 
 
 def read_params(kind: str, args: Mapping[str, Sequence[str]], limits: Limits) -> dict[str, Any]:
