@@ -785,8 +785,14 @@ def invert(
 
         x ← x + (x_prev - Φ_k(x)) / A_k   (= (x_prev - c_k ε̂(x)) / A_k without clipping),
 
-    one network call at (x, s_k) each, a contraction while |c_k|·Lip(ε̂)/A_k < 1 (small steps). For
-    k = 0 this makes x̂₀(x_{s_0}, s_0) = x_0: the sampler's last step, which evaluates the network at the
+    one network call at (x, s_k) each, a contraction while |c_k|·Lip(ε̂)/A_k < 1 (small steps). From the
+    second iteration on it is accelerated by Anderson mixing of depth 1 (the secant step through the last
+    two updates, per sample: x ← g_j - γ (g_j - g_{j-1}), g_j = x_j + f_j, γ = ⟨f_j, f_j - f_{j-1}⟩ /
+    |f_j - f_{j-1}|²), which solves an affine map (e.g. exact ε* of Gaussian data) in two calls and, on
+    the embedded model (20 held-out digits, S = 10, 4 calls a step), lowers the round-trip MSE from
+    3.1e-5 to 2.2e-5 (8 calls: 8.7e-6 to 3.0e-6). Large steps (a few listed timesteps, or the first steps
+    above s_0 at small S) converge slowly or not at all: check ``stats["change"]``. For k = 0 this makes
+    x̂₀(x_{s_0}, s_0) = x_0: the sampler's last step, which evaluates the network at the
     smallest listed timestep s_0 and returns x̂₀, lands on x_0 exactly. Each step starts from the plain
     step: x = √ᾱ_k x̂₀' + √(1-ᾱ_k) ε̂' with ε̂' the last ε̂ computed (at level s_{k-1}; for k = 0 one
     call at (x_0, s_0)) and x̂₀' = (x_prev - √(1-ᾱ_{k-1}) ε̂')/√ᾱ_{k-1} (x_0 for k = 0). A sample stops
