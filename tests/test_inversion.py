@@ -147,3 +147,43 @@ class _Never:
 def test_bad_arguments_name_the_argument(linear, kwargs, error, match):
     with pytest.raises(error, match=match):
         ddim.invert(_Never(), _data(), linear, steps=5, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random class-conditional model (8×8, 4 classes) saved as a model folder."""
+    from ddim.checkpoint import save_model
+    from ddim.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_heads=2, num_classes=4))
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("tiny")
+    save_model(folder, model, NoiseSchedule.linear(100), "epsilon", {})
+    return str(folder)
+
+
+def test_invert_images_and_cli_method(tmp_path, capsys, tiny_folder):
+    """`invert_images(method=...)` and `ddim invert --method fixed_point --max-iter M`: smaller error, calls."""
+    import numpy as np
+    from PIL import Image
+
+    from ddim.checkpoint import load
+    from ddim.cli import run
+    from ddim.generate import invert_images
+
+    model, schedule, _ = load(tiny_folder)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = invert_images(model, schedule, x, steps=5)
+    exact = invert_images(model, schedule, x, steps=5, method="fixed_point", tol=0.0, max_iter=3)
+    assert plain["nfe"] == 5 and 5 < exact["nfe"] <= 1 + 5 * 3
+    assert exact["mse"].mean() < plain["mse"].mean() / 10
+    img = tmp_path / "digit.png"
+    Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)).save(img)
+    args = ["invert", str(img), "--model", tiny_folder, "--steps", "5", "--out", str(tmp_path / "inv")]
+    assert run([*args, "--method", "fixed_point", "--max-iter", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "fixed_point inversion" in out and "network calls" in out
+    assert run([*args, "--max-iter", "0"]) == 2
+    assert "--max-iter" in capsys.readouterr().err
