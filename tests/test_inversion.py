@@ -187,3 +187,31 @@ def test_invert_images_and_cli_method(tmp_path, capsys, tiny_folder):
     assert "fixed_point inversion" in out and "network calls" in out
     assert run([*args, "--max-iter", "0"]) == 2
     assert "--max-iter" in capsys.readouterr().err
+
+
+def test_table2_a_row_per_method(tmp_path, capsys, tiny_folder):
+    """`ddim eval table2 --method ddim --method fixed_point`: a row per method and S, calls per image."""
+    import csv
+
+    import numpy as np
+
+    from ddim.cli import run
+
+    held = tmp_path / "held.npz"
+    np.savez(held, images=(np.random.default_rng(0).random((5, 8, 8)) * 255).astype(np.uint8))
+    out = tmp_path / "t2"
+    args = ["eval", "table2", "--model", tiny_folder, "--data", str(held), "--steps", "2,4", "--n", "5"]
+    args += ["--batch", "3", "--out", str(out), "--no-progress", "--method", "ddim", "--method", "fixed_point"]
+    assert run([*args, "--max-iter", "3"]) == 0, capsys.readouterr().err
+    assert "fixed_point: at most 3 calls a step" in capsys.readouterr().out
+    with open(out / "table2.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["steps"]) for r in rows] == [("ddim", "2"), ("ddim", "4")] + [
+        ("fixed_point", "2"),
+        ("fixed_point", "4"),
+    ]
+    assert [int(r["nfe"]) for r in rows[:2]] == [4, 8]
+    assert all(s < int(r["nfe"]) <= s + 1 + 3 * s for r, s in zip(rows[2:], (2, 4), strict=True))
+    assert all(float(f["mse"]) < float(d["mse"]) for d, f in zip(rows[:2], rows[2:], strict=True))
+    assert len(list((out / "cells").glob("*.npz"))) == 4
+    assert run([*args, "--max-iter", "0"]) == 2 and "--max-iter" in capsys.readouterr().err
