@@ -278,8 +278,22 @@ def table1_cmd(
 @click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", default="eval/table2", show_default=True, help="Output folder (resumes what it holds).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    default=("ddim",),
+    show_default=True,
+    type=click.Choice(["ddim", "fixed_point"]),
+    help="Inversion method, repeatable: a row per method (fixed_point: exact inversion).",
+)
+@click.option(
+    "--max-iter", default=4, show_default=True, type=click.IntRange(min=1), help="fixed_point: calls per step at most."
+)
 @_device_option
-def table2_cmd(model_path, steps_list, n, data, labels, spacing, batch, out, progress, device) -> None:
+def table2_cmd(
+    model_path, steps_list, n, data, labels, spacing, batch, out, progress, methods, max_iter, device
+) -> None:
     """Table 2: DDIM inversion then decoding; per-dimension MSE on [0, 1] against S, with an example figure."""
     from ddim.evaluation.sources import heldout_data, heldout_subset
     from ddim.evaluation.table2 import run_table2
@@ -303,7 +317,17 @@ def table2_cmd(model_path, steps_list, n, data, labels, spacing, batch, out, pro
                 f"--labels: the data has class {int(y.max())}; the model has classes 0..{setup.num_classes - 1}"
             )
     try:
-        run_table2(setup, d.images, out, steps=steps, labels=y, data_name=name, progress=progress)
+        run_table2(
+            setup,
+            d.images,
+            out,
+            steps=steps,
+            labels=y,
+            data_name=name,
+            progress=progress,
+            methods=list(dict.fromkeys(methods)),
+            max_iter=max_iter,
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
     click.echo((Path(out) / "table2.md").read_text())

@@ -304,7 +304,17 @@ def _text_options(model, prompt, negative_prompt, prompts_file, height, width, g
 )
 @click.option("--prompt", default=None, help='Stable Diffusion folders: the text to invert under [""].')
 @click.option("--guidance", default=1.0, show_default=True, type=float, help="Guidance weight (SD folders).")
-def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guidance) -> None:
+@click.option(
+    "--method",
+    default="ddim",
+    show_default=True,
+    type=click.Choice(["ddim", "fixed_point"]),
+    help="ddim: plain inversion (one call a step); fixed_point: exact inversion (up to --max-iter calls a step).",
+)
+@click.option(
+    "--max-iter", default=4, show_default=True, type=click.IntRange(min=1), help="fixed_point: calls per step at most."
+)
+def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guidance, method, max_iter) -> None:
     """DDIM-invert IMAGES to their noise x_T and decode them back; prints the reconstruction error.
 
     With a Stable Diffusion folder the images are encoded by its VAE and inverted in latent space
@@ -321,6 +331,8 @@ def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guid
     model, schedule, config = _load_model(model_path)
     cfg = model.config
     if hasattr(model, "encode_prompt"):
+        if method != "ddim":
+            raise UsageError(f"--method {method}: Stable Diffusion folders are inverted with ddim only")
         return _invert_text(model, schedule, config, images, steps, spacing, class_spec, out, prompt, guidance)
     if prompt is not None:
         raise UsageError("--prompt: this model has no text encoder (only Stable Diffusion pipeline folders take it)")
@@ -328,7 +340,15 @@ def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guid
         x = load_images(images, cfg.in_channels, cfg.image_size)
         labels = parse_classes(class_spec, len(images), cfg.num_classes) if class_spec is not None else None
         res = invert_images(
-            model, schedule, x, steps=steps, spacing=spacing, labels=labels, prediction=config["prediction"]
+            model,
+            schedule,
+            x,
+            steps=steps,
+            spacing=spacing,
+            labels=labels,
+            prediction=config["prediction"],
+            method=method,
+            max_iter=max_iter,
         )
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
@@ -347,7 +367,8 @@ def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guid
     for p, m in zip(images, res["mse"].tolist(), strict=True):
         click.echo(f"{p}: reconstruction MSE {m:.6f}")
     click.echo(
-        f"mean reconstruction MSE (per dimension, [0,1] scale) {res['mse'].mean():.6f} at {steps} steps, "
+        f"mean reconstruction MSE (per dimension, [0,1] scale) {res['mse'].mean():.6f} at {steps} steps "
+        f"({method} inversion, {res['nfe']} network calls), "
         f"{res['seconds']:.2f} s -> {outdir}/latents.npz, {outdir}/reconstruction.png"
     )
 

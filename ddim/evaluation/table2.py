@@ -37,7 +37,7 @@ from ddim.images import to_uint8
 
 __all__ = ["COLUMNS", "evenly_spaced", "run_table2", "write_table2", "plot_table2", "plot_examples"]
 
-COLUMNS = ("steps", "nfe", "n", "mse", "mse_sem", "mse_median", "seconds", "images_per_s")
+COLUMNS = ("method", "steps", "nfe", "n", "mse", "mse_sem", "mse_median", "seconds", "images_per_s")
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:
@@ -45,8 +45,29 @@ def evenly_spaced(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(min(k, n))})
 
 
-def _cell_path(setup: EvalSetup, folder: Path, key: dict[str, Any], steps: int, n: int) -> Path:
-    return folder / f"invert-S{steps}-n{n}-{_digest({**key, 'steps': steps})}.npz"
+def _cell_path(setup: EvalSetup, folder: Path, key: dict[str, Any], steps: int, n: int, inv: dict[str, Any]) -> Path:
+    """A cell's file; plain "ddim" cells keep the name they had before methods existed."""
+    if inv["method"] == "ddim":
+        return folder / f"invert-S{steps}-n{n}-{_digest({**key, 'steps': steps})}.npz"
+    return folder / f"invert-{inv['method']}-S{steps}-n{n}-{_digest({**key, **inv, 'steps': steps})}.npz"
+
+
+def _inversions(methods: Sequence[str], max_iter: int, tol: float) -> list[dict[str, Any]]:
+    """The inversion settings of each method, validated (errors name the argument)."""
+    from ddim.sampling import INVERSIONS, _check_iteration
+
+    if isinstance(methods, str) or not methods:
+        raise ValueError(f"methods must be a non-empty list of {', '.join(INVERSIONS)}, got {methods!r}")
+    for m in methods:
+        if m not in INVERSIONS:
+            raise ValueError(f"unknown inversion method {m!r}; valid: {', '.join(INVERSIONS)}")
+    tol, max_iter = _check_iteration(tol, max_iter)
+    return [{"method": m} if m == "ddim" else {"method": m, "max_iter": max_iter, "tol": tol} for m in methods]
+
+
+def _cell_calls(inv: dict[str, Any], steps: int) -> int:
+    """Network calls of one image's cell at most: the inversion's plus the decoding's S."""
+    return steps + (steps if inv["method"] == "ddim" else 1 + steps * inv["max_iter"])
 
 
 def run_table2(
@@ -59,18 +80,26 @@ def run_table2(
     data_name: str = "data",
     examples: int = 8,
     progress: bool = True,
+    methods: Sequence[str] = ("ddim",),
+    max_iter: int = 4,
+    tol: float = 1e-6,
 ) -> list[dict[str, Any]]:
     """Invert and decode ``images`` [n, C, H, W] in [-1, 1] at each S; write the table into ``out``.
+
+    ``methods``: the inversion methods of :func:`ddim.invert`, a row per method and S ("ddim",
+    default; "fixed_point": exact inversion with at most ``max_iter`` calls a step and tolerance ``tol``).
 
     ``labels``: condition on these classes (int64 [n]); None = the null class (unconditional, as
     the paper's model). The example figure shows ``examples`` images spread evenly over the n.
     Uses ``setup``'s model, schedule, prediction, spacing and batch (not its class or guidance:
-    guidance would make the ODE irreversible). Returns a row per S: steps, nfe (inversion plus
-    decoding), n, mse (mean), mse_sem (standard error), mse_median, seconds, images_per_s.
+    guidance would make the ODE irreversible). Returns a row per method and S: method, steps, nfe
+    (network calls per image: inversion plus decoding), n, mse (mean), mse_sem (standard error),
+    mse_median, seconds, images_per_s.
     """
     out = Path(out)
     folder = out / "cells"
     n = images.shape[0]
+    invs = _inversions(methods, max_iter, tol)
     if n < 1:
         raise ValueError("table2 needs at least one image")
     model_shape = (setup.model.config.in_channels, setup.model.config.image_size, setup.model.config.image_size)
@@ -86,25 +115,29 @@ def run_table2(
     steps = [int(s) for s in steps]
     shown = evenly_spaced(n, examples)  # the images in the example figure
     key["shown"] = shown
-    total = sum(2 * s * n for s in steps)
+    cells = [(inv, s) for inv in invs for s in steps]
+    total = sum(_cell_calls(inv, s) * n for inv, s in cells)
     done = 0
-    for s in steps:
-        p = _cell_path(setup, folder, key, s, n)
+    for inv, s in cells:
+        p = _cell_path(setup, folder, key, s, n, inv)
         if p.is_file():
-            done += 2 * s * n
+            done += _cell_calls(inv, s) * n
         elif p.with_suffix(".partial").is_dir():
-            done += 2 * s * sum(int(c.stem.split("-")[1]) for c in p.with_suffix(".partial").glob("*.npz"))
+            part = sum(int(c.stem.split("-")[1]) for c in p.with_suffix(".partial").glob("*.npz"))
+            done += _cell_calls(inv, s) * part
     bar = Progress(total, done, desc="table2", enabled=progress)
     rows, example_recs = [], {}
     try:
-        for s in steps:
-            bar.describe(f"S={s}")
-            cell = _invert_cell(setup, images, labels, _cell_path(setup, folder, key, s, n), s, shown, bar)
+        for inv, s in cells:
+            bar.describe(f"{inv['method']} S={s}")
+            path = _cell_path(setup, folder, key, s, n, inv)
+            cell = _invert_cell(setup, images, labels, path, s, shown, bar, inv)
             mse = cell["mse"]
             rows.append(
                 {
+                    "method": inv["method"],
                     "steps": s,
-                    "nfe": 2 * s,
+                    "nfe": cell["nfe"],
                     "n": n,
                     "mse": float(mse.mean()),
                     "mse_sem": float(mse.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
@@ -113,7 +146,7 @@ def run_table2(
                     "images_per_s": n / cell["seconds"] if cell["seconds"] > 0 else None,
                 }
             )
-            example_recs[s] = cell["reconstruction"]
+            example_recs[s if len(invs) == 1 else f"{inv['method']}\nS = {s}"] = cell["reconstruction"]
     finally:
         bar.close()
     meta = {
@@ -121,6 +154,7 @@ def run_table2(
         "data": data_name,
         "n": n,
         "steps": steps,
+        "methods": invs,
     }
     originals = to_uint8(images[shown])
     write_table2(rows, out, meta, originals, example_recs)
@@ -135,14 +169,23 @@ def _invert_cell(
     steps: int,
     shown: list[int],
     bar: Progress,
+    inv: dict[str, Any],
 ) -> dict[str, Any]:
+    """One (method, S) cell: per-image MSE, seconds, shown reconstructions and nfe (per image: the
+    inversion's calls, the most any batch made, plus the decoding's S). Cached by batch."""
     if path.is_file():
         with np.load(path) as z:
-            return {"mse": z["mse"], "seconds": float(scalar(z["seconds"])), "reconstruction": z["reconstruction"]}
+            nfe = int(scalar(z["nfe"])) if "nfe" in z else 2 * steps  # cells from before methods: plain DDIM
+            return {
+                "mse": z["mse"],
+                "seconds": float(scalar(z["seconds"])),
+                "reconstruction": z["reconstruction"],
+                "nfe": nfe,
+            }
     partial = path.with_suffix(".partial")
     partial.mkdir(parents=True, exist_ok=True)
     n = images.shape[0]
-    mses, recs, seconds = [], [], 0.0
+    mses, recs, seconds, nfe = [], [], 0.0, 0
     for start in range(0, n, setup.batch):
         m = min(setup.batch, n - start)
         chunk = partial / f"{start:08d}-{m}.npz"
@@ -151,6 +194,7 @@ def _invert_cell(
                 mses.append(z["mse"])
                 recs.append(z["reconstruction"])
                 seconds += float(scalar(z["seconds"]))
+                nfe = max(nfe, int(scalar(z["nfe"])) if "nfe" in z else 2 * steps)
             continue
         res = invert_images(
             setup.model,
@@ -160,16 +204,20 @@ def _invert_cell(
             spacing=setup.spacing,
             labels=None if labels is None else labels[start : start + m].to(setup.device),
             prediction=setup.prediction,
+            **inv,
         )
         mse = res["mse"].double().cpu().numpy()
         rec = to_uint8(res["reconstruction"][[i - start for i in shown if start <= i < start + m]].cpu())
-        save_npz(chunk, mse=mse, reconstruction=rec, seconds=np.array(res["seconds"]))
+        calls = res["nfe"] + steps
+        save_npz(chunk, mse=mse, reconstruction=rec, seconds=np.array(res["seconds"]), nfe=np.array(calls))
         mses.append(mse)
         recs.append(rec)
         seconds += res["seconds"]
-        bar.update(2 * steps * m)
-    cell = {"mse": np.concatenate(mses), "seconds": seconds, "reconstruction": np.concatenate(recs)}
-    save_npz(path, **{k: np.asarray(v) for k, v in cell.items()}, info=np.array(json.dumps({"steps": steps})))
+        nfe = max(nfe, calls)
+        bar.update(_cell_calls(inv, steps) * m)
+    cell = {"mse": np.concatenate(mses), "seconds": seconds, "reconstruction": np.concatenate(recs), "nfe": nfe}
+    info = np.array(json.dumps({"steps": steps, **inv}))
+    save_npz(path, **{k: np.asarray(v) for k, v in cell.items()}, info=info)
     shutil.rmtree(partial, ignore_errors=True)
     return cell
 
@@ -183,16 +231,43 @@ def markdown_table2(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"({s.get('spacing')} timesteps, class: {s.get('class') or 'null (unconditional)'}). "
         "Error: per-dimension MSE on [0, 1].\n\n"
     )
-    body = [[r["steps"], r["nfe"], r["mse"], r["mse_sem"], r["mse_median"], r["images_per_s"]] for r in rows]
-    return head + markdown_table(["S", "NFE", "MSE", "± s.e.", "median", "images/s"], body)
+    body = [
+        [r.get("method", "ddim"), r["steps"], r["nfe"], r["mse"], r["mse_sem"], r["mse_median"], r["images_per_s"]]
+        for r in rows
+    ]
+    head += _methods_note(meta)
+    return head + markdown_table(["inversion", "S", "NFE", "MSE", "± s.e.", "median", "images/s"], body)
+
+
+def _methods_note(meta: dict[str, Any]) -> str:
+    """The fixed-point settings, when a method has any (NFE per image: inversion plus decoding)."""
+    notes = [
+        f"{m['method']}: at most {m['max_iter']} calls a step, tol {m['tol']:g}"
+        for m in meta.get("methods", [])
+        if "max_iter" in m
+    ]
+    return ("Inversion " + "; ".join(notes) + ". NFE per image: inversion plus decoding.\n\n") if notes else ""
 
 
 def plot_table2(rows: list[dict[str, Any]], path: str | os.PathLike | None = None) -> bytes:
     """Reconstruction MSE against S, log-log, with standard-error bars. Returns PNG bytes."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
-    xs = [r["steps"] for r in rows]
-    ax.errorbar(xs, [r["mse"] for r in rows], yerr=[r["mse_sem"] or 0 for r in rows], fmt="o-", ms=4, capsize=3)
+    xs = sorted({r["steps"] for r in rows})
+    methods = list(dict.fromkeys(r.get("method", "ddim") for r in rows))
+    for method in methods:
+        mine = [r for r in rows if r.get("method", "ddim") == method]
+        ax.errorbar(
+            [r["steps"] for r in mine],
+            [r["mse"] for r in mine],
+            yerr=[r["mse_sem"] or 0 for r in mine],
+            fmt="o-",
+            ms=4,
+            capsize=3,
+            label=method,
+        )
+    if len(methods) > 1:
+        ax.legend(fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(xs)
@@ -206,8 +281,11 @@ def plot_table2(rows: list[dict[str, Any]], path: str | os.PathLike | None = Non
     return fig_png(fig, path)
 
 
-def plot_examples(originals: np.ndarray, recs: dict[int, np.ndarray], path: str | os.PathLike | None = None) -> bytes:
-    """Originals on top, then for each S a row of reconstructions and a row of |error| maps."""
+def plot_examples(
+    originals: np.ndarray, recs: dict[int | str, np.ndarray], path: str | os.PathLike | None = None
+) -> bytes:
+    """Originals on top, then for each S (int key; a str key is its own label, kept in order) a row of
+    reconstructions and a row of |error| maps."""
     plt = pyplot()
     k = originals.shape[0]
     rows = 1 + 2 * len(recs)
@@ -222,7 +300,8 @@ def plot_examples(originals: np.ndarray, recs: dict[int, np.ndarray], path: str 
         show(axes[0][j], originals[j])
     axes[0][0].set_ylabel("original", rotation=0, ha="right", va="center", fontsize=8)
     im = None
-    for i, (s, rec) in enumerate(sorted(recs.items())):
+    items = list(recs.items()) if any(isinstance(k, str) for k in recs) else sorted(recs.items())
+    for i, (s, rec) in enumerate(items):
         diff = (rec.astype(np.float32) - originals[: rec.shape[0]].astype(np.float32)) / 255
         err = np.abs(diff).mean(-1, keepdims=True)
         for j in range(k):
@@ -231,7 +310,9 @@ def plot_examples(originals: np.ndarray, recs: dict[int, np.ndarray], path: str 
             axes[2 + 2 * i][j].set_xticks([])
             axes[2 + 2 * i][j].set_yticks([])
         mse = float((diff**2).mean())
-        axes[1 + 2 * i][0].set_ylabel(f"S = {s}", rotation=0, ha="right", va="center", fontsize=8)
+        axes[1 + 2 * i][0].set_ylabel(
+            s if isinstance(s, str) else f"S = {s}", rotation=0, ha="right", va="center", fontsize=8
+        )
         axes[2 + 2 * i][0].set_ylabel(f"|error|\nMSE {mse:.2g}", rotation=0, ha="right", va="center", fontsize=7)
     fig.subplots_adjust(left=0.14, right=0.88, wspace=0.08, hspace=0.12)
     if im is not None:
@@ -246,7 +327,7 @@ def write_table2(
     out: str | os.PathLike,
     meta: dict[str, Any],
     originals: np.ndarray | None = None,
-    recs: dict[int, np.ndarray] | None = None,
+    recs: dict[int | str, np.ndarray] | None = None,
 ) -> list[Path]:
     """table2.csv, table2.md, table2.png, table2_examples.png (when examples are given), table2.json."""
     out = Path(out)
