@@ -115,10 +115,9 @@ def _dpmpp(
         table, orders = dpmpp_coefficients(levels, order, sde)
         return to_rows(table, x), orders
 
-    # whether the last step draws noise (the SDE into ᾱ_0 > 0), read from the float64 table on the host
-    last_noise = sde and cached(
-        "dpmpp_last_noise", levels, x, lambda: bool(dpmpp_coefficients(levels, 2, True)[0][-1, 4])
-    )
+    # the SDE's last step draws noise when the run ends at a noisy level (ᾱ_0 < 1); its weight is the
+    # table's (0 when that level equals the last listed one), as diffusers, which draws at every step
+    last_noise = sde and float(levels.alpha_bars[-1]) < 1.0
     plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
     if denoise.linear:
         # x̂₀ is linear in (x, out): the whole run is one folded float64 table (cached per run), applied
