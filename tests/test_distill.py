@@ -180,3 +180,22 @@ def test_trailing_grids_nest():
     for n in (1, 2, 4, 8, 16, 32, 64, 125):
         assert torch.equal(student_grid(ddim.timesteps(sched, 2 * n, "trailing")), ddim.timesteps(sched, n, "trailing"))
     assert torch.equal(student_grid(ddim.timesteps(sched, 4, "trailing"), 4), torch.tensor([999]))
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_exact_student_samples_like_the_teacher_in_half_the_calls(spacing):
+    """ddim.sample with the exact one-step student on the student grid = the teacher's DDIM on its own grid."""
+    sched = NoiseSchedule.linear(1000)
+    _, model = _gaussian_teacher(sched)
+    ts = ddim.timesteps(sched, 8, spacing)
+    grid = student_grid(ts)
+    teach = Denoiser(model, sched)
+
+    def exact_student(z, t, **_):
+        index = torch.stack([(grid == int(v)).nonzero()[0, 0] for v in t.cpu()])
+        return teacher_target(teach, z, index, ts)[0]
+
+    x_T = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    want = ddim.sample(model, x_T, sched, timesteps=ts)
+    got = ddim.sample(exact_student, x_T, sched, timesteps=grid, prediction="sample")
+    assert (got - want).abs().max() < 1e-10
