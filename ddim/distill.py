@@ -31,7 +31,7 @@ conditional network alone (it takes the class label, no null-label pass), so it 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -191,6 +191,7 @@ def progressive_distill_loss(
     student_prediction: str | None = None,
     guidance_scale: float = 1.0,
     null_label: int | None = None,
+    teacher_options: Mapping[str, Any] | None = None,
     weighting: str = "truncated_snr",
     set_alpha_to_one: bool = True,
     generator: torch.Generator | None = None,
@@ -218,6 +219,9 @@ def progressive_distill_loss(
         guidance_scale: the teacher's classifier-free guidance weight (default 1 = none); the model's default
             guidance to distil the guided model, as Meng et al. 2023. Needs ``labels`` and ``null_label``.
         null_label: the unconditional class index (``num_classes`` for :class:`ddim.unet.UNet`).
+        teacher_options: further :class:`~ddim.prediction.Denoiser` settings of the teacher, e.g. the model's
+            sampling defaults ``{"clip_sample": True, "use_clipped_model_output": True}`` (default none); not
+            guidance or kwargs, which the arguments above set.
         weighting: "truncated_snr" (default, max(SNR, 1)) or "snr_plus_one" (SNR + 1).
         set_alpha_to_one: the level after the last timestep is ᾱ = 1 (default) or ᾱ_0.
         generator: for the step indices and the noise.
@@ -260,6 +264,10 @@ def progressive_distill_loss(
         if labels is None or null_label is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs labels and null_label (the unconditional class)")
         uncond = {"y": torch.full_like(labels, int(null_label))}
+    options = dict(teacher_options or {})
+    clash = sorted(set(options) & {"guidance_scale", "model_kwargs", "uncond_kwargs", "prediction", "schedule"})
+    if clash:
+        raise ValueError(f"teacher_options may not set {', '.join(clash)}: pass them as arguments")
     if noise is not None and noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
     n = grid.numel()
@@ -274,7 +282,13 @@ def progressive_distill_loss(
     ab_t = _levels(schedule, ts, set_alpha_to_one)[k * index]  # float64 [B]
     z_t = _bcast(ab_t.sqrt(), x0) * x0 + _bcast((1 - ab_t).sqrt(), x0) * noise
     teach = Denoiser(
-        teacher, schedule, prediction, guidance_scale=guidance_scale, model_kwargs=kwargs, uncond_kwargs=uncond
+        teacher,
+        schedule,
+        prediction,
+        guidance_scale=guidance_scale,
+        model_kwargs=kwargs,
+        uncond_kwargs=uncond,
+        **options,
     )
     x_tilde, _, _ = teacher_target(teach, z_t, index, ts, k, set_alpha_to_one=set_alpha_to_one)
     stud = Denoiser(student, schedule, student_prediction, model_kwargs=kwargs)

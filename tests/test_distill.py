@@ -155,6 +155,8 @@ def test_bad_input_is_refused():
         (dict(teacher_timesteps=ts, guidance_scale=3.0), "null_label"),
         (dict(teacher_timesteps=ts, noise=torch.zeros(3, 1, 2, 2)), "noise shape"),
         (dict(teacher_timesteps=ts, index=torch.tensor([0, 4])), "index"),
+        (dict(teacher_timesteps=ts, teacher_options={"guidance_scale": 2.0}), "teacher_options"),
+        (dict(teacher_timesteps=ts, teacher_options={"clip_sample_range": -1.0}), "clip_sample_range"),
     ]
     for kw, match in bad:
         with pytest.raises(ValueError, match=match):
@@ -199,3 +201,23 @@ def test_exact_student_samples_like_the_teacher_in_half_the_calls(spacing):
     want = ddim.sample(model, x_T, sched, timesteps=ts)
     got = ddim.sample(exact_student, x_T, sched, timesteps=grid, prediction="sample")
     assert (got - want).abs().max() < 1e-10
+
+
+def test_teacher_options_reach_the_teacher():
+    """A teacher sampled with x̂₀ clipping (the embedded model's default) is distilled with it."""
+    sched = NoiseSchedule.linear(1000)
+    _, model = _gaussian_teacher(sched)
+    ts = ddim.timesteps(sched, 8, "trailing")
+    grid = student_grid(ts)
+    opts = {"clip_sample": True, "clip_sample_range": 0.6, "use_clipped_model_output": True}
+    clipped = Denoiser(model, sched, **opts)
+
+    def exact_student(z, t, **_):
+        index = torch.stack([(grid == int(v)).nonzero()[0, 0] for v in t.cpu()])
+        return teacher_target(clipped, z, index, ts)[0]
+
+    x0 = 0.5 + 0.3 * torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = dict(teacher_timesteps=ts, student_prediction="sample", generator=torch.Generator().manual_seed(2))
+    assert float(progressive_distill_loss(exact_student, model, sched, x0, teacher_options=opts, **kw)) < 1e-20
+    kw["generator"] = torch.Generator().manual_seed(2)
+    assert float(progressive_distill_loss(exact_student, model, sched, x0, **kw)) > 1e-6
