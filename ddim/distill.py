@@ -20,9 +20,10 @@ The student's loss is the paper's "truncated SNR" weighting, which we use: with 
 
     L = max(SNR_t, 1) · mean ‖x̂₀_student(z_t) - x̃‖²,
 
-averaged over the batch. It is the x̂₀ error at low noise and the ε error at high noise
-(‖x̂₀ - x̃‖² = ‖ε̂ - ε̃‖²/SNR), so it neither vanishes at t = T (pure ε-style weighting of x̂₀) nor explodes
-at t = 0. ``weighting="snr_plus_one"`` gives the paper's other choice (SNR + 1, the v-loss).
+averaged over the batch. Since SNR·‖x̂₀ - x̃‖² = ‖ε̂ - ε̃‖² (ε̃ the ε consistent with x̃ at z_t), this is the
+ε error at low noise (SNR > 1) and the plain x̂₀ error at high noise, where the ε-loss (weight SNR) would give
+the steps near pure noise, the ones a few-step student depends on most, almost no weight.
+``weighting="snr_plus_one"`` gives the paper's other choice (SNR + 1, the v-loss).
 
 Guided teachers are distilled at one fixed guidance weight (Meng et al. 2023's first stage): the teacher's
 (x̂₀, ε̂) come from :class:`ddim.prediction.Denoiser` with classifier-free guidance, and the student is the
