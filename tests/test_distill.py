@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from conftest import GaussianData
 
 import ddim
 from ddim.distill import halving_rounds, progressive_distill_loss, student_grid, teacher_target
 from ddim.prediction import Denoiser
 from ddim.schedule import NoiseSchedule
 from ddim.unet import UNet, UNetConfig
-from tests.conftest import GaussianData
 
 
 def _gaussian_teacher(schedule: NoiseSchedule) -> tuple[GaussianData, object]:
