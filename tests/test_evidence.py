@@ -3,16 +3,15 @@ caching, and one-line errors for bad grids and sizes."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
+from test_eval import fails, ok, read_csv  # the CLI helpers of the eval tests
 
 from ddim import NoiseSchedule
 from ddim.checkpoint import save_model
-from ddim.cli import run
 from ddim.unet import UNet, UNetConfig
 
 
@@ -39,28 +38,6 @@ def digits(tmp_path_factory):
     np.savez(folder / "train.npz", images=u8[:60], labels=d.target[:60] % 4)
     np.savez(folder / "held.npz", images=u8[100:110], labels=d.target[100:110] % 4)
     return str(folder / "train.npz"), str(folder / "held.npz")
-
-
-def ok(args, capsys):
-    rc = run(args)
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    return out.out
-
-
-def fails(args, capsys, *needles):
-    rc = run(args)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert len(err.strip().splitlines()) == 1, err
-    for s in needles:
-        assert s in err, err
-    return err
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 # ------------------------------------------------------------------ cost

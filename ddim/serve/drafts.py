@@ -197,33 +197,38 @@ class Drafts:
             )
         return to_uint8(out), {"nfe": p["steps"]}
 
-    def sdedit(self, u8: np.ndarray, p: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-        """SDEdit (:func:`ddim.edit.sdedit`) of the upload at ``p["strength"]``."""
+    def _edit_kwargs(self, p: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments :func:`ddim.edit.sdedit` and :func:`ddim.edit.inpaint` share: seed, steps,
+        spacing, η, the class condition with its guidance, and the model's prediction and clipping."""
         kwargs, uncond, g = self.condition(p["class"], 1, p["guidance"])
         skw = self.sampling(p["steps"], p["spacing"])
+        return {
+            "seeds": [p["seed"]],
+            "steps": p["steps"],
+            "spacing": p["spacing"],
+            "eta": p["eta"],
+            "model_kwargs": kwargs,
+            "uncond_kwargs": uncond,
+            "guidance_scale": g,
+            "prediction": self.prediction,
+            "clip_sample": skw["clip_sample"],
+            "use_clipped_model_output": skw.get("use_clipped_model_output", False),
+        }
+
+    def sdedit(self, u8: np.ndarray, p: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """SDEdit (:func:`ddim.edit.sdedit`) of the upload at ``p["strength"]``."""
         with torch.inference_mode():
             out = sdedit(
                 self.model,
                 self.schedule,
                 self.to_model(u8),
                 p["strength"],
-                seeds=[p["seed"]],
-                steps=p["steps"],
-                spacing=p["spacing"],
-                eta=p["eta"],
-                model_kwargs=kwargs,
-                uncond_kwargs=uncond,
-                guidance_scale=g,
-                prediction=self.prediction,
-                clip_sample=skw["clip_sample"],
-                use_clipped_model_output=skw.get("use_clipped_model_output", False),
+                **self._edit_kwargs(p),
             )
         return to_uint8(out), {"nfe": max(1, round(p["strength"] * p["steps"]))}
 
     def inpaint(self, u8: np.ndarray, mask: np.ndarray, p: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         """Regenerate the upload inside ``mask`` (bool [H, W], True = regenerate), :func:`ddim.edit.inpaint`."""
-        kwargs, uncond, g = self.condition(p["class"], 1, p["guidance"])
-        skw = self.sampling(p["steps"], p["spacing"])
         m = torch.from_numpy(mask.astype(np.float32))[None, None].to(self.device)
         with torch.inference_mode():
             out = inpaint(
@@ -231,15 +236,6 @@ class Drafts:
                 self.schedule,
                 self.to_model(u8),
                 m,
-                seeds=[p["seed"]],
-                steps=p["steps"],
-                spacing=p["spacing"],
-                eta=p["eta"],
-                model_kwargs=kwargs,
-                uncond_kwargs=uncond,
-                guidance_scale=g,
-                prediction=self.prediction,
-                clip_sample=skw["clip_sample"],
-                use_clipped_model_output=skw.get("use_clipped_model_output", False),
+                **self._edit_kwargs(p),
             )
         return to_uint8(out), {"nfe": p["steps"]}
