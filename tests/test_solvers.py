@@ -242,7 +242,7 @@ def test_plms_order_rule_and_the_papers_method(linear):
         else:
             assert (plms - paper).abs().max() > 1e-6
     # plms4 is the paper's Eq. 12 from the fourth step on: ε' = (55 ε̂_i - 59 ε̂_{i-1} + 37 ε̂_{i-2} - 9 ε̂_{i-3})/24
-    levels = ddim.sampling._run_levels(linear, 8, "leading", None, True)
+    levels = ddim.arguments.run_levels(linear, 8, "leading", None, True)
     table, orders = plms_coefficients(levels, 4)
     assert orders == [1, 2, 3, 4, 4, 4, 4, 4]
     ab = levels.alpha_bars

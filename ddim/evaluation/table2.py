@@ -54,7 +54,7 @@ def _cell_path(setup: EvalSetup, folder: Path, key: dict[str, Any], steps: int, 
 
 def _inversions(methods: Sequence[str], max_iter: int, tol: float) -> list[dict[str, Any]]:
     """The inversion settings of each method, validated (errors name the argument)."""
-    from ddim.sampling import INVERSIONS, _check_iteration
+    from ddim.inversion import INVERSIONS, _check_iteration
 
     if isinstance(methods, str) or not methods:
         raise ValueError(f"methods must be a non-empty list of {', '.join(INVERSIONS)}, got {methods!r}")

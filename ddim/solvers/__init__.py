@@ -1,7 +1,9 @@
-"""Samplers past first order, registered in :data:`ddim.sampling.SAMPLERS` on import.
+"""The samplers, registered in :data:`ddim.sampling.SAMPLERS` on import.
 
-One module per paper, each a short loop over a float64 coefficient table built once:
+One module per paper, each a float64 coefficient table and its declaration, run by :mod:`ddim.engine`
+(docs/engine.md: how to add one):
 
+- :mod:`~ddim.solvers.ddim`: "ddim", "ddpm" (Song et al. 2021; Ho et al. 2020);
 - :mod:`~ddim.solvers.plms`: "plms" (PNDM's pseudo linear multistep, Liu et al. 2022);
 - :mod:`~ddim.solvers.dpmpp`: "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde" (DPM-Solver++, Lu et al. 2022);
 - :mod:`~ddim.solvers.unipc`: "unipc" (UniPC-bh2 predictor–corrector, Zhao et al. 2023);
@@ -11,10 +13,10 @@ One module per paper, each a short loop over a float64 coefficient table built o
 Every sampler works on the model adapter's (x̂₀, ε̂) only (:class:`~ddim.prediction.Denoiser`) and on
 the core's levels (:class:`~ddim.sampling.Levels`), makes a number of network calls known before it
 starts (:func:`ddim.nfe`: ``steps`` for all but "heun", which makes 2·steps - 1), and never syncs
-with the device inside its loop.
+with the device inside the engine's loop.
 """
 
-from ddim.solvers import dpmpp, karras, plms, unipc  # noqa: F401 - registers the samplers
+from ddim.solvers import ddim, dpmpp, karras, plms, unipc  # noqa: F401 - registers the samplers
 from ddim.solvers.exact import GaussianMixture
 
 __all__ = ["GaussianMixture", "ODE_SAMPLERS", "STOCHASTIC_SAMPLERS"]

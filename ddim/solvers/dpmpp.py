@@ -8,40 +8,21 @@ part (an exponential integrator), with m(λ) extrapolated from the last 1, 2 or 
 
 One network call per listed timestep. Each step is x_{i+1} = a·x_i + k0·m_i + k1·m_{i-1} + k2·m_{i-2}
 (+ c_z·z for the SDE); :func:`dpmpp_coefficients` builds that table once in float64 from the paper's
-formulas, and the sampler loop only applies it. Without clipping or thresholding m_j = c0_j x_j + c1_j out_j
-is linear in the sample and the raw network output, so the table is folded once more, in float64, into
-x_{i+1} = G_1 + A_i x_i + B_i out_i with the older m's carried in G_1 (and G_2 for 3M)
-(:func:`~ddim.solvers.base.fold_multistep`). For small samples the sample and the G's are rows of one
-buffer and a step is two fused ops on that stack, for 2M and 3M alike (three with the SDE's noise);
-large CPU samples update the rows one by one in place. No allocation or host sync in the loop, one
-finiteness check at the end (:func:`~ddim.solvers.base.multistep_loop`).
+formulas, and :mod:`ddim.engine` runs it (history: the last 1 or 2 x̂₀; fused into two ops per step
+for a linear denoiser).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from ddim.prediction import Denoiser
-from ddim.sampling import Callback, Levels, _bar, register_sampler
-from ddim.solvers.base import (
-    LevelTable,
-    MultistepRow,
-    cached,
-    cached_fused,
-    check_ode_args,
-    combine,
-    fold_multistep,
-    level_table,
-    multistep_loop,
-    multistep_orders,
-    multistep_rows,
-    to_rows,
-)
+from ddim.engine import table_sampler
+from ddim.registry import Levels
+from ddim.solvers.base import LevelTable, level_table, multistep_orders
 
-__all__ = ["dpmpp_coefficients", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde"]
+__all__ = ["dpmpp_coefficients", "dpmpp_table"]
 
 
 def _step_row(lv: LevelTable, i: int, order: int, sde: bool) -> list[float]:
@@ -100,80 +81,23 @@ def dpmpp_coefficients(levels: Levels, order: int, sde: bool = False) -> tuple[t
     return torch.tensor(rows, dtype=torch.float64), orders
 
 
-def _dpmpp(
-    name: str,
-    order: int,
-    sde: bool,
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    noise: Callable[[], torch.Tensor] | None,
-    callback: Callback | None,
-    progress: bool,
-) -> torch.Tensor:
-    def build() -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
-        table, orders = dpmpp_coefficients(levels, order, sde)
-        return to_rows(table, x), orders
-
-    # the SDE's last step draws noise when the run ends at a noisy level (ᾱ_0 < 1); its weight is the
-    # table's (0 when that level equals the last listed one), as diffusers, which draws at every step
-    last_noise = sde and float(levels.alpha_bars[-1]) < 1.0
-    plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
-    if denoise.linear:
-        # x̂₀ is linear in (x, out): the whole run is one folded float64 table (cached per run), applied
-        # with a few fused ops per step on carried buffers (see :func:`~ddim.solvers.base.multistep_loop`).
-        def build_fused() -> list[MultistepRow]:
-            table, _ = dpmpp_coefficients(levels, order, sde)
-            return multistep_rows(fold_multistep(plan, table, order - 1), x)
-
-        rows = cached_fused("dpmpp_fused", levels, plan, x, build_fused, order, sde, denoise.prediction)
-        with _bar(len(rows), progress, name) as bar:
-            x = multistep_loop(
-                denoise, x, plan, rows, order - 1, noise if sde else None, callback, bar, last_noise=last_noise
-            )
-        denoise.finish(plan)
-        return x
-
-    rows, orders = cached("dpmpp", levels, x, build, order, sde)
-    N = len(orders)
-    m: list[torch.Tensor] = []  # x̂₀ of the latest calls, newest first
-    with _bar(N, progress, name) as bar:
-        for i in range(N - 1):
-            x0, _ = denoise.predict(x, plan, i)
-            if callback is not None:
-                callback(i, plan.timesteps[i], x, x0)
-            m = [x0, *m[: order - 1]]
-            x_next = combine(x, rows[i], m, orders[i])  # (σ_t/σ_s) x_s + Σ_k k_k m_{s-k}
-            if sde:
-                x_next.addcmul_(noise(), rows[i][4])  # + σ_t sqrt(1 - e^{-2h}) z
-            x = x_next
-            bar.update()
-        # Last step, to ᾱ_final. Into ᾱ = 1 it is first order and noise-free: x = x̂₀.
-        x0, _ = denoise.predict(x, plan, N - 1)
-        if callback is not None:
-            callback(N - 1, plan.timesteps[N - 1], x, x0)
-        bar.update()
-    denoise.finish(plan)
-    if float(levels.alpha_bars[-1]) == 1.0:
-        return x0
-    x = combine(x, rows[N - 1], [x0, *m[: order - 1]], orders[N - 1])
-    if last_noise:
-        x.addcmul_(noise(), rows[N - 1][4])  # the SDE into ᾱ_0: + σ_N sqrt(1 - e^{-2h}) z
-    return x
+def dpmpp_table(levels: Levels, order: int, sde: bool = False) -> torch.Tensor:
+    """The engine's table of a DPM-Solver++ run (:mod:`ddim.engine`): columns (a, b, c, w_1, w_2, σ) =
+    (a, k0, 0, k1, k2, c_z), history x̂₀, from :func:`dpmpp_coefficients` (the last w's dropped below 3M)."""
+    table, _ = dpmpp_coefficients(levels, order, sde)
+    zero = torch.zeros(table.shape[0], 1, dtype=torch.float64)
+    return torch.cat([table[:, :2], zero, table[:, 2 : 1 + order], table[:, 4:]], dim=1)
 
 
-@register_sampler("dpmpp_2m", noisy=lambda eta: False)
-def sample_dpmpp_2m(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    *,
-    eta: float = 0.0,
-    variance: str = "eta",
-    noise: Callable[[], torch.Tensor] | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+def _check_sde(eta: float, variance: str) -> None:
+    if eta not in (0.0, 1.0):
+        raise ValueError(f"eta is fixed at 1 by sampler='dpmpp_2m_sde' (leave it at 0 or pass 1), got {eta}")
+    if variance != "eta":
+        raise ValueError(f"variance={variance!r} only applies to the 'ddim' and 'ddpm' samplers, not to 'dpmpp_2m_sde'")
+
+
+@table_sampler("dpmpp_2m", history=1)
+def dpmpp_2m_table(levels: Levels, eta: float, variance: str) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. (2022b) Algorithm 2: second-order multistep in log-SNR, data prediction.
 
     Step 0 is DDIM (first order); step i ≥ 1, with h_i = λ_{i+1} - λ_i and r_i = h_{i-1} / h_i:
@@ -181,44 +105,22 @@ def sample_dpmpp_2m(
     Below 15 steps the last step is first order; into ᾱ = 1 it always is (x = x̂₀).
     One network call per step. Deterministic: ``eta`` must be 0.
     """
-    check_ode_args("dpmpp_2m", eta, variance)
-    return _dpmpp("dpmpp_2m", 2, False, denoise, x, levels, noise, callback, progress)
+    return dpmpp_table(levels, 2)
 
 
-@register_sampler("dpmpp_3m", noisy=lambda eta: False)
-def sample_dpmpp_3m(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    *,
-    eta: float = 0.0,
-    variance: str = "eta",
-    noise: Callable[[], torch.Tensor] | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+@table_sampler("dpmpp_3m", history=2)
+def dpmpp_3m_table(levels: Levels, eta: float, variance: str) -> torch.Tensor:
     """DPM-Solver++(3M), Lu et al. (2022b): third-order multistep in log-SNR, data prediction.
 
     The 2M update plus the second divided difference of x̂₀ over the last three calls (see
     :func:`dpmpp_coefficients`). Warm-up: orders 1, 2, then 3; below 15 steps the last two steps are
     of order 1 and 2. One network call per step. Deterministic: ``eta`` must be 0.
     """
-    check_ode_args("dpmpp_3m", eta, variance)
-    return _dpmpp("dpmpp_3m", 3, False, denoise, x, levels, noise, callback, progress)
+    return dpmpp_table(levels, 3)
 
 
-@register_sampler("dpmpp_2m_sde")
-def sample_dpmpp_2m_sde(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    *,
-    eta: float = 0.0,
-    variance: str = "eta",
-    noise: Callable[[], torch.Tensor] | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+@table_sampler("dpmpp_2m_sde", history=1, noisy=lambda eta: True, check=_check_sde)
+def dpmpp_2m_sde_table(levels: Levels, eta: float, variance: str) -> torch.Tensor:
     """SDE-DPM-Solver++(2M), Lu et al. (2022b): second-order multistep for the reverse SDE (midpoint form).
 
     x_{i+1} = (σ_{i+1}/σ_i) e^{-h} x_i + α_{i+1} (1 - e^{-2h}) D_i + σ_{i+1} sqrt(1 - e^{-2h}) z_i, with D_i of
@@ -227,10 +129,4 @@ def sample_dpmpp_2m_sde(
     run ends at ᾱ_0 < 1 (``set_alpha_to_one=False``), as diffusers does.
     ``eta`` is fixed at 1 by the SDE: leave it at 0 or pass 1.
     """
-    if eta not in (0.0, 1.0):
-        raise ValueError(f"eta is fixed at 1 by sampler='dpmpp_2m_sde' (leave it at 0 or pass 1), got {eta}")
-    if variance != "eta":
-        raise ValueError(f"variance={variance!r} only applies to the 'ddim' and 'ddpm' samplers, not to 'dpmpp_2m_sde'")
-    if noise is None:
-        raise ValueError("sampler 'dpmpp_2m_sde' needs a noise source")
-    return _dpmpp("dpmpp_2m_sde", 2, True, denoise, x, levels, noise, callback, progress)
+    return dpmpp_table(levels, 2, sde=True)

@@ -24,35 +24,19 @@ Adams–Bashforth order at 3 (:func:`plms_order`), which is closer to that map t
 and than order 2 at 5–30 steps; "plms4" is the paper's method as published, fourth order at every
 step count (its exact-ε convergence order is tested, as is "plms"'s).
 
-Without clipping or thresholding ε̂ is linear in the sample and the network output, so the table is
-folded once, in float64, into an update of the sample and two (plms4: three) carried sums of past ε̂'s
-(:func:`~ddim.solvers.base.fold_linear`): two fused ops per step on one stacked buffer for small
-samples, in-place row updates for large ones (:func:`~ddim.solvers.base.multistep_loop`), no host
-sync, one finiteness check at the end.
+:mod:`ddim.engine` runs the table with a history of the last two (plms4: three) ε̂'s; without clipping
+or thresholding it folds them into carried sums, two fused ops per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from ddim.prediction import Denoiser
-from ddim.sampling import Callback, Levels, _bar, register_sampler
-from ddim.solvers.base import (
-    MultistepRow,
-    cached,
-    cached_fused,
-    check_ode_args,
-    combine,
-    fold_linear,
-    level_table,
-    multistep_loop,
-    multistep_rows,
-    to_rows,
-)
+from ddim.engine import table_sampler
+from ddim.registry import Levels
+from ddim.solvers.base import level_table
 
-__all__ = ["ADAMS_BASHFORTH", "MAX_ORDER", "plms_coefficients", "plms_order", "sample_plms", "sample_plms4"]
+__all__ = ["ADAMS_BASHFORTH", "MAX_ORDER", "plms_coefficients", "plms_order", "plms_table"]
 
 #: Adams–Bashforth weights of orders 1–4 on (ε̂_i, ε̂_{i-1}, ε̂_{i-2}, ε̂_{i-3}), for equal steps.
 ADAMS_BASHFORTH = (
@@ -107,92 +91,29 @@ def plms_coefficients(levels: Levels, max_order: int = 4) -> tuple[torch.Tensor,
     return torch.tensor(rows, dtype=torch.float64), orders
 
 
-def _plms(
-    name: str,
-    max_order: int,
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    callback: Callback | None,
-    progress: bool,
-) -> torch.Tensor:
-    """PLMS of order at most ``max_order`` over ``levels`` (the engine part of both registrations)."""
-    plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
-    if denoise.linear:
-        # ε̂ is linear in (x, out): the run is one folded float64 table applied to the sample and the
-        # (up to three) carried ε̂ sums (see :func:`~ddim.solvers.base.multistep_loop`).
-        history = max(1, min(max_order - 1, levels.timesteps.numel() - 1))
-
-        def build_fused() -> list[MultistepRow]:
-            table, _ = plms_coefficients(levels, max_order)
-            c = plan.conv
-            # x_{i+1} = √ᾱ_{i+1} x̂₀_i + w_0 ε̂_i + Σ_{l≥1} w_l ε̂_{i-l}; ε̂_j = c2_j x_j + c3_j out_j
-            now = plan.fuse(table[:, 0], table[:, 1])
-            return multistep_rows(fold_linear(now, table[:, 2 : 2 + history], (c[:, 2], c[:, 3])), x)
-
-        rows = cached_fused("plms_fused", levels, plan, x, build_fused, denoise.prediction, max_order)
-        with _bar(len(rows), progress, name) as bar:
-            x = multistep_loop(denoise, x, plan, rows, history, None, callback, bar)
-        denoise.finish(plan)
-        return x
-
-    def build() -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
-        table, orders = plms_coefficients(levels, max_order)
-        return to_rows(table, x), orders
-
-    rows, orders = cached("plms", levels, x, build, max_order)
-    N = len(orders)
-    eps: list[torch.Tensor] = []  # ε̂ of the latest calls, newest first
-    with _bar(N, progress, name) as bar:
-        for i in range(N):
-            x0, e = denoise.predict(x, plan, i)
-            if callback is not None:
-                callback(i, plan.timesteps[i], x, x0)
-            eps = [e, *eps[:3]]
-            x = combine(x0, rows[i], eps, orders[i])  # √ᾱ_{i+1} x̂₀_i + Σ_k w_k ε̂_{i-k}
-            bar.update()
-    denoise.finish(plan)
-    return x
+def plms_table(levels: Levels, max_order: int) -> torch.Tensor:
+    """The engine's table of a PLMS run (:mod:`ddim.engine`): columns (a, b, c, w_1 … w_{p-1}, σ) =
+    (0, √ᾱ_{i+1}, w_0, w_1, …, 0) with history ε̂, from :func:`plms_coefficients`."""
+    table, _ = plms_coefficients(levels, max_order)
+    zero = torch.zeros(table.shape[0], 1, dtype=torch.float64)
+    return torch.cat([zero, table[:, : 1 + max_order], zero], dim=1)
 
 
-def _plms_sampler(name: str, order: Callable[[int], int], doc: str) -> Callable[..., torch.Tensor]:
-    """A registered PLMS sampler whose highest order for an N-step run is ``order(N)``."""
-
-    def fn(
-        denoise: Denoiser,
-        x: torch.Tensor,
-        levels: Levels,
-        *,
-        eta: float = 0.0,
-        variance: str = "eta",
-        noise: Callable[[], torch.Tensor] | None = None,
-        callback: Callback | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        check_ode_args(name, eta, variance)
-        return _plms(name, order(levels.timesteps.numel()), denoise, x, levels, callback, progress)
-
-    fn.__name__ = fn.__qualname__ = f"sample_{name}"
-    fn.__doc__ = doc
-    return register_sampler(name, noisy=lambda eta: False)(fn)
-
-
-sample_plms = _plms_sampler(
-    "plms",
-    plms_order,
+@table_sampler("plms", history=MAX_ORDER - 1, past="eps", final_x0=False)
+def plms_3_table(levels: Levels, eta: float, variance: str) -> torch.Tensor:
     """PLMS (PNDM, Liu et al. 2022, Eq. 9–12) with its Adams–Bashforth order capped at 3.
 
     Step i: ε' = the Adams–Bashforth combination of order min(i+1, 3) of the last ε̂'s (the fixed weights
     of that order; :func:`plms_order` says why 3), then the DDIM transfer from t_i to t_{i+1} with ε'.
     The last step, to ᾱ_final, is the same transfer (to ᾱ = 1 it returns x̂₀'). One network call per
     step. Deterministic: ``eta`` must be 0. "plms4" is the paper's method, fourth order at every step count.
-    """,
-)
+    """
+    return plms_table(levels, plms_order(levels.timesteps.numel()))
 
-sample_plms4 = _plms_sampler(
-    "plms4",
-    lambda steps: 4,
+
+@table_sampler("plms4", history=3, past="eps", final_x0=False)
+def plms4_table(levels: Levels, eta: float, variance: str) -> torch.Tensor:
     """PLMS exactly as published (PNDM, Liu et al. 2022, Eq. 12): fourth-order Adams–Bashforth from the
-    fourth step on, whatever the step count, with the warm-up of :func:`sample_plms`. One network call per
-    step. Deterministic: ``eta`` must be 0.""",
-)
+    fourth step on, whatever the step count, with the warm-up of "plms". One network call per step.
+    Deterministic: ``eta`` must be 0."""
+    return plms_table(levels, 4)

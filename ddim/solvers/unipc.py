@@ -11,38 +11,22 @@ Both are x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) m_s - α_t B(h) Σ_k ρ_k D_k
 D_k = (m_{s_k} - m_s) / r_k, r_k = (λ_{s_k} - λ_s) / h, and ρ solving the order conditions R ρ = b
 (Eq. 7–8; :func:`_rhos`). All weights are built once in float64 by :func:`unipc_coefficients`.
 
-Without clipping or thresholding the whole run folds into one multistep table on x̂₀
-(:func:`unipc_multistep_table`, then :func:`~ddim.solvers.base.fold_multistep`), applied to the sample
-and the carried x̂₀ sums by :func:`~ddim.solvers.base.multistep_loop`: no host sync, one finiteness check
-at the end.
+Predictor and corrector together are one multistep table on x̂₀ (:func:`unipc_multistep_table`),
+which :mod:`ddim.engine` runs with a history of two x̂₀'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from ddim.prediction import Denoiser
-from ddim.sampling import Callback, Levels, _bar, register_sampler
-from ddim.solvers.base import (
-    LevelTable,
-    MultistepRow,
-    cached,
-    cached_fused,
-    check_ode_args,
-    combine,
-    fold_multistep,
-    level_table,
-    multistep_loop,
-    multistep_orders,
-    multistep_rows,
-    to_rows,
-)
+from ddim.engine import table_sampler
+from ddim.registry import Levels
+from ddim.solvers.base import LevelTable, level_table, multistep_orders
 
-__all__ = ["unipc_coefficients", "unipc_multistep_table", "sample_unipc"]
+__all__ = ["UNIPC_ORDER", "unipc_coefficients", "unipc_multistep_table"]
 
 #: Highest predictor order of "unipc" (UniPC-2; with the corrector the method is of order 3).
 UNIPC_ORDER = 2
@@ -145,67 +129,16 @@ def unipc_multistep_table(levels: Levels, order: int = 2) -> torch.Tensor:
     return torch.cat([p[:, :1], k, zero], dim=1)
 
 
-@register_sampler("unipc", noisy=lambda eta: False)
-def sample_unipc(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    *,
-    eta: float = 0.0,
-    variance: str = "eta",
-    noise: Callable[[], torch.Tensor] | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+@table_sampler("unipc", history=UNIPC_ORDER)
+def unipc_table(levels: Levels, eta: float, variance: str) -> torch.Tensor:
     """UniPC with B(h) = e^h - 1 (Zhao et al. 2023, Alg. 1–3): UniC corrector + UniP predictor, data prediction.
 
     At level i: m_i = x̂₀(x_i, t_i); x_i^c = UniC(x_{i-1}^c, m_i, m_{i-1}, …) for i ≥ 1; x_{i+1} =
     UniP(x_i^c, m_i, m_{i-1}, …) of order up to :data:`UNIPC_ORDER`. The last step, to ᾱ_final, is first
     order (to ᾱ = 1: x = m_{N-1}) and is not corrected (that would need another call). One network call
-    per step. Deterministic: ``eta`` must be 0.
+    per step. Deterministic: ``eta`` must be 0. The engine's table: (a, k_0, 0, k_1, k_2, 0) of
+    :func:`unipc_multistep_table`.
     """
-    check_ode_args("unipc", eta, variance)
-    order = UNIPC_ORDER
-    plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
-    if denoise.linear:
-        # x̂₀ is linear in (x, out): predictor and corrector fold into one multistep table
-        # (:func:`unipc_multistep_table`), applied like DPM-Solver++'s.
-        def build_fused() -> list[MultistepRow]:
-            return multistep_rows(fold_multistep(plan, unipc_multistep_table(levels, order), order), x)
-
-        rows = cached_fused("unipc_fused", levels, plan, x, build_fused, order, denoise.prediction)
-        with _bar(len(rows), progress, "unipc") as bar:
-            x = multistep_loop(denoise, x, plan, rows, order, None, callback, bar)
-        denoise.finish(plan)
-        return x
-
-    def build() -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]], list[int]]:
-        pred, corr, orders = unipc_coefficients(levels, order)
-        return to_rows(pred, x), to_rows(corr, x), orders
-
-    pred, corr, orders = cached("unipc", levels, x, build, order)
-    N = len(orders)
-    m: list[torch.Tensor] = []  # x̂₀ of the latest calls, newest first
-    x_prev = x  # x_{i-1}^c, the point the last predictor step started from
-    with _bar(N, progress, "unipc") as bar:
-        for i in range(N - 1):
-            x0, _ = denoise.predict(x, plan, i)
-            if callback is not None:
-                callback(i, plan.timesteps[i], x, x0)
-            if i > 0:
-                x = combine(x_prev, corr[i], [x0, *m], orders[i - 1] + 1)  # UniC: x_i -> x_i^c
-            m = [x0, *m[: order - 1]]
-            x_prev = x
-            x = combine(x, pred[i], m, orders[i])  # UniP: x_i^c -> x_{i+1}
-            bar.update()
-        # Last step, to ᾱ_final: correct x_{N-1}, then one first-order predictor step.
-        x0, _ = denoise.predict(x, plan, N - 1)
-        if callback is not None:
-            callback(N - 1, plan.timesteps[N - 1], x, x0)
-        bar.update()
-    denoise.finish(plan)
-    if float(levels.alpha_bars[-1]) == 1.0:
-        return x0
-    if N > 1:
-        x = combine(x_prev, corr[N - 1], [x0, *m], orders[N - 2] + 1)
-    return combine(x, pred[N - 1], [x0], 1)
+    table = unipc_multistep_table(levels, UNIPC_ORDER)
+    zero = torch.zeros(table.shape[0], 1, dtype=torch.float64)
+    return torch.cat([table[:, :2], zero, table[:, 2:]], dim=1)
