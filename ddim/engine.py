@@ -31,6 +31,7 @@ makes the extra calls, so such a method still has no loop of its own.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -84,6 +85,10 @@ def _never(eta: float) -> bool:
     return False
 
 
+def _no_check(eta: float, variance: str) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Method:
     """What a sampler declares; :func:`run` does the rest.
@@ -105,6 +110,7 @@ class Method:
         calls: ``calls(timesteps)`` -> int64 [M], the timesteps of the run's calls in order (default:
             the listed ones, one call per step).
         calls_per_step: step i's first call is number ``calls_per_step·i`` in ``calls``.
+        check: ``check(eta, variance)``, raising ValueError for arguments the method refuses.
     """
 
     name: str
@@ -116,6 +122,7 @@ class Method:
     step: Step | None = None
     calls: Callable[[torch.Tensor], torch.Tensor] | None = None
     calls_per_step: int = 1
+    check: Callable[[float, str], None] = _no_check
 
     def __post_init__(self) -> None:
         if self.past not in ("x0", "eps"):
@@ -164,27 +171,11 @@ def table_sampler(
     checker = deterministic(name) if check is None else check
 
     def add(table: TableFn) -> TableFn:
-        method = Method(name, table, history, past, noisy, final_x0, step, calls, calls_per_step)
-
-        def sampler(
-            denoise: Denoiser,
-            x: torch.Tensor,
-            levels: Levels,
-            *,
-            eta: float = 0.0,
-            variance: str = "eta",
-            noise: Noise | None = None,
-            callback: Callback | None = None,
-            progress: bool = False,
-        ) -> torch.Tensor:
-            checker(eta, variance)
-            return run(method, denoise, x, levels, eta, variance, noise, callback, progress)
-
-        sampler.__name__ = sampler.__qualname__ = f"sample_{name}"
+        method = Method(name, table, history, past, noisy, final_x0, step, calls, calls_per_step, checker)
+        sampler = functools.partial(run, method)  # the registry's signature: (denoise, x, levels, *, eta, …)
+        sampler.__name__ = sampler.__qualname__ = f"sample_{name}"  # type: ignore[attr-defined]
         sampler.__doc__ = doc or table.__doc__
-        sampler.method = method  # type: ignore[attr-defined]
-        kw = {} if nfe is None else {"nfe": nfe}
-        register_sampler(name, noisy=noisy, **kw)(sampler)
+        register_sampler(name, noisy=noisy, **({} if nfe is None else {"nfe": nfe}))(sampler)
         return table
 
     return add
@@ -196,15 +187,17 @@ def run(
     denoise: Denoiser,
     x: torch.Tensor,
     levels: Levels,
+    *,
     eta: float = 0.0,
     variance: str = "eta",
     noise: Noise | None = None,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Run ``method`` from x (at level 0 of ``levels``) to ᾱ_final: fused when the denoiser is linear
-    and the method is a table, general otherwise; then the deferred device-side checks. Returns a
-    fresh tensor shaped like x."""
+    """Run ``method`` from x (at level 0 of ``levels``) to ᾱ_final: its argument check, then fused when
+    the denoiser is linear and the method is a table, general otherwise; then the deferred device-side
+    checks. Returns a fresh tensor shaped like x. With ``method`` bound, this is a registered sampler."""
+    method.check(eta, variance)
     if method.noisy(eta):
         if noise is None:
             raise ValueError(f"sampler {method.name!r} needs a noise source at eta={eta}")
@@ -418,6 +411,17 @@ def multistep_rows(folded: torch.Tensor, x: torch.Tensor) -> list[MultistepRow]:
 STACK_BYTES = 32 * 2**10
 
 
+class Fused(NamedTuple):
+    """What a fused loop runs: the denoiser and its plan, the folded rows (:func:`fused_rows`), H, and
+    whether the last step draws noise."""
+
+    denoise: Denoiser
+    plan: Plan
+    rows: list[Any]
+    history: int
+    last_noise: bool
+
+
 def run_fused(
     denoise: Denoiser,
     x: torch.Tensor,
@@ -461,10 +465,11 @@ def run_fused(
     else:
         loop = _run_rows
     x_start = x
-    x = loop(denoise, x, plan, rows, history, noise, callback, bar, last_noise, False)
+    run = Fused(denoise, plan, rows, history, last_noise)
+    x = loop(run, x, noise, callback, bar, False)
     if not denoise.finite(x):
         again = noise.restarted() if isinstance(noise, StepNoise) else noise
-        loop(denoise, x_start, plan, rows, history, again, None, _NoBar(), last_noise, True)  # raises at the bad call
+        loop(run, x_start, again, None, _NoBar(), True)  # raises at the bad call
         denoise.finish(plan)  # accelerators: the deferred report of the checked run
         raise FloatingPointError(
             "the result contains NaN or Inf, but a re-run checking every model output found none "
@@ -474,18 +479,10 @@ def run_fused(
 
 
 def _run_single(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    plan: Plan,
-    rows: list[tuple[torch.Tensor, ...]],
-    history: int,
-    noise: Noise | None,
-    callback: Callback | None,
-    bar: Any,
-    last_noise: bool,
-    check: bool,
+    run: Fused, x: torch.Tensor, noise: Noise | None, callback: Callback | None, bar: Any, check: bool
 ) -> torch.Tensor:
     """H = 0: x ← A_i x + B_i out (+ σ_i z), one network call and two fused ops per step."""
+    denoise, plan, rows, _, last_noise = run
     noisy_steps = len(rows) if last_noise else len(rows) - 1
     # Two buffers, written in turn, instead of a new tensor per step: no allocator work in the loop
     # (a fresh 200 kB tensor can cost page faults, more than the update itself) and fixed addresses
@@ -569,17 +566,10 @@ def _two_buffers(x: torch.Tensor, k: int) -> list[Views]:
 
 
 def _run_stacked(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    plan: Plan,
-    rows: list[MultistepRow],
-    history: int,
-    noise: Noise | None,
-    callback: Callback | None,
-    bar: Any,
-    last_noise: bool,
-    check: bool,
+    run: Fused, x: torch.Tensor, noise: Noise | None, callback: Callback | None, bar: Any, check: bool
 ) -> torch.Tensor:
+    """H ≥ 1, small samples and accelerators: the sample and the G's as the rows of one buffer."""
+    denoise, plan, rows, history, last_noise = run
     k = history + 1  # rows written per step: x_{i+1}, G_1 … G_H
     output, last = denoise.output, len(rows) - 1
     pooled = callback is None and last > 0
@@ -604,33 +594,18 @@ def _run_stacked(
                 x_next.addcmul_(noise(), c_z)
             x, tail, g1 = x_next, next_tail, next_g1
             bar.update()
-        # Last step, to ᾱ_final: x_N = G_1 + A x + B out (into ᾱ = 1, G_1 = 0: x̂₀), a fresh tensor.
-        row = rows[last]
-        out = output(x, plan, last, check)
-        if callback is not None:
-            callback(last, plan.timesteps[last], x, denoise.x0(x, out, plan, last))
-        bar.update()
-        x = (torch.mul(x, row.a) if g1 is None else torch.addcmul(g1, x, row.a)).addcmul_(out, row.b)
+        x = _last_step(run, x, g1, False, noise, callback, bar, check)  # g1 is pooled: a fresh result
     finally:
         if pooled:
             _give_back(key, views, 2 * views[0][0].numel() * x.element_size())
-    if noise is not None and last_noise:
-        x.addcmul_(noise(), rows[-1].c_z)
     return x
 
 
 def _run_rows(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    plan: Plan,
-    rows: list[MultistepRow],
-    history: int,
-    noise: Noise | None,
-    callback: Callback | None,
-    bar: Any,
-    last_noise: bool,
-    check: bool,
+    run: Fused, x: torch.Tensor, noise: Noise | None, callback: Callback | None, bar: Any, check: bool
 ) -> torch.Tensor:
+    """H ≥ 1, large CPU samples: the G's as separate buffers updated in place."""
+    denoise, plan, rows, history, last_noise = run
     output, last = denoise.output, len(rows) - 1
     g: list[torch.Tensor | None] = [None] * (history + 1)  # G_1 … G_H, then G_{H+1} = 0 (None: zero)
     for i in range(last):
@@ -653,13 +628,33 @@ def _run_rows(
         g[history - 1] = (x.mul_(row.p[-1]) if mine else torch.mul(x, row.p[-1])).addcmul_(out, row.q[-1])
         x = x_next
         bar.update()
-    # Last step, to ᾱ_final: x_N = G_1 + A x + B out (into ᾱ = 1, G_1 = 0 and this is x̂₀).
+    return _last_step(run, x, g[0], True, noise, callback, bar, check)  # this run's own G_1: written in place
+
+
+def _last_step(
+    run: Fused,
+    x: torch.Tensor,
+    g1: torch.Tensor | None,
+    in_place: bool,
+    noise: Noise | None,
+    callback: Callback | None,
+    bar: Any,
+    check: bool,
+) -> torch.Tensor:
+    """The last step of a multistep loop, to ᾱ_final: x_N = G_1 + A x + B out (into ᾱ = 1, G_1 = 0 and
+    this is x̂₀), + σ z where the run ends at a noisy level (``last_noise``)."""
+    denoise, plan, rows, _, last_noise = run
+    last = len(rows) - 1
     row = rows[last]
-    out = output(x, plan, last, check)
+    out = denoise.output(x, plan, last, check)
     if callback is not None:
         callback(last, plan.timesteps[last], x, denoise.x0(x, out, plan, last))
     bar.update()
-    x = (torch.mul(x, row.a) if g[0] is None else g[0].addcmul_(x, row.a)).addcmul_(out, row.b)
+    if g1 is None:
+        x = torch.mul(x, row.a)
+    else:
+        x = g1.addcmul_(x, row.a) if in_place else torch.addcmul(g1, x, row.a)
+    x.addcmul_(out, row.b)
     if noise is not None and last_noise:
         x.addcmul_(noise(), row.c_z)
     return x
