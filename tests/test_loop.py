@@ -224,7 +224,7 @@ MULTISTEP = [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("dpmpp_2m_sde", {"seeds": [3, 
 @pytest.fixture(params=["stacked", "rows"])
 def multistep_path(request, monkeypatch):
     """Run the fused multistep loop stacked (small samples) or row by row (large ones on the CPU)."""
-    from ddim import engine as base
+    from ddim import fused as base
 
     monkeypatch.setattr(base, "STACK_BYTES", 2**40 if request.param == "stacked" else 0)
     return request.param
@@ -269,7 +269,7 @@ def test_fused_multistep_float32_matches_the_unfused_loop(linear, multistep_path
 
 
 def test_multistep_buffers_are_kept_between_runs_but_never_shared(linear):
-    from ddim import engine as base
+    from ddim import fused as base
 
     x = ddim.randn((2, 1, 4, 4), [1, 2])
     first = ddim.sample(dummy_model, x, linear, steps=6, sampler="dpmpp_2m")

@@ -111,7 +111,7 @@ def unipc_coefficients(levels: Levels, order: int = 2) -> tuple[torch.Tensor, to
 
 def unipc_multistep_table(levels: Levels, order: int = 2) -> torch.Tensor:
     """The UniPC run as one multistep table on x̂₀: float64 [N, order + 3], row i = (a, k_0, …, k_order, 0)
-    with x_{i+1} = a x_i + Σ_l k_l m_{i-l} (the form of :func:`~ddim.solvers.base.fold_multistep`).
+    with x_{i+1} = a x_i + Σ_l k_l m_{i-l} (the history form of :mod:`ddim.engine`).
 
     The corrector and the predictor step that produced x_i start from the same point x_{i-1}^c with the
     same weight σ_i/σ_{i-1}, so x_i^c = x_i + corr_i·(m_i, m_{i-1}, …) - pred_{i-1}·(m_{i-1}, …): the
