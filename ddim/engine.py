@@ -13,7 +13,7 @@ PLMS, UniPC and Euler are all of this form.
 
 The engine runs a table in one of two ways, each written once here:
 
-- **fused** (:func:`run_fused`), for a linear denoiser (no clipping or thresholding): x̂₀ and ε̂ are
+- **fused** (:func:`ddim.fused.run_fused`), for a linear denoiser (no clipping or thresholding): x̂₀ and ε̂ are
   linear in (x_i, out_i), so the table is folded once, in float64, with the denoiser's conversion
   coefficients into x_{i+1} = G_1 + A_i x_i + B_i out_i (+ σ_i z) with the past carried in G_1 … G_H
   (:func:`ddim.fused.fold_linear`), cast once, cached on the levels, and applied with two or three fused ops per
@@ -222,6 +222,25 @@ def _cached(levels: Levels, x: torch.Tensor, key: tuple, build: Callable[[], T])
     return levels.cached(key, lambda: memo((*key, tensor_key(levels.alpha_bars)), build))
 
 
+def _table(method: Method, levels: Levels, eta: float, variance: str) -> torch.Tensor:
+    """``method.table(levels, eta, variance)``, checked: float64 with a row per step, and for a table
+    method the 4 + H columns (a, b, c, w_1 … w_H, σ)."""
+    table = method.table(levels, eta, variance)
+    N = levels.timesteps.numel()
+    cols = 4 + method.history if method.step is None else None
+    if (
+        not isinstance(table, torch.Tensor)
+        or table.dtype != torch.float64
+        or table.ndim != 2
+        or table.shape[0] != N
+        or (cols is not None and table.shape[1] != cols)
+    ):
+        got = f"{table.dtype} {tuple(table.shape)}" if isinstance(table, torch.Tensor) else type(table).__name__
+        want = f"[{N}, {cols}]" if cols is not None else f"[{N}, C]"
+        raise ValueError(f"sampler {method.name!r}: its table must be float64 {want} (one row a step), got {got}")
+    return table
+
+
 def _last_noise(method: Method, table: torch.Tensor) -> bool:
     """Whether the last step adds noise: a noisy method whose last σ is not 0 (read on the CPU table)."""
     return method.step is None and float(table[-1, -1]) != 0.0
@@ -283,7 +302,7 @@ def _general_rows(
 ) -> tuple[list[tuple[torch.Tensor, ...]], list[bool], bool]:
     """The table as rows of 0-d tensors on x's device, which of its columns (a, b, c) are not 0 anywhere
     (the others are never applied), and whether the last step draws noise."""
-    table = method.table(levels, eta, variance)
+    table = _table(method, levels, eta, variance)
     used = (table[:, :3] != 0).any(dim=0).tolist() if method.step is None else []
     return scalar_rows(table, x), used, _last_noise(method, table)
 
@@ -300,7 +319,7 @@ def fused_rows(
     c = plan.conv
     if c is None:
         raise RuntimeError("this plan has no float64 coefficients (make it with Denoiser.plan)")
-    table = method.table(levels, eta, variance)
+    table = _table(method, levels, eta, variance)
     N = table.shape[0]
     H = min(method.history, N - 1)
     # x̂₀ = c0 x + c1 out, ε̂ = c2 x + c3 out: a x + b x̂₀ + c ε̂ = A x + B out
