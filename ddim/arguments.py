@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ddim.prediction import memo, tensor_key
+from ddim.memo import memo, tensor_key
 from ddim.registry import Levels
 from ddim.schedule import NoiseSchedule
 from ddim.timesteps import SPACINGS, check_spacing, check_timesteps

@@ -39,7 +39,8 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 
 from ddim.fused import fold_linear, multistep_rows, run_fused
-from ddim.prediction import Denoiser, Plan, memo, scalar_rows, tensor_key
+from ddim.memo import memo, tensor_key
+from ddim.prediction import Denoiser, Plan, scalar_rows
 from ddim.registry import Callback, Levels, progress_bar, register_sampler
 
 T = TypeVar("T")
