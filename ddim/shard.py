@@ -16,8 +16,9 @@ may round differently per batch size), another thread count, device, dtype, torc
 ``--compile``. For ``--out x.npz`` or ``x.png`` each rank samples its
 share and rank 0 gathers them and writes the one file, identical to a single-process run.
 
-For evaluation, :func:`sharded_features`, :func:`sharded_feature_stats` and :func:`map_images` spread
-a folder's (or an ``.npz``'s) images over the ranks and gather the results.
+For evaluation, :mod:`ddim.sharded_eval` (:func:`sharded_features`, :func:`sharded_feature_stats`,
+:func:`map_images`) spreads a folder's (or an ``.npz``'s) images, read by :mod:`ddim.image_sets`, over the
+ranks and gathers the results; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,18 @@ import torch
 
 from ddim import distributed as ddist
 from ddim.checkpoint import write_json
-from ddim.images import from_uint8, image_channels, save_png, to_8bit, to_uint8
+from ddim.image_sets import (
+    _SEED_FILE,
+    MANIFEST,
+    ArrayImages,
+    FolderImages,
+    ImageSet,
+    image_files,
+    open_images,
+)
+from ddim.images import save_png, to_uint8
 from ddim.noise import check_seed_range
+from ddim.sharded_eval import ShardedFeatures, map_images, sharded_feature_stats, sharded_features
 
 __all__ = [
     "MANIFEST",
@@ -59,11 +69,7 @@ __all__ = [
     "model_digest",
 ]
 
-#: The settings file of a folder output.
-MANIFEST = "ddim-sample.json"
-_SEED_FILE = re.compile(r"^seed_(-?\d+)\.png$")
 _STALE_TMP = re.compile(r"^\.seed_-?\d+\.png\..*\.tmp$")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # `ddim sample` options that do not change any image (or are recorded otherwise).
 _NOT_SETTINGS = frozenset({"n", "out", "batch", "progress", "model_path"})
 
@@ -373,403 +379,3 @@ def _module_device(model: Any) -> torch.device | None:
         for p in model.parameters():
             return p.device
     return None
-
-
-# ------------------------------------------------------------------ evaluation over a folder
-def image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The images of a folder (``seed_*.png`` in seed order, then other images by name) or a list of paths.
-
-    Only files ending in an image suffix (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.webp``) count:
-    the settings file ``ddim-sample.json``, hidden and temporary files (``.seed_*.png.*.tmp``, which
-    a run in progress or a killed one leaves), subfolders and anything else are skipped.
-
-    Raises:
-        ValueError: the folder does not exist, is not a folder, or holds no images.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        folder = Path(source)
-        if not folder.exists():
-            raise ValueError(f"{folder} does not exist")
-        if not folder.is_dir():
-            raise ValueError(f"{folder} is not a folder of images")
-        seeded, other = [], []
-        for entry in os.scandir(folder):
-            name = entry.name
-            if name.startswith(".") or name == MANIFEST or not name.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            if not entry.is_file():
-                continue
-            m = _SEED_FILE.match(name)
-            (seeded if m else other).append((int(m.group(1)) if m else 0, name, folder / name))
-        files = [p for *_, p in sorted(seeded)] + [p for *_, p in sorted(other)]
-        if not files:
-            raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        return files
-    return [Path(p) for p in source]
-
-
-def _image_header(path: Path) -> tuple[int, tuple[int, int]]:
-    """(channels as loaded: 1 for grayscale modes, else 3; (width, height)) from a file's header."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return image_channels(im.mode), im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
-class FolderImages:
-    """Image files read on demand: ``len()``, ``shape`` (C, H, W) and ``load(indices)``.
-
-    ``channels``/``size`` default to the first file's (grayscale -> 1, anything else -> 3; its
-    width). With ``exact=True`` nothing is resized: every file must have the first file's width and
-    height (``size`` must then be None), and :meth:`load` raises a ValueError naming the first file
-    that differs. Otherwise images are converted and resized (bicubic) to ``size`` × ``size``, as
-    :func:`ddim.generate.load_images` does.
-    """
-
-    def __init__(
-        self,
-        files: Sequence[str | os.PathLike],
-        *,
-        channels: int | None = None,
-        size: int | None = None,
-        exact: bool = False,
-        name: str | None = None,
-    ) -> None:
-        self.files = [Path(p) for p in files]
-        if not self.files:
-            raise ValueError("no image files given")
-        if exact and size is not None:
-            raise ValueError("exact=True keeps the files' own size; leave size None")
-        c, (w, h) = _image_header(self.files[0])
-        self.channels = channels or c
-        self.exact = exact
-        self.hw = (h, w) if exact else (size or w, size or w)
-        self.name = name or str(self.files[0].parent)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the loaded images."""
-        return (self.channels, *self.hw)
-
-    def signature(self) -> str:
-        """A digest of the file names (ranks compare it to be sure they share out the same list)."""
-        return hashlib.sha1("\n".join(str(p) for p in self.files).encode()).hexdigest()
-
-    def load(self, indices: Sequence[int]) -> torch.Tensor:
-        """Images ``indices`` as float32 [B, C, H, W] in [-1, 1]."""
-        from ddim.generate import load_images
-
-        paths = [self.files[i] for i in indices]
-        if not self.exact:
-            return load_images(paths, self.channels, self.hw[0])
-        from PIL import Image, UnidentifiedImageError
-
-        h, w = self.hw
-        arrs = []
-        for p in paths:
-            try:
-                with Image.open(p) as im:
-                    if im.size != (w, h):
-                        raise ValueError(
-                            f"{p} is {im.size[0]}×{im.size[1]} but {self.files[0].name} is {w}×{h}: "
-                            "the images of one sample set must all have the same size"
-                        )
-                    a = np.asarray(to_8bit(im, self.channels, p))
-            except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"cannot read image {p}: {e}") from e
-            arrs.append(a[..., None] if a.ndim == 2 else a)
-        return from_uint8(np.stack(arrs))
-
-
-class ArrayImages:
-    """uint8 images [N, H, W, C] held in memory (an ``.npz``'s ``images``), with :class:`FolderImages`' interface."""
-
-    def __init__(self, images: np.ndarray, name: str = "array") -> None:
-        a = np.asarray(images)
-        if a.ndim == 3:
-            a = a[..., None]
-        if a.ndim != 4 or a.shape[0] == 0 or a.shape[-1] not in (1, 3):
-            raise ValueError(f"{name}: images must be [N, H, W] or [N, H, W, C] with C in (1, 3), got {a.shape}")
-        if a.dtype != np.uint8:
-            if not np.issubdtype(a.dtype, np.floating) or not (0 <= a.min() <= a.max() <= 1):  # NaN fails too
-                raise ValueError(f"{name}: images must be uint8, or floats in [0, 1]; got {a.dtype}")
-            a = np.round(a * 255).astype(np.uint8)
-        self.images, self.name = a, name
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        n, h, w, c = self.images.shape
-        return (c, h, w)
-
-    def signature(self) -> str:
-        return f"{self.name}:{self.images.shape}"
-
-    def load(self, indices: Sequence[int]) -> torch.Tensor:
-        return from_uint8(self.images[np.asarray(indices, dtype=np.int64)])
-
-
-ImageSet = FolderImages | ArrayImages
-
-
-def open_images(
-    source: str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray | ImageSet,
-    *,
-    channels: int | None = None,
-    size: int | None = None,
-    exact: bool = False,
-) -> ImageSet:
-    """An image set to read by index: a folder (see :func:`image_files`), a list of image paths, an
-    ``.npz`` file with ``images`` (uint8 [N, H, W] or [N, H, W, C]), or a uint8 array; an image set
-    is returned as is. ``channels``, ``size`` and ``exact``: see :class:`FolderImages` (folders and
-    lists only).
-
-    Raises:
-        ValueError: a missing path, an empty folder, an unreadable first image or ``.npz`` file.
-    """
-    if isinstance(source, (FolderImages, ArrayImages)):
-        return source
-    if isinstance(source, np.ndarray):
-        return ArrayImages(source)
-    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz":
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"{path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                names = list(z.files)
-                images = z["images"] if "images" in names else None
-        except (OSError, EOFError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read as .npz ({e})") from e
-        if images is None:
-            raise ValueError(f"{path}: no array named 'images' (found: {sorted(names)})")
-        return ArrayImages(images, str(path))
-    files = image_files(source)
-    name = str(source) if isinstance(source, (str, os.PathLike)) else None
-    return FolderImages(files, channels=channels, size=size, exact=exact, name=name)
-
-
-def _open_everywhere(source: Any, ctx: ddist.Context, **kwargs: Any) -> ImageSet:
-    """:func:`open_images` on every rank; every rank raises when any failed or they see different files."""
-    images, error = None, None
-    try:
-        images = open_images(source, **kwargs)
-    except ValueError as e:
-        error = e
-    _check(error, ctx)
-    signatures = ddist.all_gather_objects(images.signature(), ctx)
-    if len(set(signatures)) > 1:
-        raise ValueError(f"the processes see different images in {images.name} (is it still being written?)")
-    return images
-
-
-def _check(error: BaseException | None, ctx: ddist.Context) -> None:
-    """:func:`ddist.check`, with another rank's failure raised as a ValueError too."""
-    try:
-        ddist.check(error, ctx)
-    except ddist.RankError as e:
-        raise ValueError(str(e)) from None
-
-
-def _batches(mine: list[int], batch: int, progress: bool, desc: str):
-    bar = None
-    if progress and mine:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(mine), desc=desc, unit="img", leave=False)
-    for start in range(0, len(mine), batch):
-        idx = mine[start : start + batch]
-        yield idx
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
-
-
-def map_images(
-    source: str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray | ImageSet,
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    batch: int = 256,
-    channels: int | None = None,
-    size: int | None = None,
-) -> torch.Tensor:
-    """``fn`` over every image of ``source``, split across the ranks; the outputs of all images in
-    :func:`image_files` order, on every rank.
-
-    ``fn`` takes float32 [B, C, H, W] in [-1, 1] and returns a tensor [B, ...] (features, predicted
-    classes, ...). ``source``: see :func:`open_images`. ``channels``/``size`` default to the first
-    image's (images are converted and resized to them).
-    """
-    ctx = ddist.init()
-    images = _open_everywhere(source, ctx, channels=channels, size=size)
-    mine = ddist.shard(range(len(images)), ctx)
-    outs, error = [], None
-    try:
-        for idx in _batches(mine, batch, False, "images"):
-            x = images.load(idx)
-            with torch.inference_mode():
-                outs.append(fn(x).detach().cpu())
-    except ValueError as e:
-        error = e
-    _check(error, ctx)
-    local = torch.cat(outs) if outs else None
-    parts = ddist.all_gather_objects((mine, local), ctx)
-    ref = next(t for _, t in parts if t is not None)
-    result = torch.empty((len(images), *ref.shape[1:]), dtype=ref.dtype)
-    for idx, t in parts:
-        if t is not None:
-            result[torch.as_tensor(idx, dtype=torch.long)] = t
-    return result
-
-
-class _Moments:
-    """Count, mean and centred second moment of feature rows, merged exactly (Chan et al.)."""
-
-    def __init__(self, dim: int) -> None:
-        self.n, self.mean, self.m2 = 0, np.zeros(dim), np.zeros((dim, dim))
-
-    def add(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
-        if n == 0:
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.m2 = self.m2 + m2 + np.outer(delta, delta) * (self.n * n / total)
-        self.mean = self.mean + delta * (n / total)
-        self.n = total
-
-    def add_rows(self, f: np.ndarray) -> None:
-        mean = f.mean(0)
-        c = f - mean
-        self.add(len(f), mean, c.T @ c)
-
-
-@dataclass
-class ShardedFeatures:
-    """What :func:`sharded_features` returns (the same on every rank, but ``features``).
-
-    Attributes:
-        n: images over all ranks.
-        mean: float64 [D]; cov: float64 [D, D], unbiased (the Fréchet statistics).
-        features: float32 [n, D] in file order, on the ranks that ``gather`` names; None elsewhere.
-        shape: (C, H, W) of the images as they were read.
-        seconds: reading and featurising time of the slowest rank.
-        processes: the number of ranks that shared the work.
-    """
-
-    n: int
-    mean: np.ndarray
-    cov: np.ndarray
-    features: torch.Tensor | None
-    shape: tuple[int, int, int]
-    seconds: float
-    processes: int
-
-
-def sharded_features(
-    source: str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray | ImageSet,
-    features: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    batch: int = 256,
-    channels: int | None = None,
-    size: int | None = None,
-    exact: bool = False,
-    gather: str = "none",
-    progress: bool = False,
-) -> ShardedFeatures:
-    """``features`` of every image of ``source`` (see :func:`open_images`), each rank reading and
-    featurising its share (file i to rank i mod N), with their mean and covariance merged exactly
-    across the ranks.
-
-    Args:
-        features: float32 [B, C, H, W] in [-1, 1] -> [B, D] (an extractor from ``ddim.evaluation``).
-        batch: images read and featurised at a time, per rank.
-        channels, size, exact: how files are read; see :class:`FolderImages`.
-        gather: where the features themselves go: ``"none"`` (only the D + D² statistics cross the
-            network), ``"main"`` (rank 0; for KID, precision and recall) or ``"all"``.
-        progress: a progress bar over this rank's images.
-
-    Raises:
-        ValueError, on every rank when any rank met it: a bad source, an unreadable image, an image
-        of another size (``exact``), features that are not [B, D], fewer than 2 images.
-    """
-    if gather not in ("none", "main", "all"):
-        raise ValueError(f"gather must be 'none', 'main' or 'all', got {gather!r}")
-    ctx = ddist.init()
-    images = _open_everywhere(source, ctx, channels=channels, size=size, exact=exact)
-    mine = ddist.shard(range(len(images)), ctx)
-    tic = time.perf_counter()
-    local: _Moments | None = None
-    kept: list[torch.Tensor] = []
-    error = None
-    try:
-        for idx in _batches(mine, batch, progress, "features"):
-            x = images.load(idx)
-            with torch.inference_mode():
-                out = features(x).detach().cpu()
-            if out.ndim != 2 or out.shape[0] != len(idx):
-                raise ValueError(f"features must return [B, D] = [{len(idx)}, D], got {tuple(out.shape)}")
-            local = local or _Moments(out.shape[1])
-            local.add_rows(np.asarray(out, dtype=np.float64))
-            if gather != "none":
-                kept.append(out.float())
-    except ValueError as e:
-        error = e
-    _check(error, ctx)
-    seconds = time.perf_counter() - tic
-    stats = None if local is None else (local.n, local.mean, local.m2)
-    parts = ddist.all_gather_objects((stats, seconds), ctx)
-    dims = {p[1].shape[0] for p, _ in parts if p is not None}
-    if len(dims) > 1:
-        raise ValueError(f"features of different sizes on different ranks: {sorted(dims)}")
-    total = _Moments(dims.pop())
-    for p, _ in parts:
-        if p is not None:
-            total.add(*p)
-    if total.n < 2:
-        raise ValueError(f"need at least 2 images for a covariance, got {total.n}")
-    feats = None
-    if gather != "none":
-        part = (mine, torch.cat(kept) if kept else None)
-        shards = ddist.all_gather_objects(part, ctx) if gather == "all" else ddist.gather_objects(part, 0, ctx)
-        if shards is not None:
-            feats = torch.empty((len(images), len(total.mean)), dtype=torch.float32)
-            for idx, t in shards:
-                if t is not None:
-                    feats[torch.as_tensor(idx, dtype=torch.long)] = t
-    return ShardedFeatures(
-        n=total.n,
-        mean=total.mean,
-        cov=total.m2 / (total.n - 1),
-        features=feats,
-        shape=tuple(images.shape),
-        seconds=max(s for _, s in parts),
-        processes=ctx.world_size,
-    )
-
-
-def sharded_feature_stats(
-    source: str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray | ImageSet,
-    features: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    batch: int = 256,
-    channels: int | None = None,
-    size: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [D] and covariance [D, D] (float64, unbiased) of ``features`` over a folder's images.
-
-    The drop-in for :func:`ddim.metrics.feature_stats` on a (sharded) sample folder: under torchrun
-    each rank reads and featurises its share of the files and the per-rank moments are merged
-    exactly on every rank, so only statistics, not features, cross the network. ``features`` takes
-    float32 [B, C, H, W] in [-1, 1] and returns [B, D]; see :func:`sharded_features` for the rest.
-    """
-    r = sharded_features(source, features, batch=batch, channels=channels, size=size)
-    return r.mean, r.cov
