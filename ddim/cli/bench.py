@@ -6,7 +6,15 @@ import time
 
 import click
 
-from ddim.cli.common import UsageError, _check_device, _finite_cb, _threads_cb, main
+from ddim.cli.common import (
+    UsageError,
+    _check_device,
+    _finite_cb,
+    device_option,
+    main,
+    model_option,
+    threads_option,
+)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -27,7 +35,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     help="Comma list: 'trivial' (a one-op network: the samplers alone), 'shipped' (the default model), "
     "'tiny-sd' (text to image with a tiny random Stable Diffusion pipeline, against StableDiffusionPipeline).",
 )
-@click.option("--model", "model_path", default=None, help="Use this model for the 'shipped' rows [embedded default].")
+@model_option("Use this model for the 'shipped' rows [embedded default].")
 @click.option("--batch", "batches", default="1,64", show_default=True, help="Comma list of batch sizes.")
 @click.option(
     "--algorithms",
@@ -60,14 +68,8 @@ def _int_list(text: str, flag: str) -> list[int]:
     callback=_finite_cb,
     help="Guidance weight (shipped model).",
 )
-@click.option("--device", default="cpu", show_default=True)
-@click.option(
-    "--threads",
-    default=None,
-    type=click.IntRange(min=1),
-    callback=_threads_cb,
-    help="CPU threads [$OMP_NUM_THREADS, else all].",
-)
+@device_option(None)
+@threads_option()
 def bench_cmd(
     models, model_path, batches, algorithms, repeats, model_repeats, model_budget, guidance, device, threads
 ) -> None:

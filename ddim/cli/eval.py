@@ -4,6 +4,7 @@ quality of images already made (a folder written by `ddim sample`, under torchru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -16,49 +17,49 @@ from ddim.cli.common import (
     _check_seeds,
     _finite_cb,
     _load_model,
+    batch_option,
+    class_option,
+    collect,
+    guidance_option,
     main,
+    model_option,
+    progress_option,
+    seed_option,
+    spacing_option,
 )
 from ddim.evaluation.report import ReportSettings
 
 
-def _common(f):
-    """--model, --class, --guidance, --spacing, --seed, --batch, --progress."""
+def _setup_group(*batch: Callable) -> Callable:
+    """--model, --class, --guidance, --spacing, --seed, then ``batch`` (a --batch option, or none),
+    --progress, --device: passed to the command as ONE dict argument ``run`` (see :func:`_setup`)."""
     from ddim.timesteps import SPACINGS
 
-    opts = [
-        click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default]."),
-        click.option(
-            "--class",
-            "class_spec",
-            default="default",
-            show_default=True,
-            help="Classes as in `ddim sample` (int, comma list, 'all'), or 'none' for unconditional. "
+    return collect(
+        "run",
+        model_option(),
+        class_option(
+            "default",
+            "Classes as in `ddim sample` (int, comma list, 'all'), or 'none' for unconditional. "
             "default: 'all' for class-conditional models.",
         ),
-        click.option(
-            "--guidance",
-            default=None,
-            type=float,
-            callback=_finite_cb,
-            help="Classifier-free guidance weight [model's default].",
-        ),
-        click.option("--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS))),
-        click.option(
-            "--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Image i uses seed K+i."
-        ),
-        click.option(
-            "--batch",
-            default=50,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Images per batch (and per resume point).",
-        ),
-        click.option("--progress/--no-progress", default=True, show_default=True),
+        guidance_option(),
+        spacing_option(sorted(SPACINGS)),
+        seed_option(full_range=True),
+        *batch,
+        progress_option(),
         _device_option,
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+    )
+
+
+def _common(f):
+    """--model, --class, --guidance, --spacing, --seed, --batch, --progress, --device as ``run``."""
+    return _setup_group(batch_option(50, "Images per batch (and per resume point)."))(f)
+
+
+def _setup_options(f):
+    """--model, --class, --guidance, --spacing, --seed, --progress, --device as ``run`` (no --batch)."""
+    return _setup_group()(f)
 
 
 _device_option = click.option(
@@ -66,36 +67,39 @@ _device_option = click.option(
 )
 
 
-def _features(f):
-    opts = [
-        click.option(
-            "--features",
-            default=None,
-            help="Feature extractor: 'classifier' (shipped digit classifier), 'inception' (FID Inception-V3), "
-            "a TorchScript file, or 'package.module:factory'. [classifier for 1-channel images, else inception]",
-        ),
-        click.option(
-            "--inception-weights",
-            default=None,
-            type=click.Path(dir_okay=False),
-            help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID weights) [$DDIM_INCEPTION_WEIGHTS "
-            "or ~/.cache/ddim/]. Never downloaded.",
-        ),
-        click.option(
-            "--data",
-            default=None,
-            help="Reference images: 'mnist-all', 'digits', a .npz or an image folder [MNIST-5k for 28×28 digits].",
-        ),
-        click.option(
-            "--cache",
-            default=None,
-            type=click.Path(file_okay=False),
-            help="Folder for cached reference features [$DDIM_CACHE or ~/.cache/ddim].",
-        ),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+_features = collect(
+    "feats",
+    click.option(
+        "--features",
+        default=None,
+        help="Feature extractor: 'classifier' (shipped digit classifier), 'inception' (FID Inception-V3), "
+        "a TorchScript file, or 'package.module:factory'. [classifier for 1-channel images, else inception]",
+    ),
+    click.option(
+        "--inception-weights",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID weights) [$DDIM_INCEPTION_WEIGHTS "
+        "or ~/.cache/ddim/]. Never downloaded.",
+    ),
+    click.option(
+        "--data",
+        default=None,
+        help="Reference images: 'mnist-all', 'digits', a .npz or an image folder [MNIST-5k for 28×28 digits].",
+    ),
+    click.option(
+        "--cache",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Folder for cached reference features [$DDIM_CACHE or ~/.cache/ddim].",
+    ),
+)
+"""--features, --inception-weights, --data, --cache, passed as ONE dict argument ``feats``."""
+
+
+def _feature_args(feats: dict) -> tuple:
+    """(features, inception_weights, data, cache) of the :data:`_features` options."""
+    return feats["features"], feats["inception_weights"], feats["data"], feats["cache"]
 
 
 def _numbers(text: str, name: str, kind: type, positive: bool) -> list:
@@ -128,8 +132,14 @@ def _etas(text: str) -> list[float | str]:
         raise UsageError(f"--eta: {e}") from None
 
 
-def _setup(model_path, class_spec, guidance, spacing, seed, batch, device="cpu"):
+def _setup(run: dict, batch: int | None = None):
+    """The evaluation setup of a command's ``run`` options (:func:`_setup_group`), with ``batch`` when
+    given (else run["batch"]), and the model's config."""
     import torch
+
+    model_path, class_spec, guidance = run["model_path"], run["class_spec"], run["guidance"]
+    spacing, seed, device = run["spacing"], run["seed"], run.get("device", "cpu")
+    batch = run["batch"] if batch is None else batch
 
     from ddim.evaluation.common import EvalSetup
 
@@ -155,11 +165,13 @@ def _setup(model_path, class_spec, guidance, spacing, seed, batch, device="cpu")
     return setup, config
 
 
-def _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress):
-    """The feature extractor (on the setup's device) and the reference set's cached features."""
+def _extractor_and_reference(setup, config, feats: dict, progress: bool):
+    """The feature extractor (on the setup's device) and the reference set's cached features (``feats``:
+    the :data:`_features` options)."""
     from ddim.evaluation.metrics import reference_features
     from ddim.evaluation.sources import extractor_for, reference_data
 
+    features, inception_weights, data, cache = _feature_args(feats)
     try:
         extractor = extractor_for(setup.model, features, inception_weights).to(setup.device)
     except FileNotFoundError as e:
@@ -172,6 +184,17 @@ def _extractor_and_reference(setup, config, features, inception_weights, data, c
         raise UsageError(f"--data: {e}") from None
     reference = reference_features(ref_data.images, extractor, name=name, cache_dir=cache, progress=progress)
     return extractor, reference
+
+
+def _run_eval(out: str, md: str, files: str, run: Callable, *args, **kwargs) -> None:
+    """``run(*args, **kwargs)``, an evaluation writing into the folder ``out``, with a ValueError as a
+    usage error; then its Markdown table ``md`` and the files it wrote (``files``, relative to ``out``)."""
+    try:
+        run(*args, **kwargs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    click.echo((Path(out) / md).read_text())
+    click.echo(f"-> {out}/{files}")
 
 
 @main.group("eval")
@@ -195,26 +218,7 @@ def eval_group() -> None:
 @click.option("--n", "-n", default=1000, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
 @click.option("--floor/--no-floor", default=True, show_default=True, help="Add a row for n real images.")
 @click.option("--out", default="eval/table1", show_default=True, help="Output folder (resumes what it holds).")
-def table1_cmd(
-    model_path,
-    class_spec,
-    guidance,
-    spacing,
-    seed,
-    batch,
-    progress,
-    device,
-    features,
-    inception_weights,
-    data,
-    cache,
-    steps_list,
-    eta_list,
-    sampler_list,
-    n,
-    floor,
-    out,
-) -> None:
+def table1_cmd(run, feats, steps_list, eta_list, sampler_list, n, floor, out) -> None:
     """Table 1: sample quality (Fréchet distance, KID, precision, recall) for each S and η.
 
     Writes OUT/table1.csv, table1.md, table1.png and the cached samples (OUT/cells); a killed run
@@ -223,6 +227,7 @@ def table1_cmd(
     from ddim.evaluation.table1 import run_table1
     from ddim.sampling import SAMPLERS
 
+    seed, progress = run["seed"], run["progress"]
     steps = _ints(steps_list, "--steps")
     etas = _etas(eta_list)
     samplers = [s.strip() for s in sampler_list.split(",") if s.strip()]
@@ -231,29 +236,28 @@ def table1_cmd(
         raise UsageError(f"--sampler: unknown {bad or sampler_list!r}; valid: {', '.join(sorted(SAMPLERS))}")
     _check_out_folder(out)
     _check_seeds(seed, n)
-    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
-    extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
-    try:
-        run_table1(
-            setup,
-            out,
-            extractor,
-            reference,
-            steps=steps,
-            etas=etas,
-            samplers=samplers,
-            n=n,
-            floor=floor,
-            progress=progress,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    click.echo((Path(out) / "table1.md").read_text())
-    click.echo(f"-> {out}/table1.csv, table1.md, table1.png")
+    setup, config = _setup(run)
+    extractor, reference = _extractor_and_reference(setup, config, feats, progress)
+    _run_eval(
+        out,
+        "table1.md",
+        "table1.csv, table1.md, table1.png",
+        run_table1,
+        setup,
+        out,
+        extractor,
+        reference,
+        steps=steps,
+        etas=etas,
+        samplers=samplers,
+        n=n,
+        floor=floor,
+        progress=progress,
+    )
 
 
 @eval_group.command("table2")
-@click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
+@model_option()
 @click.option("--steps", "steps_list", default="10,20,50,100", show_default=True, help="Step counts S.")
 @click.option(
     "--n",
@@ -277,7 +281,7 @@ def table1_cmd(
 @click.option("--spacing", default="leading", show_default=True)
 @click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", default="eval/table2", show_default=True, help="Output folder (resumes what it holds).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option()
 @click.option(
     "--method",
     "methods",
@@ -300,7 +304,8 @@ def table2_cmd(
 
     steps = _ints(steps_list, "--steps")
     _check_out_folder(out)
-    setup, config = _setup(model_path, "none", None, spacing, 0, batch, device)
+    fixed = {"model_path": model_path, "class_spec": "none", "guidance": None, "seed": 0}
+    setup, config = _setup({**fixed, "spacing": spacing, "batch": batch, "device": device})
     try:
         d, name = heldout_data(setup.model, config, data)
     except (ValueError, RuntimeError) as e:
@@ -316,22 +321,21 @@ def table2_cmd(
             raise UsageError(
                 f"--labels: the data has class {int(y.max())}; the model has classes 0..{setup.num_classes - 1}"
             )
-    try:
-        run_table2(
-            setup,
-            d.images,
-            out,
-            steps=steps,
-            labels=y,
-            data_name=name,
-            progress=progress,
-            methods=list(dict.fromkeys(methods)),
-            max_iter=max_iter,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    click.echo((Path(out) / "table2.md").read_text())
-    click.echo(f"-> {out}/table2.csv, table2.md, table2.png, table2_examples.png")
+    _run_eval(
+        out,
+        "table2.md",
+        "table2.csv, table2.md, table2.png, table2_examples.png",
+        run_table2,
+        setup,
+        d.images,
+        out,
+        steps=steps,
+        labels=y,
+        data_name=name,
+        progress=progress,
+        methods=list(dict.fromkeys(methods)),
+        max_iter=max_iter,
+    )
 
 
 @eval_group.command("consistency")
@@ -340,22 +344,27 @@ def table2_cmd(
 @click.option("--n", "-n", default=20, show_default=True, type=click.IntRange(min=2), help="Noises x_T.")
 @click.option("--columns", default=8, show_default=True, type=click.IntRange(min=1), help="x_T shown in the grid.")
 @click.option("--out", default="eval/consistency", show_default=True)
-def consistency_cmd(
-    model_path, class_spec, guidance, spacing, seed, batch, progress, device, steps_list, n, columns, out
-) -> None:
+def consistency_cmd(run, steps_list, n, columns, out) -> None:
     """§5.2: one x_T decoded at each S; distance to the largest-S image against independent x_T."""
     from ddim.evaluation.consistency import run_consistency
 
+    seed, progress = run["seed"], run["progress"]
     steps = _ints(steps_list, "--steps")
     _check_out_folder(out)
     _check_seeds(seed, n)
-    setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
-    try:
-        run_consistency(setup, out, steps=steps, n=n, columns=columns, progress=progress)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    click.echo((Path(out) / "consistency.md").read_text())
-    click.echo(f"-> {out}/consistency.png, consistency.csv, consistency.md")
+    setup, _ = _setup(run)
+    _run_eval(
+        out,
+        "consistency.md",
+        "consistency.png, consistency.csv, consistency.md",
+        run_consistency,
+        setup,
+        out,
+        steps=steps,
+        n=n,
+        columns=columns,
+        progress=progress,
+    )
 
 
 @eval_group.command("interpolation")
@@ -364,21 +373,26 @@ def consistency_cmd(
 @click.option("--frames", default=9, show_default=True, type=click.IntRange(min=3))
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", default="eval/interpolation", show_default=True)
-def interpolation_cmd(
-    model_path, class_spec, guidance, spacing, seed, batch, progress, device, pairs, frames, steps, out
-) -> None:
+def interpolation_cmd(run, pairs, frames, steps, out) -> None:
     """§5.3: slerp strips between noises, and how even their steps are (largest / mean)."""
     from ddim.evaluation.interpolation import run_interpolation
 
+    seed, progress = run["seed"], run["progress"]
     _check_out_folder(out)
     _check_seeds(seed, 2 * pairs)
-    setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
-    try:
-        run_interpolation(setup, out, pairs=pairs, frames=frames, steps=steps, progress=progress)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    click.echo((Path(out) / "interpolation.md").read_text())
-    click.echo(f"-> {out}/interpolation.png, interpolation.csv, interpolation.md")
+    setup, _ = _setup(run)
+    _run_eval(
+        out,
+        "interpolation.md",
+        "interpolation.png, interpolation.csv, interpolation.md",
+        run_interpolation,
+        setup,
+        out,
+        pairs=pairs,
+        frames=frames,
+        steps=steps,
+        progress=progress,
+    )
 
 
 @eval_group.command("samples")
@@ -392,9 +406,9 @@ def interpolation_cmd(
     help="Images read and featurised at a time, per process.",
 )
 @click.option("--out", default=None, help="Also write the results to FILE.json or FILE.csv.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option()
 @_device_option
-def samples_cmd(source, data, features, inception_weights, cache, batch, out, progress, device) -> None:
+def samples_cmd(source, feats, batch, out, progress, device) -> None:
     """Fréchet distance, KID and precision/recall of images already made, against a reference set.
 
     SOURCE is a folder written by `ddim sample --out DIR/` (its seed_*.png; ddim-sample.json, temporary
@@ -410,6 +424,7 @@ def samples_cmd(source, data, features, inception_weights, cache, batch, out, pr
     from ddim.evaluation.sources import samples_reference_data
     from ddim.shard import open_images
 
+    features, inception_weights, data, cache = _feature_args(feats)
     if out is not None:
         _check_out_file(out, (".json", ".csv"))
     device = _check_device(ddist.local_device(device))
@@ -496,18 +511,8 @@ _REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
 )
 @click.option("--train-data", default=None, help="The model's training images, for memorization [from its config].")
 def report_cmd(
-    model_path,
-    class_spec,
-    guidance,
-    spacing,
-    seed,
-    batch,
-    progress,
-    device,
-    features,
-    inception_weights,
-    data,
-    cache,
+    run,
+    feats,
     out,
     work,
     steps_list,
@@ -532,6 +537,7 @@ def report_cmd(
     from ddim.evaluation.sources import heldout_data as heldout
     from ddim.evaluation.sources import heldout_subset
 
+    seed, progress = run["seed"], run["progress"]
     settings = ReportSettings(
         steps=_ints(steps_list, "--steps"),
         etas=_etas(eta_list),
@@ -550,8 +556,8 @@ def report_cmd(
     work_dir = _check_out_folder(work, "--work") if work else out_path.with_name(out_path.stem + "_files")
     if not work:
         _check_out_folder(str(work_dir), "--work")
-    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
-    extractor, reference = _extractor_and_reference(setup, config, features, inception_weights, data, cache, progress)
+    setup, config = _setup(run)
+    extractor, reference = _extractor_and_reference(setup, config, feats, progress)
     try:
         held_all, held_name = heldout(setup.model, config, heldout_data)
         held = heldout_subset(held_all, table2_n)
@@ -559,7 +565,7 @@ def report_cmd(
         raise UsageError(f"--heldout-data: {e}") from None
     extra = {}
     if evidence:
-        extra = _evidence_inputs(setup, config, extractor, features, data, cache, train_data, progress)
+        extra = _evidence_inputs(setup, config, extractor, feats, train_data, progress)
         extra["memorization_heldout"] = held_all.images
     try:
         build_report(
@@ -580,11 +586,12 @@ def report_cmd(
     click.echo(f"-> {out_path} (results in {work_dir}/)")
 
 
-def _evidence_inputs(setup, config, extractor, features, data, cache, train_data, progress) -> dict:
+def _evidence_inputs(setup, config, extractor, feats: dict, train_data, progress) -> dict:
     """build_report's evidence inputs: the training images (None when unknown, unless --train-data names
     them), the reference set's labels, and the checking classifier's space for 1×28×28 digit models."""
     from ddim.evaluation.memorization import training_data
 
+    features, data, cache = feats["features"], feats["data"], feats["cache"]
     out = {}
     try:
         train, out["train_name"] = training_data(setup.model, config, train_data)
@@ -627,39 +634,6 @@ def _sampler_list(text: str) -> list[str]:
         raise UsageError(str(e)) from None
 
 
-def _setup_options(f):
-    """--model, --class, --guidance, --spacing, --seed, --progress, --device (no --batch)."""
-    from ddim.timesteps import SPACINGS
-
-    opts = [
-        click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default]."),
-        click.option(
-            "--class",
-            "class_spec",
-            default="default",
-            show_default=True,
-            help="Classes as in `ddim sample`, or 'none' for unconditional. default: 'all' for class-conditional "
-            "models.",
-        ),
-        click.option(
-            "--guidance",
-            default=None,
-            type=float,
-            callback=_finite_cb,
-            help="Classifier-free guidance weight [model's default].",
-        ),
-        click.option("--spacing", default="leading", show_default=True, type=click.Choice(sorted(SPACINGS))),
-        click.option(
-            "--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Image i uses seed K+i."
-        ),
-        click.option("--progress/--no-progress", default=True, show_default=True),
-        _device_option,
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
 @eval_group.command("cost")
 @_setup_options
 @click.option("--steps", "steps_list", default="10,25,50,100", show_default=True, help="Step counts S (distinct).")
@@ -675,10 +649,7 @@ def _setup_options(f):
 )
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Timed runs per cell.")
 @click.option("--out", default="eval/cost", show_default=True, help="Output folder (resumes what it holds).")
-def cost_cmd(
-    model_path, class_spec, guidance, spacing, seed, progress, device, steps_list, batch_list, sampler_list, eta,
-    repeats, out,
-) -> None:  # fmt: skip
+def cost_cmd(run, steps_list, batch_list, sampler_list, eta, repeats, out) -> None:
     """Wall time, network calls and peak memory (RSS on CPU, CUDA allocated on GPU) against S and batch size.
 
     Writes OUT/cost.csv, cost.md (with, per sampler, whether memory depends on S), cost.png; cells are
@@ -686,20 +657,27 @@ def cost_cmd(
     """
     from ddim.evaluation.cost import run_cost
 
+    seed, progress = run["seed"], run["progress"]
     steps = _grid(steps_list, "--steps", int, 1)
     batches = _grid(batch_list, "--batches", int, 1)
     samplers = _sampler_list(sampler_list)
     _check_out_folder(out)
     _check_seeds(seed, max(batches))
-    setup, _ = _setup(model_path, class_spec, guidance, spacing, seed, max(batches), device)
-    try:
-        run_cost(
-            setup, out, steps=steps, batches=batches, samplers=samplers, eta=eta, repeats=repeats, progress=progress
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    click.echo((Path(out) / "cost.md").read_text())
-    click.echo(f"-> {out}/cost.csv, cost.md, cost.png")
+    setup, _ = _setup(run, max(batches))
+    _run_eval(
+        out,
+        "cost.md",
+        "cost.csv, cost.md, cost.png",
+        run_cost,
+        setup,
+        out,
+        steps=steps,
+        batches=batches,
+        samplers=samplers,
+        eta=eta,
+        repeats=repeats,
+        progress=progress,
+    )
 
 
 def _extractor(setup, features, inception_weights):
@@ -737,24 +715,24 @@ _feature_options = [
 @click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1), help="Closest pairs in the figure.")
 @click.option("--train-data", default=None, help="The model's training images (load_data spec) [from its config].")
 @click.option("--heldout-data", default=None, help="Real images it never saw [the 500 held-out MNIST-5k digits].")
-@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@batch_option(50)
 @click.option("--out", default="eval/memorization", show_default=True, help="Output folder (resumes what it holds).")
 def memorization_cmd(
-    model_path, class_spec, guidance, spacing, seed, progress, device, features, inception_weights, n, steps, eta,
-    sampler, pairs, train_data, heldout_data, batch, out,
-) -> None:  # fmt: skip
+    run, features, inception_weights, n, steps, eta, sampler, pairs, train_data, heldout_data, batch, out
+) -> None:
     """Does the model copy its training data? Each sample's nearest training image (pixels and features)
     against the nearest held-out image; the share of samples nearer a training image, beside real
     unseen images as a control; a figure of the closest pairs."""
     from ddim.evaluation.memorization import run_memorization, training_data
     from ddim.evaluation.sources import heldout_data as heldout
 
+    seed, progress = run["seed"], run["progress"]
     _sampler_list(sampler)
     _check_out_folder(out)
     _check_seeds(seed, n)
     if pairs > n:
         raise UsageError(f"--pairs ({pairs}) must be at most --n ({n})")
-    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    setup, config = _setup(run, batch)
     try:
         train, train_name = training_data(setup.model, config, train_data)
     except (ValueError, RuntimeError) as e:
@@ -764,15 +742,25 @@ def memorization_cmd(
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--heldout-data: {e}") from None
     extractor = _extractor(setup, features, inception_weights)
-    try:
-        run_memorization(
-            setup, out, extractor, train.images, held.images, n=n, steps=steps, eta=eta, sampler=sampler,
-            pairs=pairs, train_name=train_name, heldout_name=held_name, progress=progress,
-        )  # fmt: skip
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    click.echo((Path(out) / "memorization.md").read_text())
-    click.echo(f"-> {out}/memorization.csv, memorization.md, memorization.png, memorization_hist.png")
+    _run_eval(
+        out,
+        "memorization.md",
+        "memorization.csv, memorization.md, memorization.png, memorization_hist.png",
+        run_memorization,
+        setup,
+        out,
+        extractor,
+        train.images,
+        held.images,
+        n=n,
+        steps=steps,
+        eta=eta,
+        sampler=sampler,
+        pairs=pairs,
+        train_name=train_name,
+        heldout_name=held_name,
+        progress=progress,
+    )
 
 
 def _reference_with_labels(setup, config, extractor, data, cache, progress):
@@ -798,36 +786,43 @@ def _reference_with_labels(setup, config, extractor, data, cache, progress):
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps S.")
 @click.option("--n", "-n", default=500, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
 @click.option("--seeds-shown", default=6, show_default=True, type=click.IntRange(min=1), help="Rows of the figure.")
-@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@batch_option(50)
 @click.option("--out", default="eval/diversity", show_default=True, help="Output folder (resumes what it holds).")
-def diversity_cmd(
-    model_path, class_spec, guidance, spacing, seed, progress, device, features, inception_weights, data, cache,
-    eta_list, sampler_list, steps, n, seeds_shown, batch, out,
-) -> None:  # fmt: skip
+def diversity_cmd(run, feats, eta_list, sampler_list, steps, n, seeds_shown, batch, out) -> None:
     """η and diversity: within-class feature diversity, recall and quality for each η (DDIM) and sampler,
     and how far the same x_T's image moves as η grows."""
     from ddim.evaluation.diversity import run_diversity
 
+    seed, progress = run["seed"], run["progress"]
+    features, inception_weights, data, cache = _feature_args(feats)
     etas = _grid(eta_list, "--eta", float, 0.0)
     samplers = _sampler_list(sampler_list)
     _check_out_folder(out)
     _check_seeds(seed, n)
     if seeds_shown > n:
         raise UsageError(f"--seeds-shown ({seeds_shown}) must be at most --n ({n})")
-    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    setup, config = _setup(run, batch)
     extractor = _extractor(setup, features, inception_weights)
     reference, labels = _reference_with_labels(setup, config, extractor, data, cache, progress)
     if n > len(reference.features):
         raise UsageError(f"--n ({n}) is larger than the reference set ({len(reference.features)} images)")
-    try:
-        run_diversity(
-            setup, out, extractor, reference, reference_labels=labels, etas=etas, samplers=samplers, steps=steps,
-            n=n, seeds_shown=seeds_shown, progress=progress,
-        )  # fmt: skip
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    click.echo((Path(out) / "diversity.md").read_text())
-    click.echo(f"-> {out}/diversity.csv, diversity.md, diversity.png, diversity_seeds.png")
+    _run_eval(
+        out,
+        "diversity.md",
+        "diversity.csv, diversity.md, diversity.png, diversity_seeds.png",
+        run_diversity,
+        setup,
+        out,
+        extractor,
+        reference,
+        reference_labels=labels,
+        etas=etas,
+        samplers=samplers,
+        steps=steps,
+        n=n,
+        seeds_shown=seeds_shown,
+        progress=progress,
+    )
 
 
 @eval_group.command("guidance")
@@ -862,22 +857,34 @@ def diversity_cmd(
     type=click.FloatRange(0, 1),
     help="The default may only be a w whose class accuracy stays at or above this in every cell.",
 )
-@click.option("--batch", default=50, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@batch_option(50)
 @click.option("--out", default="eval/guidance", show_default=True, help="Output folder (resumes what it holds).")
 def guidance_cmd(
-    model_path, class_spec, guidance, spacing, seed, progress, device, features_list, inception_weights, data, cache,
-    guidance_list, steps_list, sampler_list, eta, n, min_accuracy, batch, out,
-) -> None:  # fmt: skip
+    run,
+    features_list,
+    inception_weights,
+    data,
+    cache,
+    guidance_list,
+    steps_list,
+    sampler_list,
+    eta,
+    n,
+    min_accuracy,
+    batch,
+    out,
+) -> None:
     """Guidance × steps: Fréchet distance, precision, recall and class accuracy for each w, S and sampler in
     each feature space, the best w per step count marked, and the default w they point to."""
     from ddim.evaluation.guidance import run_guidance
 
+    seed, progress = run["seed"], run["progress"]
     ws = _grid(guidance_list, "--guidances", float, 0.0)
     steps = _grid(steps_list, "--steps", int, 1)
     samplers = _sampler_list(sampler_list)
     _check_out_folder(out)
     _check_seeds(seed, n)
-    setup, config = _setup(model_path, class_spec, guidance, spacing, seed, batch, device)
+    setup, config = _setup(run, batch)
     if not setup.num_classes or setup.class_spec is None:
         raise UsageError("--class: guidance needs a class-conditional model and classes (not 'none')")
     if features_list is None:
@@ -895,12 +902,19 @@ def guidance_cmd(
         if n > len(reference.features):
             raise UsageError(f"--n ({n}) is larger than the reference set ({len(reference.features)} images)")
         spaces.append((extractor, reference))
-    try:
-        run_guidance(
-            setup, out, spaces, guidances=ws, steps=steps, samplers=samplers, n=n, eta=eta,
-            min_accuracy=min_accuracy, progress=progress,
-        )  # fmt: skip
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    click.echo((Path(out) / "guidance.md").read_text())
-    click.echo(f"-> {out}/guidance.csv, guidance.md, guidance.png")
+    _run_eval(
+        out,
+        "guidance.md",
+        "guidance.csv, guidance.md, guidance.png",
+        run_guidance,
+        setup,
+        out,
+        spaces,
+        guidances=ws,
+        steps=steps,
+        samplers=samplers,
+        n=n,
+        eta=eta,
+        min_accuracy=min_accuracy,
+        progress=progress,
+    )

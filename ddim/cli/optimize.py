@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import click
 
-from ddim.cli.common import UsageError, _check_seeds, _finite_cb, _guidance, _load_model, main
+from ddim.cli.common import (
+    UsageError,
+    _check_seeds,
+    _guidance,
+    _load_model,
+    class_option,
+    count_option,
+    guidance_option,
+    main,
+    model_option,
+    progress_option,
+    seed_option,
+)
 from ddim.sampling import SAMPLERS
 from ddim.solvers import STOCHASTIC_SAMPLERS
 
@@ -12,27 +24,13 @@ _DETERMINISTIC = sorted(s for s in SAMPLERS if s not in STOCHASTIC_SAMPLERS)
 
 
 @main.command("optimize-timesteps")
-@click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
+@model_option()
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timesteps to choose (S).")
 @click.option("--sampler", default="ddim", show_default=True, type=click.Choice(_DETERMINISTIC))
-@click.option(
-    "--n", "-n", default=16, show_default=True, type=click.IntRange(min=1), help="Training noises (seeds K…K+n-1)."
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="First seed K.")
-@click.option(
-    "--class",
-    "class_spec",
-    default="all",
-    show_default=True,
-    help="Classes of the training noises as in `ddim sample` ('all', an int, a comma list), or 'none'.",
-)
-@click.option(
-    "--guidance",
-    default=None,
-    type=float,
-    callback=_finite_cb,
-    help="Classifier-free guidance weight [model's default].",
-)
+@count_option(16, "Training noises (seeds K…K+n-1).")
+@seed_option("First seed K.")
+@class_option("all", "Classes of the training noises as in `ddim sample` ('all', an int, a comma list), or 'none'.")
+@guidance_option()
 @click.option(
     "--reference-sampler",
     default="dpmpp_3m",
@@ -55,7 +53,7 @@ _DETERMINISTIC = sorted(s for s in SAMPLERS if s not in STOCHASTIC_SAMPLERS)
     type=click.IntRange(min=0),
     help="Also compare with the starting spacing on this many unseen noises (seeds after the training ones).",
 )
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option()
 def optimize_cmd(
     model_path,
     steps,

@@ -13,49 +13,31 @@ from ddim.cli.common import (
     _check_out_file,
     _check_out_folder,
     _check_seeds,
-    _finite_cb,
     _guidance,
     _load_model,
     _parse_timesteps,
     _prepare_model,
     _runtime_options,
     _sampling_options,
+    batch_option,
+    class_option,
+    count_option,
+    guidance_option,
     main,
+    model_option,
+    progress_option,
+    seed_option,
 )
 
 
 @main.command("sample")
 @_sampling_options
 @_runtime_options
-@click.option(
-    "--n",
-    "-n",
-    default=16,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Number of images (write -n under torchrun, whose parser takes --n for its own options).",
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed K+i.")
-@click.option(
-    "--class",
-    "class_spec",
-    default=None,
-    help="Class: an int, a comma list, or 'all' (image i gets class i mod K). Absent: unconditional.",
-)
-@click.option(
-    "--guidance",
-    default=None,
-    type=float,
-    callback=_finite_cb,
-    help="Classifier-free guidance weight [model's default].",
-)
-@click.option(
-    "--batch",
-    default=256,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per batch (8 for Stable Diffusion folders unless given).",
-)
+@count_option(16, "Number of images (write -n under torchrun, whose parser takes --n for its own options).")
+@seed_option()
+@class_option(None, "Class: an int, a comma list, or 'all' (image i gets class i mod K). Absent: unconditional.")
+@guidance_option()
+@batch_option(256, "Images per batch (8 for Stable Diffusion folders unless given).")
 @click.option(
     "--out",
     default="samples.png",
@@ -69,7 +51,7 @@ from ddim.cli.common import (
     default=None,
     help="With x̂₀ clipping: recompute ε̂ from the clipped x̂₀, or keep the model's ε̂ (diffusers' DDIM) [model]",
 )
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option()
 @click.option("--prompt", default=None, help='Text prompt (Stable Diffusion folders) [""].')
 @click.option("--negative-prompt", default=None, help='Negative prompt: the unconditional half of guidance [""].')
 @click.option(
@@ -292,10 +274,10 @@ def _text_options(model, prompt, negative_prompt, prompts_file, height, width, g
 
 @main.command("invert")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
+@model_option()
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
 @_spacing_option
-@click.option("--class", "class_spec", default=None, help="Condition on this class (int or comma list) [null class].")
+@class_option(None, "Condition on this class (int or comma list) [null class].")
 @click.option(
     "--out",
     default="inverted",
@@ -413,15 +395,15 @@ def _invert_text(model, schedule, config, images, steps, spacing, class_spec, ou
 
 
 @main.command("interpolate")
-@click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
+@model_option()
 @click.option("--seed-a", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--seed-b", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--frames", default=9, show_default=True, type=click.IntRange(min=2))
 @click.option("--class", "class_spec", default=None, type=int, help="Class of the strip [unconditional].")
-@click.option("--guidance", default=None, type=float, callback=_finite_cb, help="Guidance weight [model's default].")
+@guidance_option("Guidance weight [model's default].")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
 @_spacing_option
-@click.option("--batch", default=256, show_default=True, type=click.IntRange(min=1), help="Frames per batch.")
+@batch_option(256, "Frames per batch.")
 @click.option("--out", default="interpolation.png", show_default=True, help="PNG strip.")
 def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, steps, spacing, batch, out) -> None:
     """Decode a slerp strip between the noises of two seeds (deterministic DDIM)."""
@@ -477,7 +459,7 @@ def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, st
 
 
 @main.command("compare")
-@click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
+@model_option()
 @click.option("--seeds", default="0,1,2,3,4,5,6,7", show_default=True, help="Comma list of seeds (one column each).")
 @click.option("--steps", "steps_list", default="10,20,50,100", show_default=True, help="DDIM step counts.")
 @click.option(
@@ -487,8 +469,8 @@ def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, st
     type=click.IntRange(min=1),
     help="Steps of the DDPM reference row (the model's T for the full chain).",
 )
-@click.option("--class", "class_spec", default=None, help="Class spec as in `ddim sample` [unconditional].")
-@click.option("--guidance", default=None, type=float, callback=_finite_cb, help="Guidance weight [model's default].")
+@class_option()
+@guidance_option("Guidance weight [model's default].")
 @click.option("--out", default="compare.png", show_default=True, help="Figure (PNG).")
 def compare_cmd(model_path, seeds, steps_list, ddpm_steps, class_spec, guidance, out) -> None:
     """DDPM with the full chain next to DDIM at a few step counts, same seeds, with the time each took."""

@@ -7,7 +7,14 @@ import socket
 
 import click
 
-from ddim.cli.common import UsageError, _check_device, _threads_cb, main
+from ddim.cli.common import (
+    UsageError,
+    _check_device,
+    device_option,
+    main,
+    model_option,
+    threads_option,
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -35,7 +42,7 @@ def _check_listen(host: str, port: int) -> None:
 
 
 @main.command("serve")
-@click.option("--model", "model_path", default=None, help="Model folder or .safetensors [embedded default].")
+@model_option()
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -43,14 +50,8 @@ def _check_listen(host: str, port: int) -> None:
     help="Interface to listen on (another than loopback makes the page reachable from the network).",
 )
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535), help="Port (0: a free one).")
-@click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, mps.")
-@click.option(
-    "--threads",
-    default=None,
-    type=click.IntRange(min=1),
-    callback=_threads_cb,
-    help="CPU threads [$OMP_NUM_THREADS, else all].",
-)
+@device_option("Where the model runs: cpu, cuda, mps.")
+@threads_option()
 @click.option(
     "--queue",
     "queue_size",
