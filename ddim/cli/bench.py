@@ -6,15 +6,8 @@ import time
 
 import click
 
-from ddim.cli.common import (
-    UsageError,
-    _check_device,
-    _finite_cb,
-    device_option,
-    main,
-    model_option,
-    threads_option,
-)
+from ddim.cli.common import UsageError, _check_device, _finite_cb, main
+from ddim.cli.options import device_option, model_option, threads_option
 
 
 def _int_list(text: str, flag: str) -> list[int]:

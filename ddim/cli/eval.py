@@ -15,13 +15,15 @@ from ddim.cli.common import (
     _check_out_file,
     _check_out_folder,
     _check_seeds,
-    _finite_cb,
     _load_model,
+    main,
+)
+from ddim.cli.options import (
     batch_option,
     class_option,
     collect,
+    eta_option,
     guidance_option,
-    main,
     model_option,
     progress_option,
     seed_option,
@@ -639,14 +641,7 @@ def _sampler_list(text: str) -> list[str]:
 @click.option("--steps", "steps_list", default="10,25,50,100", show_default=True, help="Step counts S (distinct).")
 @click.option("--batches", "batch_list", default="1,16", show_default=True, help="Batch sizes (distinct).")
 @click.option("--sampler", "sampler_list", default="ddim,ddpm,dpmpp_2m", show_default=True, help="Samplers.")
-@click.option(
-    "--eta",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    callback=_finite_cb,
-    help="η of the ddim cells.",
-)
+@eta_option("η of the ddim cells.")
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="Timed runs per cell.")
 @click.option("--out", default="eval/cost", show_default=True, help="Output folder (resumes what it holds).")
 def cost_cmd(run, steps_list, batch_list, sampler_list, eta, repeats, out) -> None:
@@ -708,9 +703,7 @@ _feature_options = [
 @_feature_options[1]
 @click.option("--n", "-n", default=500, show_default=True, type=click.IntRange(min=1), help="Samples.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps S.")
-@click.option(
-    "--eta", default=0.0, show_default=True, type=click.FloatRange(min=0), callback=_finite_cb, help="η (ddim)."
-)
+@eta_option("η (ddim).")
 @click.option("--sampler", default="ddim", show_default=True, help="Sampler.")
 @click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1), help="Closest pairs in the figure.")
 @click.option("--train-data", default=None, help="The model's training images (load_data spec) [from its config].")
@@ -841,14 +834,7 @@ def diversity_cmd(run, feats, eta_list, sampler_list, steps, n, seeds_shown, bat
 @click.option("--guidances", "guidance_list", default="1,1.5,2,3,4", show_default=True, help="Guidance weights w.")
 @click.option("--steps", "steps_list", default="10,20,50", show_default=True, help="Step counts S (distinct).")
 @click.option("--sampler", "sampler_list", default="ddim", show_default=True, help="Samplers.")
-@click.option(
-    "--eta",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    callback=_finite_cb,
-    help="η of the ddim cells.",
-)
+@eta_option("η of the ddim cells.")
 @click.option("--n", "-n", default=200, show_default=True, type=click.IntRange(min=4), help="Samples per cell.")
 @click.option(
     "--min-accuracy",

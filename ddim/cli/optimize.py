@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ddim.cli.common import (
-    UsageError,
-    _check_seeds,
-    _guidance,
-    _load_model,
-    class_option,
-    count_option,
-    guidance_option,
-    main,
-    model_option,
-    progress_option,
-    seed_option,
-)
+from ddim.cli.common import UsageError, _check_seeds, _guidance, _load_model, main
+from ddim.cli.options import class_option, count_option, guidance_option, model_option, progress_option, seed_option
 from ddim.sampling import SAMPLERS
 from ddim.solvers import STOCHASTIC_SAMPLERS
 

@@ -17,22 +17,24 @@ from ddim.cli.common import (
     _load_model,
     _parse_timesteps,
     _prepare_model,
-    _runtime_options,
-    _sampling_options,
+    main,
+)
+from ddim.cli.options import (
     batch_option,
     class_option,
     count_option,
     guidance_option,
-    main,
     model_option,
     progress_option,
+    runtime_options,
+    sampling_options,
     seed_option,
 )
 
 
 @main.command("sample")
-@_sampling_options
-@_runtime_options
+@sampling_options
+@runtime_options
 @count_option(16, "Number of images (write -n under torchrun, whose parser takes --n for its own options).")
 @seed_option()
 @class_option(None, "Class: an int, a comma list, or 'all' (image i gets class i mod K). Absent: unconditional.")

@@ -7,14 +7,8 @@ import socket
 
 import click
 
-from ddim.cli.common import (
-    UsageError,
-    _check_device,
-    device_option,
-    main,
-    model_option,
-    threads_option,
-)
+from ddim.cli.common import UsageError, _check_device, main
+from ddim.cli.options import device_option, model_option, threads_option
 
 
 def _is_loopback(host: str) -> bool:
