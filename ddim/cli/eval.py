@@ -4,6 +4,7 @@ quality of images already made (a folder written by `ddim sample`, under torchru
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -284,21 +285,43 @@ def table1_cmd(
     multiple=True,
     default=("ddim",),
     show_default=True,
-    type=click.Choice(["ddim", "fixed_point"]),
-    help="Inversion method, repeatable: a row per method (fixed_point: exact inversion).",
+    type=click.Choice(["ddim", "fixed_point", "bdia"]),
+    help="Inversion method, repeatable: a row per method (fixed_point, bdia: exact inversion; docs/inversion.md).",
 )
 @click.option(
     "--max-iter", default=4, show_default=True, type=click.IntRange(min=1), help="fixed_point: calls per step at most."
 )
+@click.option(
+    "--budget",
+    default="uniform",
+    show_default=True,
+    type=click.Choice(["uniform", "front"]),
+    help="fixed_point: --max-iter calls every step, or the same total front-loaded (more on the first steps).",
+)
+@click.option(
+    "--guidance",
+    "guidance_list",
+    default="1",
+    show_default=True,
+    help="Guidance weights w of both directions, comma list (w != 1 conditions on the data's classes).",
+)
 @_device_option
 def table2_cmd(
-    model_path, steps_list, n, data, labels, spacing, batch, out, progress, methods, max_iter, device
-) -> None:
+    model_path, steps_list, n, data, labels, spacing, batch, out, progress, methods, max_iter, budget, guidance_list,
+    device,
+) -> None:  # fmt: skip
     """Table 2: DDIM inversion then decoding; per-dimension MSE on [0, 1] against S, with an example figure."""
     from ddim.evaluation.sources import heldout_data, heldout_subset
     from ddim.evaluation.table2 import run_table2
 
     steps = _ints(steps_list, "--steps")
+    try:
+        weights = [float(w) for w in guidance_list.split(",")]
+    except ValueError:
+        raise UsageError(f"--guidance: expected comma-separated numbers, got {guidance_list!r}") from None
+    if len(set(weights)) != len(weights) or not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"--guidance: expected distinct finite weights, got {guidance_list!r}")
+    labels = labels or any(w != 1.0 for w in weights)  # guidance needs the condition
     _check_out_folder(out)
     setup, config = _setup(model_path, "none", None, spacing, 0, batch, device)
     try:
@@ -310,7 +333,7 @@ def table2_cmd(
     y = None
     if labels:
         if d.labels is None or not setup.num_classes:
-            raise UsageError("--labels needs labelled data and a class-conditional model")
+            raise UsageError("--labels (and --guidance other than 1) needs labelled data and a class-conditional model")
         y = d.labels[:n]
         if int(y.max()) >= setup.num_classes:
             raise UsageError(
@@ -327,6 +350,8 @@ def table2_cmd(
             progress=progress,
             methods=list(dict.fromkeys(methods)),
             max_iter=max_iter,
+            budget=budget,
+            guidance=weights,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
