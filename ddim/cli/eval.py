@@ -293,7 +293,7 @@ def table1_cmd(
 )
 @click.option(
     "--budget",
-    default="uniform",
+    default="front",
     show_default=True,
     type=click.Choice(["uniform", "front"]),
     help="fixed_point: --max-iter calls every step, or the same total front-loaded (more on the first steps).",

@@ -317,7 +317,7 @@ def _text_options(model, prompt, negative_prompt, prompts_file, height, width, g
 )
 @click.option(
     "--budget",
-    default="uniform",
+    default="front",
     show_default=True,
     type=click.Choice(["uniform", "front"]),
     help="fixed_point: --max-iter calls every step, or the same total front-loaded (more on the first steps).",
