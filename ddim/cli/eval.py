@@ -359,6 +359,58 @@ def table2_cmd(
     click.echo(f"-> {out}/table2.csv, table2.md, table2.png, table2_examples.png")
 
 
+@eval_group.command("edit")
+@click.option("--model", "model_path", default=None, help="A class-conditional model [embedded default].")
+@click.option("--n", "-n", default=50, show_default=True, type=click.IntRange(min=1), help="Held-out images.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="S of every edit.")
+@click.option("--strengths", default="0.3,0.5,0.7,0.9", show_default=True, help="SDEdit strengths in (0, 1].")
+@click.option("--guidance", default=1.0, show_default=True, type=float, help="Guidance weight of the regeneration.")
+@click.option("--data", default=None, help="Labelled held-out images (a load_data spec) [MNIST-5k held-out digits].")
+@click.option("--classifier", default=None, help="Digit classifier weights [the shipped one].")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@click.option("--out", default="eval/edit", show_default=True, help="Output folder.")
+@_device_option
+def edit_cmd(model_path, n, steps, strengths, guidance, data, classifier, seed, out, device) -> None:
+    """Editing evidence: class-edit target accuracy against distance to the source (inversion edit and
+    SDEdit at several strengths: a trade-off curve), inpainting accuracy and seam, example figures."""
+    import torch
+
+    from ddim.classifier import load_classifier
+    from ddim.edit import check_strength
+    from ddim.evaluation.edit import run_edit_eval
+    from ddim.evaluation.sources import heldout_data, heldout_subset
+
+    try:
+        ss = [float(v) for v in strengths.split(",")]
+        [check_strength(v) for v in ss]
+    except ValueError as e:
+        raise UsageError(f"--strengths: {e}") from None
+    if not math.isfinite(guidance):
+        raise UsageError(f"--guidance must be a finite number, got {guidance}")
+    _check_out_folder(out)
+    model, schedule, config = _load_model(model_path, device)
+    if not int(getattr(model.config, "num_classes", 0) or 0):
+        raise UsageError("--model: the edit evaluation needs a class-conditional model")
+    try:
+        d, _ = heldout_data(model, config, data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--data: {e}") from None
+    if d.labels is None:
+        raise UsageError("--data: the edit evaluation needs labelled images")
+    try:
+        clf = load_classifier(classifier)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--classifier: {e}") from None
+    d = heldout_subset(d, n)
+    dev = torch.device(_check_device(device))
+    rows = run_edit_eval(
+        model, schedule, d.images.to(dev), d.labels.to(dev), clf, out, steps=steps, strengths=ss, guidance=guidance,
+        prediction=config["prediction"], seed=seed,
+    )  # fmt: skip
+    click.echo((Path(out) / "edit.md").read_text())
+    click.echo(f"-> {out}/edit.csv, edit.md, edit.png, edit_examples.png ({len(rows)} rows)")
+
+
 @eval_group.command("consistency")
 @_common
 @click.option("--steps", "steps_list", default="10,20,50,100,200,500,1000", show_default=True, help="Step counts S.")
