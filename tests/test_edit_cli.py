@@ -137,3 +137,31 @@ def test_exact_class_swap_and_latent_arithmetic(tiny):
     z0 = ddim.invert(model, x, schedule, steps=5, model_kwargs=kw["model_kwargs"], method="fixed_point", max_iter=8)
     torch.testing.assert_close(z2, z0 + means[0] - means[1])
     assert not torch.allclose(moved, same)
+
+
+def test_edit_evaluation_rows_and_files(tmp_path, tiny, capsys):
+    """`run_edit_eval` on the tiny model with a stand-in classifier: a row per edit, the files, the seam."""
+    from ddim.evaluation.edit import run_edit_eval, seam, targets_for
+
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    t = targets_for(labels, 4)
+    assert not bool((t == labels).any()) and t.tolist() == [1, 3, 1, 0, 2]
+    x = torch.zeros(1, 1, 2, 4)
+    x[..., 2:] = 1.0  # a step of 1 (0.5 on [0, 1]) between columns 1 and 2
+    assert seam(x, 2) == 0.5 and seam(x, 1) == 0.0
+    model, schedule, _ = ddim.load(tiny)
+    images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
+
+    class Const(torch.nn.Module):  # "classifies" everything as class 1: accuracy = share of targets equal to 1
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.ones(x.shape[0], dtype=torch.long), 4).float()
+
+    rows = run_edit_eval(model, schedule, images, labels, Const(), tmp_path / "ev", steps=3, strengths=[0.5, 1.0])
+    assert [r["edit"] for r in rows] == ["inversion", "sdedit", "sdedit", "inpaint", "inpaint r=3"]
+    assert all(r["accuracy"] == pytest.approx(0.4) for r in rows)  # 2 of 5 targets are class 1
+    assert rows[1]["distance"] < rows[2]["distance"] and rows[3]["seam"] is not None and rows[0]["seam"] is None
+    assert rows[3]["nfe"] == 3 and rows[4]["nfe"] == 2 * 3 + 1 and rows[0]["nfe"] == 3 * 4 + 3
+    for f in ("edit.csv", "edit.md", "edit.png", "edit_examples.png", "edit.json"):
+        assert (tmp_path / "ev" / f).is_file()
+    assert run(["eval", "edit", "--model", tiny, "--strengths", "0.5,2", "--out", str(tmp_path / "e2")]) == 2
+    assert "--strengths" in capsys.readouterr().err
