@@ -163,5 +163,9 @@ def test_edit_evaluation_rows_and_files(tmp_path, tiny, capsys):
     assert rows[3]["nfe"] == 3 and rows[4]["nfe"] == 2 * 3 + 1 and rows[0]["nfe"] == 3 * 4 + 3
     for f in ("edit.csv", "edit.md", "edit.png", "edit_examples.png", "edit.json"):
         assert (tmp_path / "ev" / f).is_file()
+    from ddim.evaluation.edit import render_edit_section
+
+    page = "".join(render_edit_section(rows, tmp_path / "ev"))
+    assert "Editing real images" in page and page.count("data:image/png;base64") == 2 and "inpaint r=3" in page
     assert run(["eval", "edit", "--model", tiny, "--strengths", "0.5,2", "--out", str(tmp_path / "e2")]) == 2
     assert "--strengths" in capsys.readouterr().err

@@ -550,6 +550,13 @@ _REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
 @click.option(
     "--table2-n", default=_REPORT.table2_n, show_default=True, type=click.IntRange(min=1), help="Table 2 images."
 )
+@click.option(
+    "--edit-n",
+    default=_REPORT.edit_n,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Editing section: held-out images (class-conditional digit models; 0 = leave it out).",
+)
 @click.option("--heldout-data", default=None, help="Table 2 images (load_data spec) [MNIST-5k held-out digits].")
 @click.option("--consistency-steps", default=_REPORT_CONSISTENCY, show_default=True, help="Consistency step counts.")
 @click.option(
@@ -591,6 +598,7 @@ def report_cmd(
     eta_list,
     n,
     table2_n,
+    edit_n,
     heldout_data,
     consistency_steps,
     consistency_n,
@@ -614,6 +622,7 @@ def report_cmd(
         etas=_etas(eta_list),
         n=n,
         table2_n=table2_n,
+        edit_n=edit_n,
         consistency_steps=_ints(consistency_steps, "--consistency-steps"),
         consistency_n=consistency_n,
         pairs=pairs,
@@ -650,6 +659,7 @@ def report_cmd(
             held_name,
             settings,
             progress=progress,
+            heldout_labels=held.labels,
             **extra,
         )
     except ValueError as e:
