@@ -41,6 +41,7 @@ __all__ = [
     "fit_image",
     "inpaint",
     "latent_arithmetic",
+    "prompt_edit",
     "read_image",
     "read_mask",
     "sdedit",
@@ -448,3 +449,50 @@ def composite(edited: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.
     """uint8 [H, W, C]: ``edited`` where ``mask`` (bool [H, W]) is True, ``original`` (the same pixels,
     bit for bit) elsewhere."""
     return np.where(mask[..., None], edited, original)
+
+
+# ============================================================================ text models (latent space)
+@torch.no_grad()
+def prompt_edit(
+    model: Any,
+    schedule: NoiseSchedule,
+    config: Mapping[str, Any],
+    images: torch.Tensor,
+    source_prompt: str,
+    prompt: str,
+    *,
+    steps: int = 50,
+    guidance: float = 1.0,
+    method: str = "fixed_point",
+    max_iter: int | list[int] | None = None,
+    spacing: str | None = None,
+) -> dict[str, Any]:
+    """Edit images with a Stable Diffusion folder's model (:func:`ddim.load` of a pipeline folder): encode
+    with the VAE, invert the latents under ``source_prompt`` (unguided, ``method``: "fixed_point" by
+    default with 4 calls a step front-loaded, or "ddim"), regenerate the same z_T under ``prompt`` with
+    guidance ``guidance`` against the empty prompt, decode. Latent-space counterpart of :func:`class_swap`.
+
+    Args:
+        images: float32 [N, 3, H, W] in [-1, 1], sides multiples of the VAE factor.
+        steps, spacing: as :func:`ddim.stable_diffusion.invert_text_images` (default: the folder
+            scheduler's timesteps).
+
+    Returns: {"images": edited [N, 3, H, W], "latents": z_T, "encoded": z_0, "edited": the edited latents}.
+    """
+    from ddim.inversion import front_loaded
+    from ddim.stable_diffusion import PromptConditioning, pipeline_sampling_kwargs
+
+    if method not in ("ddim", "fixed_point"):
+        raise ValueError(f"method must be 'ddim' or 'fixed_point', got {method!r}")
+    n = images.shape[0]
+    z0 = model.encode(images)
+    kw = pipeline_sampling_kwargs(config, schedule, steps, spacing)
+    ts = kw["timesteps"] if kw["timesteps"] is not None else make_timesteps(schedule, steps, kw["spacing"]).tolist()
+    pred = config["prediction"]
+    src, _ = PromptConditioning.from_prompts(model, [source_prompt])(range(n), z0.device)
+    tgt, unc = PromptConditioning.from_prompts(model, [prompt])(range(n), z0.device)
+    caps = max_iter if max_iter is not None else front_loaded(len(ts), 4 * len(ts))
+    zT = invert(model, z0, schedule, timesteps=ts, prediction=pred, model_kwargs=src, method=method, max_iter=caps)
+    g = {"guidance_scale": guidance, "uncond_kwargs": unc} if guidance != 1.0 else {}
+    z = sample(model, zT, schedule, timesteps=ts, prediction=pred, model_kwargs=tgt, **g)
+    return {"images": model.decode(z), "latents": zT, "encoded": z0, "edited": z}

@@ -63,8 +63,8 @@ def _outputs(images: tuple[str, ...], out: str) -> list[Path]:
     type=click.Choice(["ddim", "fixed_point"]),
     help="Inversion of --to-class and --add-class edits (fixed_point: exact, 4 calls a step front-loaded).",
 )
-@click.option("--prompt", default=None, help="Text models: not supported by `ddim edit` yet.")
-@click.option("--source-prompt", default=None, help="Text models: not supported by `ddim edit` yet.")
+@click.option("--prompt", default=None, help="Stable Diffusion folders: the target text (a latent-space edit).")
+@click.option("--source-prompt", default="", help='Stable Diffusion folders: the images\' own text [""].')
 def edit_cmd(
     images, out, model_path, to_class, source_class, strength, mask_path, resample, add_class, sub_class, scale, data,
     per_class, steps, spacing, seed, eta, guidance, method, prompt, source_prompt,
@@ -82,7 +82,7 @@ def edit_cmd(
                              ("--add-class", add_class is not None or sub_class is not None)) if on]  # fmt: skip
     if len(modes) > 1:
         raise UsageError(f"{modes[0]} and {modes[1]} are different edits: give one")
-    if not modes and to_class is None:
+    if not modes and to_class is None and prompt is None:
         raise UsageError("nothing to do: give --to-class, --strength, --mask or --add-class/--subtract-class")
     mode = modes[0] if modes else "--to-class"
     if mode == "--add-class" and (add_class is None or sub_class is None):
@@ -106,8 +106,11 @@ def edit_cmd(
     _check_seeds(seed, len(images))
     paths = _outputs(images, out)
     model, schedule, config = _load_model(model_path)
-    if hasattr(model, "encode_prompt") or prompt is not None or source_prompt is not None:
-        raise UsageError("--prompt/--source-prompt: `ddim edit` runs on pixel models (class-conditional or not) only")
+    if hasattr(model, "encode_prompt"):
+        return _edit_text(model, schedule, config, images, paths, prompt, source_prompt, modes, to_class,
+                          source_class, steps, guidance, method)  # fmt: skip
+    if prompt is not None or source_prompt:
+        raise UsageError("--prompt/--source-prompt: this model has no text encoder (Stable Diffusion folders only)")
     cfg = model.config
     k = int(getattr(cfg, "num_classes", 0) or 0)
     to_class = _class(to_class, "--to-class", k)
@@ -234,3 +237,34 @@ def _write(x, u8, mask, dest: Path) -> None:
         save_png(out, dest)
     except OSError as e:
         raise click.ClickException(f"--out {dest}: {e}") from None
+
+
+def _edit_text(model, schedule, config, images, paths, prompt, source_prompt, modes, to_class, source_class, steps,
+               guidance, method) -> None:  # fmt: skip
+    """`ddim edit --prompt` on a Stable Diffusion folder: :func:`ddim.edit.prompt_edit`, one image at a time."""
+    import torch
+
+    from ddim.edit import fit_image, prompt_edit, read_image
+
+    if prompt is None:
+        raise UsageError("--prompt: a Stable Diffusion folder edits by text (give --prompt, and --source-prompt)")
+    if modes or to_class is not None or source_class is not None:
+        raise UsageError("--to-class/--strength/--mask/--add-class: an SD folder takes --prompt edits only")
+    cfg = model.config
+    size = (cfg.height, cfg.width)
+    u8s = []
+    for p in images:
+        try:
+            u8 = read_image(p, cfg.image_channels)
+            H, W = u8.shape[:2]
+            if H * size[1] != W * size[0]:
+                raise ValueError(f"{p} is {W}×{H} (W×H); the model makes {size[1]}×{size[0]} images: crop or pad it")
+        except ValueError as e:
+            raise UsageError(f"IMAGES: {e}") from None
+        u8s.append(u8)
+    with torch.inference_mode():
+        for p, u8, dest in zip(images, u8s, paths, strict=True):
+            res = prompt_edit(model, schedule, config, fit_image(u8, size, p), source_prompt, prompt, steps=steps,
+                              guidance=guidance, method=method)  # fmt: skip
+            _write(res["images"], u8, None, dest)
+            click.echo(f"{p} -> {dest}")
