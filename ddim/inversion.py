@@ -341,7 +341,7 @@ def bdia_sample(
         u_1 = u_0 + Δ(0→1 | u_0)                                          (plain DDIM)
         u_{i+1} = u_{i-1} - γ (u_{i-1} - u_i) - (1-γ) Δ(i→i-1 | u_i) + Δ(i→i+1 | u_i)
 
-    (the paper's Eq. with its γ: 1 is plain DDIM; 0 averages nothing and is the symmetric step). Every
+    (the paper's update with its γ: 1 is plain DDIM, 0 the symmetric, leapfrog-like step). Every
     step after the first is solved for u_{i-1} exactly, so the chain runs backwards (:func:`bdia_invert`)
     with one call a step. One network call a step, like DDIM.
 
