@@ -6,7 +6,6 @@ the module of the same name is reached with ``from ddim.timesteps import ...`` o
 ``sys.modules["ddim.timesteps"]``.
 """
 
-from ddim import inversion as _inversion  # noqa: F401 - registers sampler "bdia"
 from ddim.checkpoint import load, save_model
 from ddim.interpolate import slerp
 from ddim.noise import StepNoise, randn

@@ -7,7 +7,8 @@
 - BDIA-DDIM (Zhang, Lewis & Kleijn, "Exact Diffusion Inversion via Bi-directional Integration
   Approximation", ECCV 2024): a sampler coupling three consecutive states so that every step is an
   explicit, exactly invertible map, one network call a step both ways. :func:`bdia_sample` is its
-  decoder (also registered as ``sampler="bdia"``), :func:`bdia_invert` its inversion.
+  decoder, :func:`bdia_invert` its inversion. (Not registered as a sampler: at γ = 0, the only γ that
+  inverts stably, it generates poorly from noise at few steps; see docs/inversion.md.)
 - :func:`round_trip`: invert with any of :data:`INVERSIONS` and decode with the matching decoder.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from ddim.prediction import Denoiser, Model, Plan, check_prediction, scalar_rows
-from ddim.sampling import Callback, Levels, _bar, invert, register_sampler, sample
+from ddim.sampling import Callback, invert, sample
 from ddim.schedule import NoiseSchedule
 from ddim.timesteps import check_spacing, check_timesteps
 from ddim.timesteps import timesteps as make_timesteps
@@ -252,29 +253,6 @@ def _bdia_loop(
         prev, x = x, new
         if update is not None:
             update()
-    return x
-
-
-@register_sampler("bdia", noisy=lambda eta: False)
-def sample_bdia(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    *,
-    eta: float = 0.0,
-    variance: str = "eta",
-    noise: Callable[[], torch.Tensor] | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """BDIA-DDIM with γ = :data:`BDIA_GAMMA` (see :func:`bdia_sample`), as ``ddim.sample(sampler="bdia")``:
-    deterministic, one call a step; it decodes the latents of :func:`bdia_invert` at that γ."""
-    if eta != 0:
-        raise ValueError(f"sampler 'bdia' is deterministic: eta must be 0, got {eta}")
-    plan = denoise.plan(levels.timesteps, x, cache=levels.cached)
-    with _bar(levels.timesteps.numel(), progress, "bdia") as bar:
-        x = _bdia_loop(denoise, x, plan, levels.alpha_bars, BDIA_GAMMA, callback, bar.update)
-    denoise.finish(plan)
     return x
 
 

@@ -310,7 +310,7 @@ def _text_options(model, prompt, negative_prompt, prompts_file, height, width, g
     show_default=True,
     type=click.Choice(["ddim", "fixed_point", "bdia"]),
     help="ddim: plain inversion (one call a step); fixed_point: exact inversion (up to --max-iter calls a step); "
-    "bdia: exact BDIA inversion (one call a step; latents.npz also holds x_next, decoded by sampler bdia).",
+    "bdia: exact BDIA inversion (one call a step; latents.npz also holds x_next: ddim.inversion.bdia_sample).",
 )
 @click.option(
     "--max-iter", default=4, show_default=True, type=click.IntRange(min=1), help="fixed_point: calls per step at most."
