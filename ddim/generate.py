@@ -25,7 +25,7 @@ from ddim.checkpoint import atomic_write
 from ddim.images import from_uint8, make_grid, save_png, to_8bit, to_uint8
 from ddim.interpolate import slerp
 from ddim.noise import check_seed_range, check_seeds, randn
-from ddim.sampling import SAMPLERS, invert, nfe, sample
+from ddim.sampling import SAMPLERS, nfe, sample
 from ddim.schedule import NoiseSchedule
 
 __all__ = [
@@ -446,38 +446,64 @@ def invert_images(
     method: str = "ddim",
     tol: float = 1e-6,
     max_iter: int = 4,
+    budget: str = "uniform",
+    guidance: float = 1.0,
 ) -> dict[str, Any]:
-    """DDIM-invert images [N, C, H, W] in [-1, 1] and decode the latents again on the same timesteps.
+    """Invert images [N, C, H, W] in [-1, 1] and decode the latents again on the same timesteps.
 
-    ``method``, ``tol``, ``max_iter``: as :func:`ddim.invert` ("ddim", default, or "fixed_point": exact
-    inversion). Neither direction clips x̂₀ (clipping makes the step non-invertible).
+    ``method``: "ddim" (default), "fixed_point" (exact inversion, decoded by DDIM) or "bdia" (BDIA's
+    exact inversion, decoded by its own sampler), see :func:`ddim.inversion.round_trip`. ``tol``,
+    ``max_iter``, ``budget``: the fixed-point iteration's tolerance and calls; ``budget="uniform"``
+    (default) caps every step at ``max_iter`` calls, ``"front"`` spends the same total,
+    ``max_iter·steps``, front-loaded (:func:`ddim.inversion.front_loaded`). ``guidance``: classifier-free
+    guidance weight of both directions (the class ``labels`` against the null class; default 1 = off;
+    needs labels). Neither direction clips x̂₀ (clipping makes the step non-invertible).
 
-    Returns a dict: ``latents`` [N, C, H, W] (x_T), ``reconstruction`` [N, C, H, W], ``mse`` [N]
-    (per-dimension MSE on [0, 1], as in the paper's Table 2), ``nfe`` (the inversion's network calls;
-    decoding makes ``steps`` more), ``seconds``.
+    Returns a dict: ``latents`` [N, C, H, W] (x_T), ``x_next`` (BDIA's second latent, else None),
+    ``reconstruction`` [N, C, H, W], ``mse`` [N] (per-dimension MSE on [0, 1], as in the paper's
+    Table 2), ``nfe`` (the inversion's network calls; decoding makes ``steps`` more), ``seconds``.
     """
+    from ddim.inversion import INVERSIONS, front_loaded, round_trip
+
     n = images.shape[0]
     labels = check_labels(model, labels, n)
-    kwargs, _ = _class_kwargs(model, labels, images.device)
-    stats: dict[str, Any] = {}
+    guidance = check_guidance(guidance)
+    if method not in INVERSIONS:
+        raise ValueError(f"unknown inversion method {method!r}; valid: {', '.join(INVERSIONS)}")
+    if budget not in ("uniform", "front"):
+        raise ValueError(f"budget must be 'uniform' or 'front', got {budget!r}")
+    kwargs, uncond = _class_kwargs(model, labels, images.device)
+    if guidance != 1.0 and (uncond is None or bool((labels < 0).any())):
+        raise ValueError("guidance needs a class-conditional model and a class for every image")
+    caps: int | list[int] = max_iter
+    if method == "fixed_point" and budget == "front":
+        caps = front_loaded(steps, max_iter * steps)
     tic = time.perf_counter()
     with torch.inference_mode():
-        z = invert(
+        res = round_trip(
             model,
             images,
             schedule,
+            method=method,
             steps=steps,
             spacing=spacing,
             prediction=prediction,
             model_kwargs=kwargs,
-            method=method,
+            guidance_scale=guidance,
+            uncond_kwargs=uncond,
             tol=tol,
-            max_iter=max_iter,
-            stats=stats,
+            max_iter=caps,
         )
-        rec = sample(model, z, schedule, steps=steps, spacing=spacing, prediction=prediction, model_kwargs=kwargs)
+    rec = res["reconstruction"]
     mse = (((rec.clamp(-1, 1) - images) / 2) ** 2).flatten(1).mean(1)
-    return {"latents": z, "reconstruction": rec, "mse": mse, "nfe": stats["nfe"], "seconds": time.perf_counter() - tic}
+    return {
+        "latents": res["latents"],
+        "x_next": res["x_next"],
+        "reconstruction": rec,
+        "mse": mse,
+        "nfe": res["nfe"],
+        "seconds": time.perf_counter() - tic,
+    }
 
 
 def interpolate_seeds(

@@ -1,5 +1,6 @@
 """DDIM inversion (x_0 -> x_T along the η = 0 ODE, the sampler's timesteps reversed): plain explicit
-Euler, and exact inversion by fixed-point iteration."""
+Euler, and exact inversion by fixed-point iteration (its loop, BDIA and :func:`round_trip` are in
+:mod:`ddim.exact_inversion`, re-exported here)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,36 @@ import torch
 
 from ddim import engine
 from ddim.arguments import check_bool, check_x, in_model_dtype, no_grad, resolve_timesteps
-from ddim.prediction import Denoiser, Model, Plan, check_prediction, scalar_rows
+from ddim.exact_inversion import (
+    BDIA_GAMMA,
+    INVERSIONS,
+    bdia_invert,
+    bdia_sample,
+    call_budget,
+    front_loaded,
+    round_trip,
+    solve_fixed_point,
+)
+from ddim.prediction import Denoiser, Model, check_prediction
 from ddim.registry import Callback, Levels, progress_bar
 from ddim.schedule import NoiseSchedule
 
-__all__ = ["INVERSIONS", "invert", "inversion_table"]
+__all__ = [
+    "BDIA_GAMMA",
+    "INVERSIONS",
+    "bdia_invert",
+    "bdia_sample",
+    "call_budget",
+    "front_loaded",
+    "invert",
+    "inversion_table",
+    "round_trip",
+    "solve_fixed_point",
+]
 
-#: Inversion methods of :func:`invert`: plain DDIM (explicit Euler) and exact fixed-point inversion.
-INVERSIONS = ("ddim", "fixed_point")
+#: Methods of :func:`invert`: plain DDIM (explicit Euler) and exact fixed-point inversion. (Every method,
+#: BDIA's coupled pair included, is :data:`INVERSIONS`, run both ways by :func:`round_trip`.)
+INVERT_METHODS = ("ddim", "fixed_point")
 
 
 def inversion_table(levels: Levels, eta: float = 0.0, variance: str = "eta") -> torch.Tensor:
@@ -58,7 +81,7 @@ def invert(
     stats: dict[str, Any] | None = None,
     method: str = "ddim",
     tol: float = 1e-6,
-    max_iter: int = 4,
+    max_iter: int | Sequence[int] = 4,
 ) -> torch.Tensor:
     """DDIM inversion: run the η = 0 ODE forward, x_0 -> x_T, mirroring :func:`sample` on the same timesteps.
 
@@ -78,35 +101,17 @@ def invert(
     the round trip error falls as steps grow (the ODE is solved to first order).
 
     ``method="fixed_point"`` (exact inversion) instead solves, at every step, for the x_{s_k} whose DDIM
-    step (Song et al. Eq. 12, η = 0, exactly as :func:`sample` takes it) lands on the current sample.
-    With ᾱ_k = ᾱ_{s_k}, ᾱ_{k-1} the current level (ᾱ_{-1} = 1), and (x̂₀, ε̂) the denoiser at (x, s_k),
-    the sampler's step s_k -> s_{k-1} is
-
-        Φ_k(x) = √ᾱ_{k-1} x̂₀(x) + √(1-ᾱ_{k-1}) ε̂(x)     (= x̂₀(x) for k = 0: the step into ᾱ = 1)
-
-    and without clipping x̂₀ = (x - √(1-ᾱ_k) ε̂)/√ᾱ_k, so Φ_k(x) = A_k x + c_k ε̂(x) with
-    A_k = √(ᾱ_{k-1}/ᾱ_k) and c_k = √(1-ᾱ_{k-1}) - A_k √(1-ᾱ_k). Solving Φ_k(x) = x_prev for x gives the
-    fixed-point iteration
-
-        x ← x + (x_prev - Φ_k(x)) / A_k   (= (x_prev - c_k ε̂(x)) / A_k without clipping),
-
-    one network call at (x, s_k) each, a contraction while |c_k|·Lip(ε̂)/A_k < 1 (small steps). From the
-    second iteration on it is accelerated by Anderson mixing of depth 1 (the secant step through the last
-    two updates, per sample: x ← g_j - γ (g_j - g_{j-1}), g_j = x_j + f_j, γ = ⟨f_j, f_j - f_{j-1}⟩ /
-    |f_j - f_{j-1}|², bounded to |γ| ≤ 0.5). On the embedded model (100 held-out digits, S = 10, 4 calls
-    a step) this lowers the round-trip MSE from 6.8e-4 (plain iteration: median 3.2e-5, a few digits
-    diverge) to 1.9e-5 (median 1.7e-5). Large steps (a few listed timesteps, or the first steps above s_0
-    at small S) converge slowly or not at all: check ``stats["change"]``. For k = 0 this makes
-    x̂₀(x_{s_0}, s_0) = x_0: the sampler's last step, which evaluates the network at the
-    smallest listed timestep s_0 and returns x̂₀, lands on x_0 exactly. Each step starts from the plain
-    step: x = √ᾱ_k x̂₀' + √(1-ᾱ_k) ε̂' with ε̂' the last ε̂ computed (at level s_{k-1}; for k = 0 one
-    call at (x_0, s_0)) and x̂₀' = (x_prev - √(1-ᾱ_{k-1}) ε̂')/√ᾱ_{k-1} (x_0 for k = 0). A sample stops
-    iterating (and is left as it is) once an update changed it by at most ``tol`` (max-abs, in data
-    units, default 1e-6), and a step makes at most ``max_iter`` calls (default 4); so a run costs at most
-    1 + N·max_iter network calls (plain: N). Decoding the result with ``sample(..., timesteps=same,
-    set_alpha_to_one=True)`` and the same prediction, guidance and ``model_kwargs`` returns x_0 up to the
-    tolerance (times the sampler's error growth) and rounding. Clipping of x̂₀ makes the step
-    non-invertible where it engages: there the iteration can only approach the step's range.
+    step (Song et al. Eq. 12, η = 0, exactly as :func:`sample` takes it) lands on the current sample:
+    fixed-point iteration with Anderson(1) acceleration, started from the plain step, a sample stopping
+    once an update moved it by at most ``tol`` (max-abs, data units, default 1e-6), step k making at
+    most ``max_iter`` calls (an int for every step, default 4, or a list of N caps in inversion order,
+    e.g. :func:`ddim.exact_inversion.front_loaded`, which spends more where convergence is slowest: the first
+    steps out of the data). The loop and its measurements: :func:`ddim.exact_inversion.solve_fixed_point`,
+    docs/inversion.md. A run costs at most Σ caps network calls (plain: N). Decoding the result with
+    ``sample(..., timesteps=same, set_alpha_to_one=True)`` and the same prediction, guidance and
+    ``model_kwargs`` returns x_0 up to the tolerance (times the sampler's error growth) and rounding.
+    Clipping of x̂₀ makes the step non-invertible where it engages: there the iteration can only
+    approach the step's range.
 
     Args: as :func:`sample` (x_0 [B, ...] floating; no noise or eta). ``clip_sample``/``clip_sample_range``
     clamp x̂₀ as diffusers' ``DDIMInverseScheduler`` does (default off: clipping makes the map
@@ -115,8 +120,9 @@ def invert(
     call). ``stats`` gets "nfe" (network calls: N for "ddim"), "timesteps" (ascending), "sampler" and
     "method"; with "fixed_point" also "iterations" (list of N ints: calls made by step k's iteration)
     and "change" (list of N floats: the largest max-abs change of the last update of step k, over the
-    batch). ``method``: "ddim" (default) or "fixed_point"; ``tol`` (float ≥ 0) and ``max_iter``
-    (int ≥ 1) are validated always and used by "fixed_point" only. Runs under ``torch.no_grad()``.
+    batch). ``method``: "ddim" (default) or "fixed_point" (BDIA has its own sampler:
+    :func:`ddim.exact_inversion.bdia_invert`); ``tol`` (float ≥ 0) and ``max_iter`` (int ≥ 1, or a list of N)
+    are validated always and used by "fixed_point" only. Runs under ``torch.no_grad()``.
 
     Returns:
         x_T shaped like x_0.
@@ -129,9 +135,10 @@ def invert(
     ts = torch.flip(resolve_timesteps(schedule, steps, spacing, timesteps), dims=[0])  # ascending
     N = ts.numel()
     check_bool(clip_sample, "clip_sample")
-    if method not in INVERSIONS:
-        raise ValueError(f"unknown inversion method {method!r}; valid: {', '.join(INVERSIONS)}")
-    tol, max_iter = _check_iteration(tol, max_iter)
+    if method not in INVERT_METHODS:
+        raise ValueError(f"unknown inversion method {method!r}; valid: {', '.join(INVERT_METHODS)} (BDIA: bdia_invert)")
+    tol, _ = _check_iteration(tol, 1)
+    caps = call_budget(max_iter, N)
     denoise = Denoiser(
         model,
         schedule,
@@ -147,9 +154,10 @@ def invert(
         plan = denoise.plan(ts, x_0)  # refuses ε-prediction at ᾱ = 0 before any call
         fp_stats: dict[str, Any] = {}
         with progress_bar(N, progress, "invert") as bar:
-            x = _invert_fixed_point(
-                denoise, x_0, plan, schedule.alphas_cumprod[ts], tol, max_iter, callback, bar, fp_stats
-            )
+            x = solve_fixed_point(
+                denoise, x_0, plan, schedule.alphas_cumprod[ts], tol=tol, max_iter=caps, callback=callback,
+                update=bar.update, stats=fp_stats,
+            )  # fmt: skip
         denoise.finish(plan)
         if stats is not None:
             stats.update(nfe=denoise.nfe, timesteps=ts.tolist(), sampler="invert", method=method, **fp_stats)
@@ -174,82 +182,3 @@ def _check_iteration(tol: object, max_iter: object) -> tuple[float, int]:
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1 (network calls per inversion step), got {max_iter}")
     return float(tol), max_iter
-
-
-#: |γ| bound of the fixed-point inversion's Anderson(1) step. Measured on the embedded model (S = 10, 4 calls a
-#: step, two sets of 100 held-out digits): unbounded 5.1e-5 / 5.2e-5 mean MSE (one digit at 2.4e-3), 0.5:
-#: 1.9e-5 / 2.0e-5; 0.3: 2.1e-5, 0.75: 2.2e-5, 1: 4.1e-5, 0 (no acceleration): 6.8e-4 (first set).
-_ANDERSON_MAX = 0.5
-
-
-def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A [B] tensor viewed as [B, 1, ...] to broadcast against x [B, ...]."""
-    return v.reshape(-1, *([1] * (x.dim() - 1)))
-
-
-def _invert_fixed_point(
-    denoise: Denoiser,
-    x_0: torch.Tensor,
-    plan: Plan,
-    ab: torch.Tensor,
-    tol: float,
-    max_iter: int,
-    callback: Callback | None,
-    bar: Any,
-    stats: dict[str, Any],
-) -> torch.Tensor:
-    """Exact DDIM inversion by fixed-point iteration (see :func:`invert`, ``method="fixed_point"``).
-
-    ``ab``: float64 [N], ᾱ of the ascending timesteps (call k of ``plan`` is at s_k). Fills ``stats``
-    with "iterations" and "change" (lists of N)."""
-    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])  # the level each step starts from
-    a, b = ab.sqrt(), (1.0 - ab).sqrt()
-    a_prev, b_prev = ab_prev.sqrt(), (1.0 - ab_prev).sqrt()
-    inv_A = a / a_prev  # 1 / A_k, A_k = √(ᾱ_{k-1}/ᾱ_k): the x-coefficient of the sampler's step
-    rows = scalar_rows(torch.stack([a, b, a_prev, b_prev, inv_A], dim=1), x_0)
-    iterations, changes = [], []
-
-    def evaluate(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x0, eps = denoise.predict(x, plan, k)
-        if callback is not None:
-            callback(k, plan.timesteps[k], x, x0)
-        return x0, eps
-
-    x_prev = x_0
-    _, eps_last = evaluate(x_0, 0)  # the plain inversion's first call, at (x_0, s_0)
-    for k, (a_k, b_k, ap_k, bp_k, inv_A_k) in enumerate(rows):
-        # start: the plain step from x_prev with the last ε̂ (x̂₀ consistent with x_prev; x_0 itself for k = 0)
-        x0_start = x_0 if k == 0 else (x_prev - bp_k * eps_last) / ap_k
-        x = torch.mul(x0_start, a_k).addcmul_(eps_last, b_k)
-        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        change = float("inf")
-        j = 0
-        f_old = g_old = None
-        while j < max_iter:
-            x0, eps = evaluate(x, k)
-            j += 1
-            landed = x0 if k == 0 else torch.mul(x0, ap_k).addcmul_(eps, bp_k)  # Φ_k(x): the sampler's step
-            f = (x_prev - landed) * inv_A_k  # the fixed-point update x -> g = x + f
-            g = x + f
-            step_change = f.abs().flatten(1).amax(1)  # [B]
-            x_new = g
-            if f_old is not None:  # Anderson(1): the secant step through the last two updates, per sample
-                df = (f - f_old).flatten(1)
-                dd = (df * df).sum(1)
-                gamma = torch.where(dd > 0, (f.flatten(1) * df).sum(1) / dd.clamp_min(torch.finfo(dd.dtype).tiny), 0)
-                gamma = gamma.clamp(-_ANDERSON_MAX, _ANDERSON_MAX)  # safeguard: a bounded extrapolation
-                x_new = g - _per_sample(gamma, x) * (g - g_old)
-            f_old, g_old = f, g
-            mask = _per_sample(active, x)
-            x = torch.where(mask, x_new, x)
-            eps_last = torch.where(mask, eps, eps_last)
-            change = float(step_change[active].max())
-            active = active & (step_change > tol)
-            if not bool(active.any()):
-                break
-        iterations.append(j)
-        changes.append(change)
-        x_prev = x
-        bar.update()
-    stats.update(iterations=iterations, change=changes)
-    return x_prev

@@ -1,6 +1,7 @@
 """Exact (fixed-point) against plain DDIM inversion on the embedded model: round-trip MSE and network calls.
 
-    python scripts/inversion_table.py [--n 100] [--steps 10] [--max-iter 1,2,3,4] [--tol 0] [--device cpu]
+    python scripts/inversion_table.py [--n 100] [--steps 10] [--max-iter 1,2,3,4] [--tol 0] [--budget uniform|front]
+        [--device cpu]
 
 Inverts ``n`` held-out MNIST-5k digits (the ones ``ddim eval table2`` uses, spread evenly over the 500)
 with S steps and decodes them with ``ddim.sample`` on the same timesteps, unconditional (the null
@@ -31,13 +32,20 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=0.0)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--budget", choices=["uniform", "front"], default="uniform")
     a = p.parse_args()
     model, schedule, config = load(None, device=a.device)
     data, name = heldout_data(model, config)
     images = heldout_subset(data, a.n).images.to(a.device)
     kwargs, _ = _class_kwargs(model, torch.full((len(images),), -1, dtype=torch.long), images.device)
-    methods = [("ddim", {})] + [("fixed_point", {"max_iter": int(m), "tol": a.tol}) for m in a.max_iter.split(",")]
-    print(f"{len(images)} images ({name}), S = {a.steps}, spacing leading, no clipping, tol = {a.tol}\n")
+    from ddim.inversion import front_loaded
+
+    def caps(m: int) -> int | list[int]:
+        return front_loaded(a.steps, m * a.steps) if a.budget == "front" else m
+
+    fixed = [("fixed_point", {"max_iter": caps(int(m)), "tol": a.tol}) for m in a.max_iter.split(",")]
+    methods = [("ddim", {}), *fixed]
+    print(f"{len(images)} images ({name}), S = {a.steps}, spacing leading, no clipping, tol = {a.tol}, {a.budget}\n")
     print(
         "| method | max_iter | inversion calls / image | × plain | MSE [0,1] | median | 90th pct | images ≤ 1e-5 | s |"
     )

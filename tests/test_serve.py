@@ -252,7 +252,7 @@ def test_reconstruct_swap_sdedit_inpaint(client, digit):
     # SDEdit: a little strength keeps the image, full strength makes a new one
     weak = upload(client, "sdedit", "strength=0.1&steps=20&class=7&seed=3", digit)
     strong = upload(client, "sdedit", "strength=1&steps=20&class=1&seed=3", digit)
-    assert weak.headers["X-NFE"] == "2" and strong.headers["X-NFE"] == "20"
+    assert weak.headers["X-NFE"] == strong.headers["X-NFE"] == "20"  # exactly the steps asked for, any strength
     d_weak = np.abs(png_array(weak.data).astype(int) - original).mean()
     d_strong = np.abs(png_array(strong.data).astype(int) - original).mean()
     assert d_weak < 10 < d_strong

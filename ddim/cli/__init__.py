@@ -1,7 +1,7 @@
 """The ``ddim`` command line: a thin layer over the library (every command calls public functions).
 
 Commands live in one module each under ``ddim/cli/`` and register on the :func:`main` group:
-``train`` (train.py), ``sample``/``invert``/``interpolate``/``compare`` (sample.py).
+``train`` (train.py), ``sample``/``invert``/``interpolate``/``compare`` (sample.py), ``edit`` (edit.py).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def console() -> None:  # pragma: no cover - the installed `ddim` script
 
 # Register the commands.
 from ddim.cli import bench as _bench  # noqa: E402,F401
+from ddim.cli import edit as _edit  # noqa: E402,F401
 from ddim.cli import eval as _eval  # noqa: E402,F401
 from ddim.cli import optimize as _optimize  # noqa: E402,F401
 from ddim.cli import sample as _sample  # noqa: E402,F401

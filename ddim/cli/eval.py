@@ -4,6 +4,7 @@ quality of images already made (a folder written by `ddim sample`, under torchru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -290,21 +291,43 @@ def table1_cmd(run, feats, steps_list, eta_list, sampler_list, n, floor, out) ->
     multiple=True,
     default=("ddim",),
     show_default=True,
-    type=click.Choice(["ddim", "fixed_point"]),
-    help="Inversion method, repeatable: a row per method (fixed_point: exact inversion).",
+    type=click.Choice(["ddim", "fixed_point", "bdia"]),
+    help="Inversion method, repeatable: a row per method (fixed_point, bdia: exact inversion; docs/inversion.md).",
 )
 @click.option(
     "--max-iter", default=4, show_default=True, type=click.IntRange(min=1), help="fixed_point: calls per step at most."
 )
+@click.option(
+    "--budget",
+    default="front",
+    show_default=True,
+    type=click.Choice(["uniform", "front"]),
+    help="fixed_point: --max-iter calls every step, or the same total front-loaded (more on the first steps).",
+)
+@click.option(
+    "--guidance",
+    "guidance_list",
+    default="1",
+    show_default=True,
+    help="Guidance weights w of both directions, comma list (w != 1 conditions on the data's classes).",
+)
 @_device_option
 def table2_cmd(
-    model_path, steps_list, n, data, labels, spacing, batch, out, progress, methods, max_iter, device
-) -> None:
+    model_path, steps_list, n, data, labels, spacing, batch, out, progress, methods, max_iter, budget, guidance_list,
+    device,
+) -> None:  # fmt: skip
     """Table 2: DDIM inversion then decoding; per-dimension MSE on [0, 1] against S, with an example figure."""
     from ddim.evaluation.sources import heldout_data, heldout_subset
     from ddim.evaluation.table2 import run_table2
 
     steps = _ints(steps_list, "--steps")
+    try:
+        weights = [float(w) for w in guidance_list.split(",")]
+    except ValueError:
+        raise UsageError(f"--guidance: expected comma-separated numbers, got {guidance_list!r}") from None
+    if len(set(weights)) != len(weights) or not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"--guidance: expected distinct finite weights, got {guidance_list!r}")
+    labels = labels or any(w != 1.0 for w in weights)  # guidance needs the condition
     _check_out_folder(out)
     fixed = {"model_path": model_path, "class_spec": "none", "guidance": None, "seed": 0}
     setup, config = _setup({**fixed, "spacing": spacing, "batch": batch, "device": device})
@@ -317,7 +340,7 @@ def table2_cmd(
     y = None
     if labels:
         if d.labels is None or not setup.num_classes:
-            raise UsageError("--labels needs labelled data and a class-conditional model")
+            raise UsageError("--labels (and --guidance other than 1) needs labelled data and a class-conditional model")
         y = d.labels[:n]
         if int(y.max()) >= setup.num_classes:
             raise UsageError(
@@ -337,7 +360,61 @@ def table2_cmd(
         progress=progress,
         methods=list(dict.fromkeys(methods)),
         max_iter=max_iter,
+        budget=budget,
+        guidance=weights,
     )
+
+
+@eval_group.command("edit")
+@click.option("--model", "model_path", default=None, help="A class-conditional model [embedded default].")
+@click.option("--n", "-n", default=50, show_default=True, type=click.IntRange(min=1), help="Held-out images.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="S of every edit.")
+@click.option("--strengths", default="0.3,0.5,0.7,0.9", show_default=True, help="SDEdit strengths in (0, 1].")
+@click.option("--guidance", default=1.0, show_default=True, type=float, help="Guidance weight of the regeneration.")
+@click.option("--data", default=None, help="Labelled held-out images (a load_data spec) [MNIST-5k held-out digits].")
+@click.option("--classifier", default=None, help="Digit classifier weights [the shipped one].")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@click.option("--out", default="eval/edit", show_default=True, help="Output folder.")
+@_device_option
+def edit_cmd(model_path, n, steps, strengths, guidance, data, classifier, seed, out, device) -> None:
+    """Editing evidence: class-edit target accuracy against distance to the source (inversion edit and
+    SDEdit at several strengths: a trade-off curve), inpainting accuracy and seam, example figures."""
+    import torch
+
+    from ddim.classifier import load_classifier
+    from ddim.edit import check_strength
+    from ddim.evaluation.edit import run_edit_eval
+    from ddim.evaluation.sources import heldout_data, heldout_subset
+
+    try:
+        ss = [float(v) for v in strengths.split(",")]
+        [check_strength(v) for v in ss]
+    except ValueError as e:
+        raise UsageError(f"--strengths: {e}") from None
+    if not math.isfinite(guidance):
+        raise UsageError(f"--guidance must be a finite number, got {guidance}")
+    _check_out_folder(out)
+    model, schedule, config = _load_model(model_path, device)
+    if not int(getattr(model.config, "num_classes", 0) or 0):
+        raise UsageError("--model: the edit evaluation needs a class-conditional model")
+    try:
+        d, _ = heldout_data(model, config, data)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--data: {e}") from None
+    if d.labels is None:
+        raise UsageError("--data: the edit evaluation needs labelled images")
+    try:
+        clf = load_classifier(classifier)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--classifier: {e}") from None
+    d = heldout_subset(d, n)
+    dev = torch.device(_check_device(device))
+    rows = run_edit_eval(
+        model, schedule, d.images.to(dev), d.labels.to(dev), clf, out, steps=steps, strengths=ss, guidance=guidance,
+        prediction=config["prediction"], seed=seed,
+    )  # fmt: skip
+    click.echo((Path(out) / "edit.md").read_text())
+    click.echo(f"-> {out}/edit.csv, edit.md, edit.png, edit_examples.png ({len(rows)} rows)")
 
 
 @eval_group.command("consistency")
@@ -490,6 +567,13 @@ _REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
 @click.option(
     "--table2-n", default=_REPORT.table2_n, show_default=True, type=click.IntRange(min=1), help="Table 2 images."
 )
+@click.option(
+    "--edit-n",
+    default=_REPORT.edit_n,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Editing section: held-out images (class-conditional digit models; 0 = leave it out).",
+)
 @click.option("--heldout-data", default=None, help="Table 2 images (load_data spec) [MNIST-5k held-out digits].")
 @click.option("--consistency-steps", default=_REPORT_CONSISTENCY, show_default=True, help="Consistency step counts.")
 @click.option(
@@ -521,6 +605,7 @@ def report_cmd(
     eta_list,
     n,
     table2_n,
+    edit_n,
     heldout_data,
     consistency_steps,
     consistency_n,
@@ -545,6 +630,7 @@ def report_cmd(
         etas=_etas(eta_list),
         n=n,
         table2_n=table2_n,
+        edit_n=edit_n,
         consistency_steps=_ints(consistency_steps, "--consistency-steps"),
         consistency_n=consistency_n,
         pairs=pairs,
@@ -581,6 +667,7 @@ def report_cmd(
             held_name,
             settings,
             progress=progress,
+            heldout_labels=held.labels,
             **extra,
         )
     except ValueError as e:

@@ -292,13 +292,21 @@ def _text_options(model, prompt, negative_prompt, prompts_file, height, width, g
     "--method",
     default="ddim",
     show_default=True,
-    type=click.Choice(["ddim", "fixed_point"]),
-    help="ddim: plain inversion (one call a step); fixed_point: exact inversion (up to --max-iter calls a step).",
+    type=click.Choice(["ddim", "fixed_point", "bdia"]),
+    help="ddim: plain inversion (one call a step); fixed_point: exact inversion (up to --max-iter calls a step); "
+    "bdia: exact BDIA inversion (one call a step; latents.npz also holds x_next: ddim.inversion.bdia_sample).",
 )
 @click.option(
     "--max-iter", default=4, show_default=True, type=click.IntRange(min=1), help="fixed_point: calls per step at most."
 )
-def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guidance, method, max_iter) -> None:
+@click.option(
+    "--budget",
+    default="front",
+    show_default=True,
+    type=click.Choice(["uniform", "front"]),
+    help="fixed_point: --max-iter calls every step, or the same total front-loaded (more on the first steps).",
+)
+def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guidance, method, max_iter, budget) -> None:
     """DDIM-invert IMAGES to their noise x_T and decode them back; prints the reconstruction error.
 
     With a Stable Diffusion folder the images are encoded by its VAE and inverted in latent space
@@ -320,6 +328,8 @@ def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guid
         return _invert_text(model, schedule, config, images, steps, spacing, class_spec, out, prompt, guidance)
     if prompt is not None:
         raise UsageError("--prompt: this model has no text encoder (only Stable Diffusion pipeline folders take it)")
+    if method == "bdia" and steps < 2:
+        raise UsageError("--steps: BDIA needs at least 2 steps (its first step is plain DDIM)")
     try:
         x = load_images(images, cfg.in_channels, cfg.image_size)
         labels = parse_classes(class_spec, len(images), cfg.num_classes) if class_spec is not None else None
@@ -333,16 +343,19 @@ def invert_cmd(images, model_path, steps, spacing, class_spec, out, prompt, guid
             prediction=config["prediction"],
             method=method,
             max_iter=max_iter,
+            budget=budget,
         )
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     try:
         outdir.mkdir(parents=True, exist_ok=True)
+        extra = {} if res["x_next"] is None else {"x_next": res["x_next"].float().numpy()}
         save_npz(
             outdir / "latents.npz",
             latents=res["latents"].float().numpy(),
             names=np.array([str(p) for p in images]),
             mse=res["mse"].double().numpy(),
+            **extra,
         )
         both = torch.cat([x, res["reconstruction"]])
         save_png(make_grid(to_uint8(both), nrow=len(images)), outdir / "reconstruction.png")

@@ -56,6 +56,9 @@ class ReportSettings:
     cost_steps: list[int] | None = None  # None: ``steps``
     cost_batches: list[int] = field(default_factory=lambda: [1, 8])
     cost_samplers: list[str] = field(default_factory=lambda: ["ddim", "ddpm"])
+    # editing real images (class-conditional 1×28×28 digit models with labelled held-out images; 0 = off)
+    edit_n: int = 20
+    edit_steps: int = 20
 
 
 def build_report(
@@ -75,6 +78,7 @@ def build_report(
     reference_labels: torch.Tensor | None = None,
     extra_spaces: list[tuple[FeatureExtractor, Reference]] | None = None,
     memorization_heldout: torch.Tensor | None = None,
+    heldout_labels: torch.Tensor | None = None,
 ) -> Path:
     """Run (or resume) every part into ``work`` and write the page to ``out``; returns ``out``.
 
@@ -84,7 +88,9 @@ def build_report(
     (judged in ``extractor``'s features and those of ``extra_spaces``), η and diversity
     (``reference_labels``: the reference images' classes), memorization (needs ``train``, the model's
     training images; ``memorization_heldout``: all the held-out images, default ``heldout``) and cost:
-    see :mod:`ddim.evaluation.evidence_report`.
+    see :mod:`ddim.evaluation.evidence_report`. With ``heldout_labels`` (the classes of ``heldout``), a
+    class-conditional 1×28×28 model and ``settings.edit_n`` > 0 it also holds the editing section
+    (:func:`ddim.evaluation.edit.run_edit_eval` on the first ``edit_n`` held-out images).
     """
     s = settings or ReportSettings()
     work = Path(work)
@@ -104,6 +110,20 @@ def build_report(
         setup, work / "interpolation", pairs=s.pairs, frames=s.frames, steps=s.interpolation_steps, progress=progress
     )
     timings["interpolation"] = time.perf_counter() - tic
+    edit_rows = None
+    cfg = setup.model.config
+    conditional = int(getattr(cfg, "num_classes", 0) or 0) == 10
+    if s.edit_n and heldout_labels is not None and conditional and (cfg.in_channels, cfg.image_size) == (1, 28):
+        from ddim.classifier import load_classifier
+        from ddim.evaluation.edit import run_edit_eval
+
+        tic = time.perf_counter()
+        edit_rows = run_edit_eval(
+            setup.model, setup.schedule, heldout[: s.edit_n].to(setup.device),
+            heldout_labels[: s.edit_n].to(setup.device), load_classifier(), work / "edit", steps=s.edit_steps,
+            prediction=setup.prediction, spacing=setup.spacing,
+        )  # fmt: skip
+        timings["editing"] = time.perf_counter() - tic
     evidence = None
     if s.evidence:
         from ddim.evaluation.evidence_report import run_evidence
@@ -128,6 +148,7 @@ def build_report(
         heldout_name=heldout_name,
         timings=timings,
         evidence=evidence,
+        edit=edit_rows,
     )
     out = Path(out)
     write_text(out, page)
@@ -285,8 +306,10 @@ def render_report(
     heldout_name: str,
     timings: dict[str, float],
     evidence: dict[str, Any] | None = None,
+    edit: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The HTML page (a string) from the results of the four parts (and the evidence sections, when given)."""
+    """The HTML page (a string) from the results of the four parts (and the evidence and editing sections,
+    when given)."""
     esc = html.escape
     s = setup.describe()
     cfg = setup.model.config
@@ -429,6 +452,10 @@ def render_report(
         f"<b>{interpolation['max_ratio']:.2f}</b>.</p>"
     )
     parts.append(_file_img(work / "interpolation" / "interpolation.png", "interpolation strips", "900px"))
+    if edit is not None:
+        from ddim.evaluation.edit import render_edit_section
+
+        parts.extend(render_edit_section(edit, work / "edit"))
     if evidence is not None:
         from ddim.evaluation.evidence_report import render_evidence
 
@@ -448,6 +475,8 @@ def render_report(
         f"ddim eval interpolation{common} --pairs {settings.pairs} --frames {settings.frames} "
         f"--steps {settings.interpolation_steps}",
     ]
+    if edit is not None:
+        cmds.append(f"ddim eval edit{model_flag} --n {settings.edit_n} --steps {settings.edit_steps}")
     if evidence is not None:
         steps_sorted = sorted(settings.steps)
         mid = steps_sorted[len(steps_sorted) // 2]

@@ -37,7 +37,7 @@ from ddim.images import to_uint8
 
 __all__ = ["COLUMNS", "evenly_spaced", "run_table2", "write_table2", "plot_table2", "plot_examples"]
 
-COLUMNS = ("method", "steps", "nfe", "n", "mse", "mse_sem", "mse_median", "seconds", "images_per_s")
+COLUMNS = ("method", "guidance", "steps", "nfe", "n", "mse", "mse_sem", "mse_median", "seconds", "images_per_s")
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:
@@ -46,14 +46,16 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 
 
 def _cell_path(setup: EvalSetup, folder: Path, key: dict[str, Any], steps: int, n: int, inv: dict[str, Any]) -> Path:
-    """A cell's file; plain "ddim" cells keep the name they had before methods existed."""
-    if inv["method"] == "ddim":
+    """A cell's file; plain unguided "ddim" cells keep the name they had before methods existed."""
+    if inv["method"] == "ddim" and inv.get("guidance", 1.0) == 1.0:
         return folder / f"invert-S{steps}-n{n}-{_digest({**key, 'steps': steps})}.npz"
     return folder / f"invert-{inv['method']}-S{steps}-n{n}-{_digest({**key, **inv, 'steps': steps})}.npz"
 
 
-def _inversions(methods: Sequence[str], max_iter: int, tol: float) -> list[dict[str, Any]]:
-    """The inversion settings of each method, validated (errors name the argument)."""
+def _inversions(
+    methods: Sequence[str], max_iter: int, tol: float, budget: str = "uniform", guidance: Sequence[float] = (1.0,)
+) -> list[dict[str, Any]]:
+    """The inversion settings of each method and guidance weight, validated (errors name the argument)."""
     from ddim.inversion import INVERSIONS, _check_iteration
 
     if isinstance(methods, str) or not methods:
@@ -61,13 +63,27 @@ def _inversions(methods: Sequence[str], max_iter: int, tol: float) -> list[dict[
     for m in methods:
         if m not in INVERSIONS:
             raise ValueError(f"unknown inversion method {m!r}; valid: {', '.join(INVERSIONS)}")
+    if budget not in ("uniform", "front"):
+        raise ValueError(f"budget must be 'uniform' or 'front', got {budget!r}")
     tol, max_iter = _check_iteration(tol, max_iter)
-    return [{"method": m} if m == "ddim" else {"method": m, "max_iter": max_iter, "tol": tol} for m in methods]
+    ws = [float(w) for w in guidance]
+    if not ws or len(set(ws)) != len(ws):
+        raise ValueError(f"guidance must list distinct weights, got {list(guidance)!r}")
+    out = []
+    for w in ws:
+        for m in methods:
+            inv: dict[str, Any] = {"method": m}
+            if m == "fixed_point":
+                inv |= {"max_iter": max_iter, "tol": tol} | ({"budget": budget} if budget != "uniform" else {})
+            if w != 1.0:
+                inv["guidance"] = w
+            out.append(inv)
+    return out
 
 
 def _cell_calls(inv: dict[str, Any], steps: int) -> int:
     """Network calls of one image's cell at most: the inversion's plus the decoding's S."""
-    return steps + (steps if inv["method"] == "ddim" else 1 + steps * inv["max_iter"])
+    return steps + (steps * inv["max_iter"] if inv["method"] == "fixed_point" else steps)
 
 
 def run_table2(
@@ -83,23 +99,31 @@ def run_table2(
     methods: Sequence[str] = ("ddim",),
     max_iter: int = 4,
     tol: float = 1e-6,
+    budget: str = "uniform",
+    guidance: Sequence[float] = (1.0,),
 ) -> list[dict[str, Any]]:
     """Invert and decode ``images`` [n, C, H, W] in [-1, 1] at each S; write the table into ``out``.
 
-    ``methods``: the inversion methods of :func:`ddim.invert`, a row per method and S ("ddim",
-    default; "fixed_point": exact inversion with at most ``max_iter`` calls a step and tolerance ``tol``).
+    ``methods``: the inversion methods of :func:`ddim.inversion.round_trip`, a row per method, guidance
+    weight and S ("ddim", default; "fixed_point": exact inversion with at most ``max_iter`` calls a step
+    on average, spread by ``budget`` ("uniform" or "front", :func:`ddim.inversion.front_loaded`), and
+    tolerance ``tol``; "bdia": BDIA's exact inversion, decoded by its own sampler). ``guidance``: the
+    classifier-free guidance weights of both directions (w ≠ 1 needs ``labels``: the condition, against
+    the null class).
 
     ``labels``: condition on these classes (int64 [n]); None = the null class (unconditional, as
     the paper's model). The example figure shows ``examples`` images spread evenly over the n.
-    Uses ``setup``'s model, schedule, prediction, spacing and batch (not its class or guidance:
-    guidance would make the ODE irreversible). Returns a row per method and S: method, steps, nfe
+    Uses ``setup``'s model, schedule, prediction, spacing and batch (not its class or guidance).
+    Returns a row per method, guidance and S: method, guidance, steps, nfe
     (network calls per image: inversion plus decoding), n, mse (mean), mse_sem (standard error),
     mse_median, seconds, images_per_s.
     """
     out = Path(out)
     folder = out / "cells"
     n = images.shape[0]
-    invs = _inversions(methods, max_iter, tol)
+    invs = _inversions(methods, max_iter, tol, budget, guidance)
+    if any(inv.get("guidance", 1.0) != 1.0 for inv in invs) and labels is None:
+        raise ValueError("guidance other than 1 needs labels (the condition guided against the null class)")
     if n < 1:
         raise ValueError("table2 needs at least one image")
     model_shape = (setup.model.config.in_channels, setup.model.config.image_size, setup.model.config.image_size)
@@ -136,6 +160,7 @@ def run_table2(
             rows.append(
                 {
                     "method": inv["method"],
+                    "guidance": inv.get("guidance", 1.0),
                     "steps": s,
                     "nfe": cell["nfe"],
                     "n": n,
@@ -146,11 +171,11 @@ def run_table2(
                     "images_per_s": n / cell["seconds"] if cell["seconds"] > 0 else None,
                 }
             )
-            example_recs[s if len(invs) == 1 else f"{inv['method']}\nS = {s}"] = cell["reconstruction"]
+            example_recs[s if len(invs) == 1 else f"{_label(inv)}\nS = {s}"] = cell["reconstruction"]
     finally:
         bar.close()
     meta = {
-        "setup": setup.describe() | {"class": None if labels is None else "data labels", "guidance": 1.0},
+        "setup": setup.describe() | {"class": None if labels is None else "data labels", "guidance": list(guidance)},
         "data": data_name,
         "n": n,
         "steps": steps,
@@ -222,6 +247,12 @@ def _invert_cell(
     return cell
 
 
+def _label(inv: dict[str, Any]) -> str:
+    """A method's name in figures: "fixed_point", "bdia w=2", …"""
+    w = inv.get("guidance", 1.0)
+    return inv["method"] if w == 1.0 else f"{inv['method']} w={w:g}"
+
+
 def markdown_table2(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     s = meta.get("setup", {})
     head = (
@@ -232,20 +263,26 @@ def markdown_table2(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Error: per-dimension MSE on [0, 1].\n\n"
     )
     body = [
-        [r.get("method", "ddim"), r["steps"], r["nfe"], r["mse"], r["mse_sem"], r["mse_median"], r["images_per_s"]]
+        [r.get("method", "ddim"), r.get("guidance", 1.0), r["steps"], r["nfe"], r["mse"], r["mse_sem"],
+         r["mse_median"], r["images_per_s"]]
         for r in rows
-    ]
+    ]  # fmt: skip
     head += _methods_note(meta)
-    return head + markdown_table(["inversion", "S", "NFE", "MSE", "± s.e.", "median", "images/s"], body)
+    cols = ["inversion", "guidance w", "S", "NFE", "MSE", "± s.e.", "median", "images/s"]
+    return head + markdown_table(cols, body)
 
 
 def _methods_note(meta: dict[str, Any]) -> str:
     """The fixed-point settings, when a method has any (NFE per image: inversion plus decoding)."""
-    notes = [
-        f"{m['method']}: at most {m['max_iter']} calls a step, tol {m['tol']:g}"
-        for m in meta.get("methods", [])
-        if "max_iter" in m
-    ]
+    notes = list(
+        dict.fromkeys(
+            f"{m['method']}: at most {m['max_iter']} calls a step"
+            + (" on average, front-loaded" if m.get("budget") == "front" else "")
+            + f", tol {m['tol']:g}"
+            for m in meta.get("methods", [])
+            if "max_iter" in m
+        )
+    )
     return ("Inversion " + "; ".join(notes) + ". NFE per image: inversion plus decoding.\n\n") if notes else ""
 
 
@@ -254,9 +291,9 @@ def plot_table2(rows: list[dict[str, Any]], path: str | os.PathLike | None = Non
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     xs = sorted({r["steps"] for r in rows})
-    methods = list(dict.fromkeys(r.get("method", "ddim") for r in rows))
-    for method in methods:
-        mine = [r for r in rows if r.get("method", "ddim") == method]
+    methods = list(dict.fromkeys((r.get("method", "ddim"), r.get("guidance", 1.0)) for r in rows))
+    for method, w in methods:
+        mine = [r for r in rows if (r.get("method", "ddim"), r.get("guidance", 1.0)) == (method, w)]
         ax.errorbar(
             [r["steps"] for r in mine],
             [r["mse"] for r in mine],
@@ -264,7 +301,7 @@ def plot_table2(rows: list[dict[str, Any]], path: str | os.PathLike | None = Non
             fmt="o-",
             ms=4,
             capsize=3,
-            label=method,
+            label=_label({"method": method, "guidance": w}),
         )
     if len(methods) > 1:
         ax.legend(fontsize=7)

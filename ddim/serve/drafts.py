@@ -225,7 +225,7 @@ class Drafts:
                 p["strength"],
                 **self._edit_kwargs(p),
             )
-        return to_uint8(out), {"nfe": max(1, round(p["strength"] * p["steps"]))}
+        return to_uint8(out), {"nfe": p["steps"]}  # exactly the steps asked for (ddim.edit.strength_timesteps)
 
     def inpaint(self, u8: np.ndarray, mask: np.ndarray, p: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         """Regenerate the upload inside ``mask`` (bool [H, W], True = regenerate), :func:`ddim.edit.inpaint`."""
