@@ -7,6 +7,8 @@ One module per paper, each a short loop over a float64 coefficient table built o
 - :mod:`~ddim.solvers.unipc`: "unipc" (UniPC-bh2 predictor–corrector, Zhao et al. 2023);
 - :mod:`~ddim.solvers.dpmv3`: "dpmv3" (DPM-Solver-v3, Zheng et al. 2023), with the model statistics of
   :mod:`~ddim.solvers.ems`;
+- :mod:`~ddim.solvers.restart`: "restart" (Restart sampling, Xu et al. 2023: forward noise between ODE
+  segments, seeded per sample);
 - :mod:`~ddim.solvers.karras`: "euler", "heun" (σ-space, Karras et al. 2022);
 - :mod:`~ddim.solvers.exact`: a Gaussian mixture with exact ε* and ODE solution, to measure them.
 
@@ -16,7 +18,7 @@ starts (:func:`ddim.nfe`: ``steps`` for all but "heun", which makes 2·steps - 1
 with the device inside its loop.
 """
 
-from ddim.solvers import dpmpp, dpmv3, karras, plms, unipc  # noqa: F401 - registers the samplers
+from ddim.solvers import dpmpp, dpmv3, karras, plms, restart, unipc  # noqa: F401 - registers the samplers
 from ddim.solvers.exact import GaussianMixture
 
 __all__ = ["GaussianMixture", "ODE_SAMPLERS", "STOCHASTIC_SAMPLERS"]
@@ -24,4 +26,4 @@ __all__ = ["GaussianMixture", "ODE_SAMPLERS", "STOCHASTIC_SAMPLERS"]
 #: The samplers that solve the probability-flow ODE (deterministic), in rough order of accuracy.
 ODE_SAMPLERS = ("ddim", "euler", "plms", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "dpmv3")
 #: The samplers that solve the reverse SDE (seeded per sample).
-STOCHASTIC_SAMPLERS = ("ddpm", "dpmpp_2m_sde")
+STOCHASTIC_SAMPLERS = ("ddpm", "dpmpp_2m_sde", "restart")
