@@ -9,6 +9,9 @@ One module per paper, each a short loop over a float64 coefficient table built o
   :mod:`~ddim.solvers.ems`;
 - :mod:`~ddim.solvers.restart`: "restart" (Restart sampling, Xu et al. 2023: forward noise between ODE
   segments, seeded per sample);
+- :mod:`~ddim.solvers.adaptive`: :func:`~ddim.solvers.adaptive.sample_adaptive`, adaptive steps from an
+  error tolerance (DPM-Solver's order-1/2 pair), per sample; not in the registry (its calls are not
+  known before it runs);
 - :mod:`~ddim.solvers.karras`: "euler", "heun" (σ-space, Karras et al. 2022);
 - :mod:`~ddim.solvers.exact`: a Gaussian mixture with exact ε* and ODE solution, to measure them.
 
