@@ -187,8 +187,8 @@ def _sampling_options(f):
             "--spacing",
             default="leading",
             show_default=True,
-            type=click.Choice(sorted(SPACINGS)),
-            help="Which S timesteps.",
+            type=click.Choice(sorted([*SPACINGS, "optimized"])),
+            help="Which S timesteps ('optimized': the model's optimised list for S, if it ships one).",
         ),
         click.option(
             "--timesteps",
