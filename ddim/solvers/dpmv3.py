@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddim.prediction import Denoiser, coefficient_dtype
+from ddim.prediction import Denoiser
 from ddim.sampling import Callback, Levels, _bar, register_sampler
 from ddim.solvers.base import cached, check_ode_args, level_table, multistep_orders
 from ddim.solvers.ems import ModelStats, degenerate_stats, stats_for
@@ -178,9 +178,10 @@ def dpmv3_coefficients(
 
 
 def _on_device(step: Dpmv3Step | None, x: torch.Tensor) -> tuple | None:
+    """A step's tables on x's device, in x's dtype (they are per element: a wider dtype would widen x)."""
     if step is None:
         return None
-    dt = coefficient_dtype(x.dtype)
+    dt = x.dtype
     cast = [v.to(device=x.device, dtype=dt) for v in (step.a, step.c)]
     return step.points, cast[0], list(step.w.to(device=x.device, dtype=dt).unbind(0)), cast[1]
 
@@ -224,7 +225,7 @@ def sample_dpmv3(
 
     def build() -> tuple:
         f_coef, pred, corr, _ = dpmv3_coefficients(levels, stats, DPMV3_ORDER, CORRECTOR)
-        dt = coefficient_dtype(x.dtype)
+        dt = x.dtype
         return (
             list(f_coef.to(device=x.device, dtype=dt).unbind(0)),
             [_on_device(r, x) for r in pred],
