@@ -50,7 +50,11 @@ def main() -> None:
     ap.add_argument("--no-map", action="store_true")
     ap.add_argument("--cache", default="fewcall.json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", action="store_true", help="Only print the cached results as Markdown.")
     args = ap.parse_args()
+    if args.table:
+        print_table(json.loads(Path(args.cache).read_text()), args.map_n, args.fd_n)
+        return
     torch.set_num_threads(args.threads)
     model, schedule, config = ddim.load()
     cache_path = Path(args.cache)
@@ -126,6 +130,26 @@ def main() -> None:
             save()
             took = time.perf_counter() - tic
             print(f"{key}: FD {entry[f'fd{args.fd_n}']:.2f} ({nfe} calls, {took:.0f} s)", flush=True)
+
+
+def print_table(cache: dict, map_n: int, fd_n: int) -> None:
+    """Rows sampler × spacing, columns calls: map distance (and Fréchet distance where measured)."""
+    rows: dict[tuple[str, str], dict[int, dict]] = {}
+    for key, entry in cache.items():
+        sampler, spacing, calls = key.split(":")
+        rows.setdefault((sampler, spacing), {})[int(calls)] = entry
+    budgets = sorted({c for r in rows.values() for c in r})
+    metrics = ((f"map{map_n}", "{:.4f}", "RMS to DDIM-200"), (f"fd{fd_n}", "{:.2f}", "Fréchet distance"))
+    for metric, fmt, title in metrics:
+        have = {k: r for k, r in rows.items() if any(metric in e for e in r.values())}
+        if not have:
+            continue
+        print(f"\n{title} ({metric}):\n")
+        print("| sampler | spacing | " + " | ".join(f"{c} calls" for c in budgets) + " |")
+        print("|---|---|" + "---:|" * len(budgets))
+        for (sampler, spacing), r in sorted(have.items()):
+            cells = [fmt.format(r[c][metric]) if c in r and metric in r[c] else "" for c in budgets]
+            print(f"| {sampler} | {spacing} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_estimated_statistics_match_the_exact_ones_on_gaussian_data(gaussian, sc
     l, s, b = (v[:, None] for v in gaussian_stats(gaussian.mu, gaussian.s).at(est.lam))
     assert (est.l - l).abs().max() < 1e-4  # Hutchinson's estimate is exact for a diagonal Jacobian
     assert est.s.abs().max() < 1e-2  # f does not vary: nothing to regress on
-    assert (est.b - b).abs().max() < 5e-3 and b.max() > 0.2  # the centred difference of f along the ODE
+    assert (est.b - b).abs().max() < 1e-2 and b.max() > 0.2  # a centred difference of f along the ODE, smoothed
 
 
 @pytest.mark.parametrize("stats", ["smooth", "none"])

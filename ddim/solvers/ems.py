@@ -152,8 +152,9 @@ def compute_stats(
     prediction: str = "epsilon",
     batch: int = 128,
     seed: int = 0,
-    delta: int = 1,
-    ridge: float = 1e-3,
+    delta: float = 0.01,
+    ridge: float = 0.1,
+    smooth: int = 1,
     progress: bool = False,
     **denoiser_kwargs: Any,
 ) -> ModelStats:
@@ -168,9 +169,13 @@ def compute_stats(
             (e.g. class labels) are taken per sample, the rest as they are.
         batch: samples per network call (default 128).
         seed: seeds the noises ε and the Hutchinson probes (the same seed gives the same statistics).
-        delta: timestep offset of the centred difference for f' (default 1: the neighbouring timesteps).
-        ridge: s = Cov(f', f) / (Var(f) + ridge · mean Var(f) + 1e-12), per level: elements whose f
-            barely varies (an image's always-dark border) get s ≈ 0 instead of a ratio of two noises.
+        delta: the centred difference for f' uses the nearest timesteps at least this far in λ on
+            either side (default 0.01; near t = T-1 one timestep moves λ by only ~0.006, and float32
+            rounding of x̂₀ = (x - σ ε̂)/α, amplified by 1/α, would dominate a shorter difference).
+        ridge: s = Cov(f', f) / (Var(f) + ridge · mean Var(f) + 1e-12), per level (default 0.1): elements
+            whose f barely varies (an image's always-dark border, every pixel at low SNR, where x̂₀ is
+            nearly the class mean) get s ≈ 0 instead of a ratio of two noises.
+        smooth: passes of a [1, 2, 1]/4 filter over neighbouring levels applied to s and b (default 1).
         progress: show a bar over the grid levels.
         denoiser_kwargs: further :class:`~ddim.prediction.Denoiser` settings (clip_sample,
             use_clipped_model_output, …): use the ones you sample with.
@@ -181,8 +186,10 @@ def compute_stats(
     """
     if not isinstance(data, torch.Tensor) or data.ndim < 2 or data.shape[0] < 2:
         raise ValueError(f"data must be a tensor [n >= 2, ...] of clean samples, got {getattr(data, 'shape', data)}")
-    if isinstance(delta, bool) or not isinstance(delta, int) or delta < 1:
-        raise ValueError(f"delta must be an int >= 1, got {delta!r}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > 0:
+        raise ValueError(f"delta must be a number > 0, got {delta!r}")
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0:
+        raise ValueError(f"smooth must be an int >= 0, got {smooth!r}")
     T = schedule.T
     ts = make_timesteps(schedule, int(levels), "logsnr") if isinstance(levels, int) else torch.as_tensor(levels)
     ts = torch.sort(ts.to(torch.int64).unique(), descending=True).values  # noisiest first
@@ -215,7 +222,11 @@ def compute_stats(
     for t in tqdm(ts.tolist(), disable=not progress, desc="statistics", leave=False):
         ab = float(ab_all[t])
         a, sg, lam = math.sqrt(ab), math.sqrt(1 - ab), _lam(ab)
-        t_hi, t_lo = max(t - delta, 0), min(t + delta, T - 1)  # higher and lower λ
+        t_hi, t_lo = max(t - 1, 0), min(t + 1, T - 1)  # higher and lower λ, at least delta away
+        while t_hi > 0 and _lam(float(ab_all[t_hi])) - lam < delta:
+            t_hi -= 1
+        while t_lo < T - 1 and lam - _lam(float(ab_all[t_lo])) < delta:
+            t_lo += 1
         lam_hi, lam_lo = _lam(float(ab_all[t_hi])), _lam(float(ab_all[t_lo]))
         acc = torch.zeros(10, *shape, dtype=torch.float64)  # Σ d, x, m, D, xx, xm, xD, mm, mD, DD
         for start in range(0, n, batch):
@@ -272,6 +283,10 @@ def compute_stats(
     floor = ridge * (var_f.mean(dim=dims, keepdim=True) if dims else var_f) + 1e-12
     s_t = cov_df / (var_f + floor)
     b_t = mean_d - s_t * mean_f
+    for _ in range(smooth):  # [1, 2, 1]/4 over neighbouring levels, the ends kept
+        s_t, b_t = (
+            torch.cat([v[:1], (v[:-2] + 2 * v[1:-1] + v[2:]) / 4, v[-1:]]) if v.shape[0] > 2 else v for v in (s_t, b_t)
+        )
     meta = {
         "kind": "dpm-solver-v3 ems",
         "n": str(n),
@@ -279,6 +294,9 @@ def compute_stats(
         "guidance_scale": repr(float(guidance_scale)),
         "prediction": prediction,
         "seed": str(seed),
+        "delta": repr(float(delta)),
+        "ridge": repr(float(ridge)),
+        "smooth": str(smooth),
         "denoiser": json.dumps({k: v for k, v in denoiser_kwargs.items() if isinstance(v, (bool, int, float, str))}),
     }
     return ModelStats(lam_t, l_t, s_t, b_t, meta)
