@@ -4,7 +4,8 @@
         [--cache runs.json] [--threads 1]
 
 Each run is sampler:spacing:calls (``optimized``: the model's shipped lists, ``config.sampling.
-optimized_timesteps``; "restart" spends calls - RESTARTS·RESTART_STEPS on its main steps). Measured on
+optimized_timesteps``; ``file=PATH``: the lists of a JSON file ``{"schedules": {"S": [...]}}``; "restart"
+spends calls - RESTARTS·RESTART_STEPS on its main steps). Measured on
 seeds the schedules and statistics never saw (map: 1000 + i, Fréchet distance: 2000 + i; image i has
 class i mod 10), with the model's guidance and clipping:
 
@@ -71,7 +72,11 @@ def main() -> None:
         n = len(seeds)
         x_T = ddim.randn((n, 1, 28, 28), seeds)
         y = torch.tensor(seeds) % 10
-        kw = sampling_kwargs(config, schedule, steps, spacing)
+        if spacing.startswith("file="):  # lists from a JSON file {"schedules": {"S": [...]}} (e.g. KLUB's)
+            lists = json.loads(Path(spacing[5:]).read_text())["schedules"]
+            kw = sampling_kwargs(config, schedule, steps, "logsnr", lists[str(steps)])
+        else:
+            kw = sampling_kwargs(config, schedule, steps, spacing)
         stats: dict = {}
         with torch.inference_mode():
             x = ddim.sample(
@@ -103,7 +108,7 @@ def main() -> None:
         if not args.no_map and f"map{args.map_n}" not in entry:
             tic = time.perf_counter()
             seeds = list(range(1000, 1000 + args.map_n))
-            ref_spacing = spacing if spacing in ("leading", "quadratic") else "logsnr"
+            ref_spacing = spacing if spacing in ("leading", "quadratic") else "logsnr"  # from t = T-1
             if ref_spacing not in refs:
                 refs[ref_spacing] = run("ddim", ref_spacing, 200, seeds)[0]
             x, nfe = run(sampler, spacing, steps, seeds)
