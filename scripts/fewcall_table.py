@@ -16,7 +16,8 @@ class i mod 10), with the model's guidance and clipping:
   the 5,000 MNIST-5k digits (small n inflates it: compare rows at equal n only), and the share classified
   as their class.
 
-Results are cached in ``--cache`` (JSON, one entry per measurement), so an interrupted table resumes.
+Results are cached in ``--cache`` (JSON, one entry per measurement; the DDIM-200 references beside it), so
+an interrupted table resumes.
 """
 
 from __future__ import annotations
@@ -110,7 +111,12 @@ def main() -> None:
             seeds = list(range(1000, 1000 + args.map_n))
             ref_spacing = spacing if spacing in ("leading", "quadratic") else "logsnr"  # from t = T-1
             if ref_spacing not in refs:
-                refs[ref_spacing] = run("ddim", ref_spacing, 200, seeds)[0]
+                ref_file = cache_path.with_name(f"{cache_path.stem}.ref-{ref_spacing}-{args.map_n}.pt")
+                if ref_file.is_file():
+                    refs[ref_spacing] = torch.load(ref_file)
+                else:
+                    refs[ref_spacing] = run("ddim", ref_spacing, 200, seeds)[0]
+                    torch.save(refs[ref_spacing], ref_file)
             x, nfe = run(sampler, spacing, steps, seeds)
             entry[f"map{args.map_n}"] = (x - refs[ref_spacing]).pow(2).mean().sqrt().item()
             entry["nfe"] = nfe
