@@ -39,9 +39,14 @@ from ddim.cli.common import UsageError, _check_seeds, _finite_cb, _guidance, _lo
     help="Classifier-free guidance weight the statistics are for [model's default].",
 )
 @click.option("--batch", default=128, show_default=True, type=click.IntRange(min=1), help="Samples per call.")
+@click.option(
+    "--l-only",
+    is_flag=True,
+    help="Keep l and write s = b = 0 (what the embedded model ships: its estimated s, b made the map worse).",
+)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads [torch's default].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def stats_cmd(model_path, out, data, n, levels, seed, guidance, batch, threads, progress) -> None:
+def stats_cmd(model_path, out, data, n, levels, seed, guidance, batch, l_only, threads, progress) -> None:
     """Compute DPM-Solver-v3's empirical model statistics (l, s, b per pixel and log-SNR level) on N data samples.
 
     `ddim sample --sampler dpmv3` and ddim.load() use the file beside the model's weights. Cost: LEVELS · N
@@ -100,6 +105,11 @@ def stats_cmd(model_path, out, data, n, levels, seed, guidance, batch, threads, 
         **kw,
     )
     result.meta["data"] = str(data)
+    if l_only:
+        from ddim.solvers.ems import ModelStats
+
+        zero = torch.zeros_like(result.s)
+        result = ModelStats(result.lam, result.l, zero, zero.clone(), {**result.meta, "l_only": "true"})
     save_stats(result, target)
     click.echo(f"wrote {target} ({levels} levels, {n} samples, guidance {weight})")
 
