@@ -202,7 +202,17 @@ def load(
         raise ValueError(f"weights {weights_path} do not match the architecture in its config: " + "; ".join(parts))
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.to(device=device, dtype=dtype).eval()
+    _attach_solver_stats(model, weights_path)
     return model, _schedule(config, path), config
+
+
+def _attach_solver_stats(model: torch.nn.Module, weights_path: Path) -> None:
+    """DPM-Solver-v3's statistics file beside the weights, if there is one (read on first use)."""
+    from ddim.model_stats import attach_stats, stats_path
+
+    found = stats_path(weights_path)
+    if found.is_file():
+        attach_stats(model, found)
 
 
 def _schedule(config: dict[str, Any], path: str | os.PathLike | None) -> NoiseSchedule:

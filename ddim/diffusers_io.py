@@ -253,6 +253,10 @@ def sampling_kwargs(
     """
     s = dict(config.get("sampling") or {})
     spacing = spacing or s.get("spacing", "leading")
+    if spacing == "optimized" and timesteps is None:  # the model's own optimised lists (ddim.ays)
+        from ddim.ays import optimized_timesteps
+
+        spacing, timesteps = "logsnr", optimized_timesteps(config, steps)
     kw: dict[str, Any] = {"spacing": spacing, "timesteps": timesteps, "clip_sample": bool(s.get("clip_sample", False))}
     offset = int(s.get("steps_offset", 0) or 0)
     # diffusers' "leading" is k·(T//S) + offset: equal to this package's ⌊i·T/S⌋ only where S divides T

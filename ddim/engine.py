@@ -41,7 +41,7 @@ import torch
 from ddim.fused import fold_linear, multistep_rows, run_fused
 from ddim.memo import memo, tensor_key
 from ddim.prediction import Denoiser, Plan, scalar_rows
-from ddim.registry import Callback, Levels, progress_bar, register_sampler
+from ddim.registry import SAMPLERS, Callback, Levels, progress_bar, register_sampler
 
 T = TypeVar("T")
 
@@ -60,12 +60,20 @@ class StepContext(NamedTuple):
         predict: ``predict(x, call)`` -> (x̂₀, ε̂) of the network call number ``call`` of the run's
             plan (:attr:`Method.calls` gives their timesteps; step i's first call is ``calls_per_step·i``).
         noise: the run's noise source (None for a deterministic run).
+        model: the network being sampled (``denoise.model``: e.g. for statistics attached to it).
+        state: a dict that lives for the run, the same at every step, empty at step 0: what a method
+            carries from step to step besides the engine's history (DPM-Solver-v3's corrector).
+        levels: the run's levels (for tables that also depend on the model: build them with
+            :func:`cached`).
     """
 
     i: int
     last: bool
     predict: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
     noise: Noise | None
+    model: Any = None
+    state: dict | None = None
+    levels: Levels | None = None
 
 
 Step = Callable[[StepContext, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -215,6 +223,12 @@ def run(
     return x
 
 
+def cached(levels: Levels, x: torch.Tensor, key: tuple, build: Callable[[], T]) -> T:
+    """A step method's per-run tables, cached like the engine's own (see :func:`_cached`): ``key``
+    names the method and whatever else the tables depend on (e.g. the model's statistics)."""
+    return _cached(levels, x, ("step", *key), build)
+
+
 def _cached(levels: Levels, x: torch.Tensor, key: tuple, build: Callable[[], T]) -> T:
     """``build()``, a run's tables, cached on ``levels`` (one dict lookup) and by the levels' content
     (:func:`~ddim.prediction.memo`: equal levels of another schedule object), for x's device, dtype and
@@ -270,6 +284,7 @@ def run_general(
     final_x0 = method.final_x0 and float(levels.alpha_bars[-1]) == 1.0
     step, keep_eps = method.step, method.past == "eps"
     past: list[torch.Tensor] = []  # the history, newest first
+    state: dict = {}  # a step method's own state for this run (StepContext.state)
 
     def predict(x_in: torch.Tensor, call: int) -> tuple[torch.Tensor, torch.Tensor]:
         return denoise.predict(x_in, plan, call)
@@ -283,7 +298,7 @@ def run_general(
             return x0
         row = rows[i]
         if step is not None:
-            x = step(StepContext(i, i == N - 1, predict, noise), x, x0, eps, row)
+            x = step(StepContext(i, i == N - 1, predict, noise, denoise.model, state, levels), x, x0, eps, row)
             continue
         terms = [(v, w) for v, w, on in zip((x, x0, eps), row, used, strict=False) if on]
         terms += zip(past, row[3 : 3 + H], strict=False)  # the earlier calls there are (warm-up: fewer)
@@ -330,3 +345,30 @@ def fused_rows(
         return scalar_rows(torch.stack([*now, table[:, -1]], dim=1), x), 0, last_noise
     basis = (c[:N, 0], c[:N, 1]) if method.past == "x0" else (c[:N, 2], c[:N, 3])
     return multistep_rows(fold_linear(now, table[:, 3 : 3 + H], basis, table[:, -1]), x), H, last_noise
+
+
+# ============================================================================ runs made of runs
+def schedule_alpha_bars(denoise: Denoiser) -> torch.Tensor:
+    """float64 [T]: ᾱ_t of the denoiser's schedule (for methods that choose timesteps of their own)."""
+    return denoise.schedule.alphas_cumprod.double()
+
+
+def run_segment(
+    sampler: str,
+    denoise: Denoiser,
+    x: torch.Tensor,
+    timesteps: list[int],
+    final_alpha_bar: torch.Tensor,
+    *,
+    callback: Callback | None = None,
+    offset: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """One segment of a longer run (restart sampling's ODE segments): the registered deterministic
+    ``sampler`` from x at the level of ``timesteps[0]`` over ``timesteps`` (descending ints) into
+    ᾱ = ``final_alpha_bar`` (0-d float64), on :class:`Levels` of its own. ``callback`` numbers the
+    segment's calls from ``offset``. Returns the sample at the final level."""
+    ab = schedule_alpha_bars(denoise)
+    levels = Levels(torch.tensor(timesteps, dtype=torch.int64), torch.cat([ab[timesteps], final_alpha_bar.reshape(1)]))
+    cb = None if callback is None else (lambda i, t, x_t, x0: callback(offset + i, t, x_t, x0))
+    return SAMPLERS[sampler].fn(denoise, x, levels, callback=cb, progress=progress)

@@ -66,4 +66,5 @@ from ddim.cli import eval as _eval  # noqa: E402,F401
 from ddim.cli import optimize as _optimize  # noqa: E402,F401
 from ddim.cli import sample as _sample  # noqa: E402,F401
 from ddim.cli import serve as _serve  # noqa: E402,F401
+from ddim.cli import stats as _stats  # noqa: E402,F401
 from ddim.cli import train as _train  # noqa: E402,F401

@@ -42,6 +42,16 @@ _DETERMINISTIC = sorted(s for s in SAMPLERS if s not in STOCHASTIC_SAMPLERS)
     type=click.IntRange(min=0),
     help="Also compare with the starting spacing on this many unseen noises (seeds after the training ones).",
 )
+@click.option(
+    "--objective",
+    default="trajectory",
+    show_default=True,
+    type=click.Choice(["trajectory", "klub"]),
+    help="'trajectory': closest to the reference on the noises; 'klub': Align Your Steps' KL upper bound on "
+    "--n data samples of --data (any sampler; exact on a --grid of log-SNR levels).",
+)
+@click.option("--data", default="mnist", show_default=True, help="Clean samples for --objective klub.")
+@click.option("--grid", default=100, show_default=True, type=click.IntRange(min=2), help="KLUB grid levels.")
 @progress_option()
 def optimize_cmd(
     model_path,
@@ -55,13 +65,21 @@ def optimize_cmd(
     reference_steps,
     max_evals,
     validate,
+    objective,
+    data,
+    grid,
     progress,
 ) -> None:
-    """Choose STEPS timesteps for SAMPLER that bring its samples closest to a fine reference solution.
+    """Choose STEPS timesteps for SAMPLER that bring its samples closest to a fine reference solution
+    (or, with --objective klub, that minimise Align Your Steps' KL upper bound).
 
     Prints the list last, ready for `ddim sample --sampler SAMPLER --timesteps LIST`.
     """
     import torch
+
+    if objective == "klub":
+        _klub_cmd(model_path, steps, n, seed, guidance, data, grid, progress)
+        return
 
     from ddim.generate import parse_classes
     from ddim.noise import randn
@@ -126,4 +144,48 @@ def optimize_cmd(
     if held_out is not None:
         start = stats["start_spacing"]
         click.echo(f"on {validate} unseen noises: {start} {held_out[0]:.4f} -> optimized {held_out[1]:.4f}")
+    click.echo(",".join(str(t) for t in ts))
+
+
+def _klub_cmd(model_path, steps, n, seed, guidance, data, grid, progress) -> None:
+    """`--objective klub`: the KLUB-optimal STEPS timesteps on the grid, from N samples of DATA."""
+    import torch
+
+    from ddim.ays import klub, klub_table, klub_timesteps
+    from ddim.data import load_data
+
+    _check_seeds(seed, 1)
+    model, schedule, config = _load_model(model_path)
+    if steps > grid:
+        raise UsageError(f"--steps {steps} is more than --grid {grid} levels")
+    try:
+        images = load_data(data, getattr(model.config, "image_size", None))
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--data: {e}") from None
+    if n > len(images):
+        raise UsageError(f"--n {n} is more than the {len(images)} samples of --data {data}")
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    k = int(getattr(model.config, "num_classes", 0) or 0)
+    weight = _guidance(config, guidance)
+    kw: dict = {}
+    if k and images.labels is not None:
+        y = images.labels[idx]
+        kw["model_kwargs"] = {"y": y}
+        if weight != 1.0:
+            kw.update(guidance_scale=weight, uncond_kwargs={"y": torch.full_like(y, k)})
+    s = config.get("sampling", {})
+    table = klub_table(
+        model,
+        schedule,
+        images.images[idx],
+        grid=grid,
+        prediction=config["prediction"],
+        seed=seed,
+        progress=progress,
+        clip_sample=bool(s.get("clip_sample", False)),
+        use_clipped_model_output=bool(s.get("use_clipped_model_output", False)),
+        **kw,
+    )
+    ts = klub_timesteps(table, steps)
+    click.echo(f"KLUB on {n} samples of {data} ({grid} log-SNR levels): {klub(table, ts):.4g}")
     click.echo(",".join(str(t) for t in ts))

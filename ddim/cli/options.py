@@ -159,7 +159,10 @@ def sampling_options(f):
             help="Sampling steps S (timesteps listed).",
         ),
         eta_option("η: 0 deterministic DDIM, 1 DDPM-like."),
-        spacing_option(sorted(SPACINGS), help="Which S timesteps."),
+        spacing_option(
+            sorted([*SPACINGS, "optimized"]),
+            help="Which S timesteps ('optimized': the model's optimised list for S, if it ships one).",
+        ),
         click.option(
             "--timesteps",
             "timesteps_list",

@@ -1,0 +1,167 @@
+"""Few-call samplers on the shipped model: distance to the converged ODE map and classifier Fréchet distance.
+
+    python scripts/fewcall_table.py --runs dpmv3:logsnr:5,unipc:logsnr:5 [--fd-n 200] [--map-n 64] \\
+        [--cache runs.json] [--threads 1]
+
+Each run is sampler:spacing:calls (``optimized``: the model's shipped lists, ``config.sampling.
+optimized_timesteps``; ``file=PATH``: the lists of a JSON file ``{"schedules": {"S": [...]}}``; "restart"
+spends calls - RESTARTS·RESTART_STEPS on its main steps). Measured on
+seeds the schedules and statistics never saw (map: 1000 + i, Fréchet distance: 2000 + i; image i has
+class i mod 10), with the model's guidance and clipping:
+
+- map: the RMS difference on [0, 1] (pixels clamped to [-1, 1]) to DDIM at 200 log-SNR steps from the same
+  x_T (``--map-n`` samples; runs whose first timestep is not T-1 are compared with DDIM-200 on their own
+  spacing, as scripts/map_distance.py does);
+- fd: the Fréchet distance between the shipped digit classifier's features of ``--fd-n`` samples and of
+  the 5,000 MNIST-5k digits (small n inflates it: compare rows at equal n only), and the share classified
+  as their class.
+
+Results are cached in ``--cache`` (JSON, one entry per measurement; the DDIM-200 references beside it), so
+an interrupted table resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import ddim
+from ddim.diffusers_io import sampling_kwargs
+from ddim.solvers import restart
+
+
+def steps_for(sampler: str, calls: int) -> int:
+    if sampler == "heun":
+        return (calls + 1) // 2
+    if sampler == "restart":
+        return calls - restart.RESTARTS * restart.RESTART_STEPS
+    return calls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", required=True, help="sampler:spacing:calls, comma-separated")
+    ap.add_argument("--map-n", type=int, default=64)
+    ap.add_argument("--fd-n", type=int, default=200)
+    ap.add_argument("--no-fd", action="store_true")
+    ap.add_argument("--no-map", action="store_true")
+    ap.add_argument("--cache", default="fewcall.json")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", action="store_true", help="Only print the cached results as Markdown.")
+    args = ap.parse_args()
+    if args.table:
+        print_table(json.loads(Path(args.cache).read_text()), args.map_n, args.fd_n)
+        return
+    torch.set_num_threads(args.threads)
+    model, schedule, config = ddim.load()
+    cache_path = Path(args.cache)
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    def save() -> None:
+        tmp = cache_path.with_name(cache_path.name + ".tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, cache_path)
+
+    guidance = float(config["sampling"]["guidance"])
+
+    def run(sampler: str, spacing: str, steps: int, seeds: list[int]) -> tuple[torch.Tensor, int]:
+        n = len(seeds)
+        x_T = ddim.randn((n, 1, 28, 28), seeds)
+        y = torch.tensor(seeds) % 10
+        if spacing.startswith("file="):  # lists from a JSON file {"schedules": {"S": [...]}} (e.g. KLUB's)
+            lists = json.loads(Path(spacing[5:]).read_text())["schedules"]
+            kw = sampling_kwargs(config, schedule, steps, "logsnr", lists[str(steps)])
+        else:
+            kw = sampling_kwargs(config, schedule, steps, spacing)
+        stats: dict = {}
+        with torch.inference_mode():
+            x = ddim.sample(
+                model,
+                x_T,
+                schedule,
+                steps=steps,
+                spacing=kw.pop("spacing"),
+                timesteps=kw.pop("timesteps"),
+                sampler=sampler,
+                seeds=seeds,
+                prediction=config["prediction"],
+                model_kwargs={"y": y},
+                guidance_scale=guidance,
+                uncond_kwargs={"y": torch.full_like(y, 10)},
+                stats=stats,
+                **kw,
+            )
+        return (x.clamp(-1, 1) + 1) / 2, stats["nfe"]
+
+    refs: dict[str, torch.Tensor] = {}
+    runs = [r.split(":") for r in args.runs.split(",") if r.strip()]
+    clf = real = None
+    for sampler, spacing, calls in runs:
+        calls = int(calls)
+        steps = steps_for(sampler, calls)
+        key = f"{sampler}:{spacing}:{calls}"
+        entry = cache.setdefault(key, {})
+        if not args.no_map and f"map{args.map_n}" not in entry:
+            tic = time.perf_counter()
+            seeds = list(range(1000, 1000 + args.map_n))
+            ref_spacing = spacing if spacing in ("leading", "quadratic") else "logsnr"  # from t = T-1
+            if ref_spacing not in refs:
+                ref_file = cache_path.with_name(f"{cache_path.stem}.ref-{ref_spacing}-{args.map_n}.pt")
+                if ref_file.is_file():
+                    refs[ref_spacing] = torch.load(ref_file)
+                else:
+                    refs[ref_spacing] = run("ddim", ref_spacing, 200, seeds)[0]
+                    torch.save(refs[ref_spacing], ref_file)
+            x, nfe = run(sampler, spacing, steps, seeds)
+            entry[f"map{args.map_n}"] = (x - refs[ref_spacing]).pow(2).mean().sqrt().item()
+            entry["nfe"] = nfe
+            save()
+            took = time.perf_counter() - tic
+            print(f"{key}: map {entry[f'map{args.map_n}']:.4f} ({nfe} calls, {took:.0f} s)", flush=True)
+        if not args.no_fd and f"fd{args.fd_n}" not in entry:
+            from ddim.classifier import load_classifier
+            from ddim.data import mnist5k
+            from ddim.metrics import frechet_distance
+
+            if clf is None:
+                clf = load_classifier()
+                real, _ = clf.predict_features(mnist5k().images)
+            tic = time.perf_counter()
+            seeds = list(range(2000, 2000 + args.fd_n))
+            x, nfe = run(sampler, spacing, steps, seeds)
+            feats, pred = clf.predict_features(x * 2 - 1)
+            entry[f"fd{args.fd_n}"] = frechet_distance(feats, real)
+            entry[f"acc{args.fd_n}"] = (pred == torch.tensor(seeds) % 10).float().mean().item()
+            entry["nfe"] = nfe
+            save()
+            took = time.perf_counter() - tic
+            print(f"{key}: FD {entry[f'fd{args.fd_n}']:.2f} ({nfe} calls, {took:.0f} s)", flush=True)
+
+
+def print_table(cache: dict, map_n: int, fd_n: int) -> None:
+    """Rows sampler × spacing, columns calls: map distance (and Fréchet distance where measured)."""
+    rows: dict[tuple[str, str], dict[int, dict]] = {}
+    for key, entry in cache.items():
+        sampler, spacing, calls = key.split(":")
+        rows.setdefault((sampler, spacing), {})[int(calls)] = entry
+    budgets = sorted({c for r in rows.values() for c in r})
+    metrics = ((f"map{map_n}", "{:.4f}", "RMS to DDIM-200"), (f"fd{fd_n}", "{:.2f}", "Fréchet distance"))
+    for metric, fmt, title in metrics:
+        have = {k: r for k, r in rows.items() if any(metric in e for e in r.values())}
+        if not have:
+            continue
+        print(f"\n{title} ({metric}):\n")
+        print("| sampler | spacing | " + " | ".join(f"{c} calls" for c in budgets) + " |")
+        print("|---|---|" + "---:|" * len(budgets))
+        for (sampler, spacing), r in sorted(have.items()):
+            cells = [fmt.format(r[c][metric]) if c in r and metric in r[c] else "" for c in budgets]
+            print(f"| {sampler} | {spacing} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
