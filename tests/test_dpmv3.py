@@ -131,7 +131,7 @@ def test_estimated_statistics_beat_unipc_and_dpmpp_at_5_and_10_calls(sched):
 
 
 def test_degenerate_table_first_order_is_ddim(sched):
-    levels = ddim.sampling._run_levels(sched, 6, "logsnr", None, True)
+    levels = ddim.arguments.run_levels(sched, 6, "logsnr", None, True)
     f_coef, pred, corr, orders = dpmv3_coefficients(levels, degenerate_stats(), order=1, corrector=False)
     assert len(pred) == 5 and all(c is None for c in corr) and orders[:5] == [1] * 5
     ab = levels.alpha_bars
