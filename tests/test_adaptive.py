@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ddim import GaussianMixture, NoiseSchedule
-from ddim.noise import randn
 from ddim.adaptive import sample_adaptive
+from ddim.noise import randn
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import torch
 import ddim
 from ddim import GaussianMixture, NoiseSchedule
 from ddim.cli import run
-from ddim.solvers.dpmv3 import dpmv3_coefficients
 from ddim.model_stats import (
     ModelStats,
     attach_stats,
@@ -28,6 +27,7 @@ from ddim.model_stats import (
     stats_for,
     stats_path,
 )
+from ddim.solvers.dpmv3 import dpmv3_coefficients
 
 SIZES = [16, 23, 32, 45, 64]
 
