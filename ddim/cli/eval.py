@@ -16,6 +16,7 @@ from ddim.cli.common import (
     _check_seeds,
     _finite_cb,
     _load_model,
+    _model_default,
     main,
 )
 from ddim.evaluation.report import ReportSettings
@@ -136,6 +137,7 @@ def _setup(model_path, class_spec, guidance, spacing, seed, batch, device="cpu")
     dev = torch.device(_check_device(device))
     model, schedule, config = _load_model(model_path)
     model.to(dev)
+    spacing = _model_default("spacing", spacing, config)  # a student's own grid unless --spacing is given
     try:
         setup = EvalSetup.from_loaded(
             model,
