@@ -180,6 +180,15 @@ def test_consistency_run_resumes_exactly_and_samples(teacher_dir, digits, tmp_pa
         assert x.shape == x_T.shape and len(calls) == steps == ddim.nfe("consistency", steps)
 
 
+def test_cli_samples_a_student_with_its_own_defaults(teacher_dir, digits, tmp_path, capsys):
+    cd = distill_consistency(_cd(teacher_dir, tmp_path / "cd", steps=1), progress=False, data=digits)
+    pd = distill_progressive(_pd(teacher_dir, tmp_path / "pd", steps=1), progress=False, data=digits)
+    for folder, extra, calls in [(cd, [], 1), (cd, ["--steps", "2"], 2), (pd, [], 2)]:
+        args = ["sample", "--model", str(folder), "-n", "2", "--class", "3", "--out", str(tmp_path / "s.npz")]
+        assert run([*args, "--no-progress", *extra]) == 0
+        assert f"{calls} network evaluations per image" in capsys.readouterr().out
+
+
 def test_boundary_condition_is_exact():
     sched = NoiseSchedule.linear(1000)
     torch.manual_seed(1)
