@@ -361,8 +361,19 @@ def _round(
             _save_round(
                 cfg, r, n, n_teacher, folder, student, ema, opt, gen, schedule, step, total, wall, smooth, options
             )
+            _add_data(folder, data)
     if bar is not None:
         bar.close()
+
+
+def _data_record(data: ImageData) -> dict[str, Any]:
+    """The training data as a model config records it (what evaluations take as the reference)."""
+    return {**data.source, "n": len(data), "class_names": data.class_names}
+
+
+def _add_data(folder: Path, data: ImageData) -> None:
+    config = json.loads((folder / CONFIG).read_text())
+    write_json(folder / CONFIG, {**config, "data": _data_record(data)})
 
 
 def _flush_log(folder: Path, rows: list[list[Any]]) -> None:
@@ -633,7 +644,7 @@ def distill_consistency(
                         "settings": settings,
                     },
                 }
-                save_model(out, ema.net, schedule, "sample", extra)
+                save_model(out, ema.net, schedule, "sample", {**extra, "data": _data_record(data)})
         if bar is not None:
             bar.close()
     finally:

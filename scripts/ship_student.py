@@ -24,6 +24,11 @@ if __name__ == "__main__":
     model, schedule, config = load(args.run)
     net = getattr(model, "net", model)  # a consistency model stores its network's weights
     extra = {k: v for k, v in config.items() if k not in ("format", "unet", "schedule", "prediction")}
+    if "data" not in extra:  # runs before the data record: the evaluations' reference set
+        from ddim.data import load_data
+
+        data = load_data(config["distill"]["settings"]["data"])
+        extra["data"] = {**data.source, "n": len(data), "class_names": data.class_names}
     extra["description"] = args.description
     extra["storage_dtype"] = "float16"
     out = Path(__file__).resolve().parent.parent / "ddim" / "weights" / args.name

@@ -278,7 +278,10 @@ def test_shipped_names_and_models_command(capsys):
     assert lines[0].startswith("default ")
     for name in set(names) - {"default"}:  # the students: loadable by name, sampled with their own defaults
         m, _, config = load(name)
-        assert config["sampling"]["steps"] in (1, 2, 4) and config["distill"]["done"]
+        assert config["sampling"]["steps"] in (1, 2, 4) and config["distill"]["method"] in (
+            "progressive",
+            "consistency",
+        )
 
 
 def test_bad_input_exits_2_before_training(teacher_dir, tmp_path, capsys):
