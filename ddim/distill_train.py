@@ -431,6 +431,8 @@ class ConsistencyConfig:
         ema_decay: EMA decay of the weights that are saved and sampled (with the (1+n)/(10+n) warm-up).
         student_prediction: what the wrapped network predicts ("v_prediction", default).
         distance: "pseudo_huber" (default) or "l2". guidance: the teacher's (default its config's).
+        sigma_data: σ_d of the skip/out coefficients (default 0.5, Song et al.'s; see
+            :class:`~ddim.consistency.ConsistencyModel`).
         data, image_size, seed, threads, checkpoint_every, log_every: as :class:`ProgressiveConfig`.
     """
 
@@ -447,6 +449,7 @@ class ConsistencyConfig:
     ema_decay: float = 0.995
     student_prediction: str = "v_prediction"
     distance: str = "pseudo_huber"
+    sigma_data: float = 0.5
     guidance: float | None = None
     data: str = "mnist"
     image_size: int | None = None
@@ -480,6 +483,12 @@ class ConsistencyConfig:
             raise ValueError("student_prediction must be 'v_prediction', 'sample' or 'epsilon', not 'flow'")
         if self.distance not in ("pseudo_huber", "l2"):
             raise ValueError(f"unknown distance {self.distance!r}; valid: pseudo_huber, l2")
+        if (
+            isinstance(self.sigma_data, bool)
+            or not isinstance(self.sigma_data, (int, float))
+            or not (0 < self.sigma_data < math.inf)
+        ):
+            raise ValueError(f"sigma_data must be a positive number, got {self.sigma_data!r}")
         for name in ("warmup", "checkpoint_every", "log_every", "threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -554,7 +563,7 @@ def distill_consistency(
         options = {key: bool(sampling[key]) for key in ("clip_sample", "use_clipped_model_output") if key in sampling}
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        model = ConsistencyModel(net.requires_grad_(True).eval(), schedule, cfg.student_prediction)
+        model = ConsistencyModel(net.requires_grad_(True).eval(), schedule, cfg.student_prediction, cfg.sigma_data)
         target = copy.deepcopy(model).requires_grad_(False)
         ema = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -153,6 +153,7 @@ def test_consistency_run_resumes_exactly_and_samples(teacher_dir, digits, tmp_pa
     assert any(k.startswith("target.") for k in load_file(tmp_path / "straight" / "state.safetensors"))
     model, schedule, config = load(tmp_path / "straight")
     assert isinstance(model, ConsistencyModel) and config["prediction"] == "sample"
+    assert model.sigma_data == config["consistency"]["sigma_data"] == 0.5
     assert config["sampling"]["sampler"] == "consistency" and config["distill"]["done"]
     with pytest.raises(ValueError, match="other settings.*target_decay"):
         distill_consistency(_cd(teacher_dir, tmp_path / "straight", target_decay=0.9), progress=False, data=digits)
@@ -291,6 +292,7 @@ def test_bad_input_exits_2_before_training(teacher_dir, tmp_path, capsys):
         (["progressive", "--teacher", str(tmp_path / "missing")], "does not exist"),
         (["progressive", "--teacher", "no_such_model"], "shipped models"),
         (["consistency", "--init", str(tmp_path / "missing")], "--init"),
+        (["consistency", "--sigma-data", "0"], "--sigma-data"),
     ]
     notmodel = tmp_path / "notmodel"
     notmodel.mkdir()

@@ -140,6 +140,14 @@ def _flags(text: str) -> str:
     type=click.Choice(["v_prediction", "sample", "epsilon"]),
 )
 @click.option("--distance", default="pseudo_huber", show_default=True, type=click.Choice(["pseudo_huber", "l2"]))
+@click.option(
+    "--sigma-data",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    callback=_finite_cb,
+    help="σ_d of the skip/out coefficients: c_skip = σ_d²/((σ-σ_min)²+σ_d²).",
+)
 @click.option("--guidance", default=None, type=float, callback=_finite_cb, help="The teacher's guidance [its default].")
 def consistency_cmd(fresh: bool, **kw) -> None:
     """Consistency distillation (Song et al. 2023): f(x, σ_min) = x by the skip/out parameterisation, the
