@@ -14,7 +14,7 @@ def models_cmd() -> None:
     from ddim.checkpoint import model_summaries
 
     for m in model_summaries():
-        steps = f"{m['steps']} steps" if m["steps"] else "any steps"
+        steps = f"{m['steps']} step{'s' if m['steps'] != 1 else ''}" if m["steps"] else "any steps"
         click.echo(
             f"{m['name']:<8} {m['description']} [--sampler {m['sampler']}, {steps}, guidance {m['guidance']:g}; "
             f"{m['parameters'] / 1e6:.2f}M parameters, {m['megabytes']:.1f} MB]"
