@@ -17,8 +17,8 @@ initialisation from the EDM denoiser. σ_d = 0.5 as theirs.
 
 :class:`ConsistencyModel` wraps a network so that ``model(z_t, t, **kwargs)`` returns f as an x̂₀ prediction
 ("sample"): :func:`ddim.load` wraps a model whose config holds a ``"consistency"`` entry. The multistep
-sampler (Song et al. Alg. 1) is registered as ``sampler="consistency"``: x̂ = f(x_T, t_0); then for each later
-timestep t_i, z = √ᾱ_{t_i} x̂ + √(1-ᾱ_{t_i}) z_i (fresh noise, one seed per sample) and x̂ = f(z, t_i). One
+sampler (Song et al. Alg. 1) is ``sampler="consistency"`` (:mod:`ddim.solvers.consistency`): x̂ = f(x_T, t_0);
+then for each later timestep t_i, z = √ᾱ_{t_i} x̂ + √(1-ᾱ_{t_i}) z_i (fresh noise, one seed per sample) and x̂ = f(z, t_i). One
 network call per listed timestep.
 
 Consistency distillation (Alg. 2) is :func:`consistency_distill_loss`: one teacher ODE step (DDIM, η = 0,
@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from ddim.prediction import Denoiser, check_prediction
-from ddim.sampling import Callback, Levels, _bar, register_sampler
 from ddim.schedule import NoiseSchedule
 from ddim.timesteps import timesteps as make_timesteps
 
@@ -48,7 +47,6 @@ __all__ = [
     "consistency_distill_loss",
     "consistency_grid",
     "pseudo_huber",
-    "sample_consistency",
 ]
 
 SIGMA_DATA = 0.5
@@ -236,45 +234,3 @@ def consistency_distill_loss(
     if distance == "l2":
         return (got - want).pow(2).reshape(B, -1).mean(dim=1).mean()
     return pseudo_huber(got, want).mean()
-
-
-@register_sampler("consistency")
-def sample_consistency(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    levels: Levels,
-    *,
-    eta: float = 0.0,
-    variance: str = "eta",
-    noise: Callable[[], torch.Tensor] | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Alg. 1) over ``levels``: one call per timestep.
-
-    x̂ = x̂₀(x_T, t_0); for i = 1 … N-1: z_i = √ᾱ_{t_i} x̂ + √(1-ᾱ_{t_i}) ξ_i (ξ_i from ``noise``, fresh N(0, I))
-    and x̂ = x̂₀(z_i, t_i); the result is √ᾱ_final x̂ + √(1-ᾱ_final) ε̂ (x̂ when ᾱ_final = 1). ``denoise`` is a
-    consistency model's (its x̂₀ is f). η and ``variance`` do not apply (the re-noising is the method).
-    """
-    if eta != 0.0:
-        raise ValueError("sampler 'consistency' re-noises to each level by construction: leave eta at 0")
-    ts, ab = levels.timesteps, levels.alpha_bars
-    N = ts.numel()
-    if N > 1 and noise is None:
-        raise ValueError("multistep consistency sampling needs a noise source")
-    plan = denoise.plan(ts, x)
-    x0 = eps = x
-    with _bar(N, progress, "consistency") as bar:
-        for i in range(N):
-            if i > 0:
-                a = float(ab[i])
-                x = torch.mul(x0, a**0.5).add_(noise(), alpha=(1.0 - a) ** 0.5)
-            x0, eps = denoise.predict(x, plan, i)
-            if callback is not None:
-                callback(i, plan.timesteps[i], x, x0)
-            bar.update()
-    denoise.finish(plan)
-    final = float(ab[-1])
-    if final == 1.0:
-        return x0
-    return torch.mul(x0, final**0.5).add_(eps, alpha=(1.0 - final) ** 0.5)
