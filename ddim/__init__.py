@@ -7,6 +7,7 @@ the module of the same name is reached with ``from ddim.timesteps import ...`` o
 """
 
 from ddim.checkpoint import load, save_model
+from ddim.consistency import ConsistencyModel  # registers the "consistency" sampler
 from ddim.interpolate import slerp
 from ddim.noise import StepNoise, randn
 from ddim.optimize import optimize_timesteps
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NoiseSchedule",
+    "ConsistencyModel",
     "load",
     "save_model",
     "PREDICTIONS",

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from ddim.schedule import NoiseSchedule
 from ddim.unet import UNet, UNetConfig
 
-__all__ = ["load", "save_model", "default_model_path", "atomic_write", "build_unet", "FORMAT"]
+__all__ = ["load", "save_model", "default_model_path", "shipped_models", "atomic_write", "build_unet", "FORMAT"]
 
 FORMAT = "ddim-unet"
 WEIGHTS = "model.safetensors"
@@ -31,6 +31,29 @@ PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow")
 def default_model_path() -> Path:
     """Folder of the embedded default model (a class-conditional MNIST U-Net)."""
     return Path(__file__).parent / "weights" / "default"
+
+
+def shipped_models() -> dict[str, Path]:
+    """The models shipped inside the package, by name: ``{"default": …, "pd4": …, "cd": …}`` (each a folder
+    under ``ddim/weights/`` with a ``config.json``), sorted by name with "default" first."""
+    root = Path(__file__).parent / "weights"
+    found = {p.name: p for p in root.iterdir() if p.is_dir() and (p / CONFIG).is_file()} if root.is_dir() else {}
+    return dict(sorted(found.items(), key=lambda kv: (kv[0] != "default", kv[0])))
+
+
+def _shipped_name(path: str | os.PathLike) -> Path | None:
+    """The folder of a shipped model when ``path`` is a bare name that is not an existing path, else None.
+    A bare name that is no shipped model raises FileNotFoundError listing the shipped ones."""
+    text = os.fspath(path)
+    if Path(text).exists() or not text or os.sep in text or "/" in text or Path(text).suffix:
+        return None
+    shipped = shipped_models()
+    if text in shipped:
+        return shipped[text]
+    raise FileNotFoundError(
+        f"model {text} is neither a path nor a shipped model; shipped models: {', '.join(shipped) or 'none'} "
+        "(see `ddim models`)"
+    )
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -93,7 +116,7 @@ def _resolve(path: str | os.PathLike | None) -> tuple[Path, Path]:
     if path is None:
         folder = default_model_path()
         return folder / WEIGHTS, folder / CONFIG
-    p = Path(path)
+    p = _shipped_name(path) or Path(path)
     if p.is_dir():
         return p / WEIGHTS, p / CONFIG
     if p.suffix == ".safetensors":
@@ -157,8 +180,10 @@ def load(
         path: a model folder (``model.safetensors`` + ``config.json``), a ``.safetensors``
             file with its ``.json`` beside it, a diffusers pipeline folder (``model_index.json``,
             ``unet/``, ``scheduler/``; see :mod:`ddim.diffusers_io`, needs diffusers), a Stable Diffusion
-            pipeline folder (see :mod:`ddim.stable_diffusion`, needs diffusers and transformers), or
-            ``None`` for the embedded default model.
+            pipeline folder (see :mod:`ddim.stable_diffusion`, needs diffusers and transformers), the name
+            of a model shipped in the package (:func:`shipped_models`: "default", "pd4", "cd"; a name that
+            is not an existing path), or ``None`` for the embedded default model. A config with a
+            ``"consistency"`` entry gives a :class:`~ddim.consistency.ConsistencyModel`.
         device, dtype: where and in which precision to put the weights (default CPU float32).
 
     Raises:
@@ -203,7 +228,13 @@ def load(
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.to(device=device, dtype=dtype).eval()
     _attach_solver_stats(model, weights_path)
-    return model, _schedule(config, path), config
+    schedule = _schedule(config, path)
+    if "consistency" in config:  # a consistency model: the network wrapped as f (ddim.consistency)
+        from ddim.consistency import ConsistencyModel
+
+        c = config["consistency"]
+        model = ConsistencyModel(model, schedule, c.get("prediction", "v_prediction"), c.get("sigma_data", 0.5))
+    return model, schedule, config
 
 
 def _attach_solver_stats(model: torch.nn.Module, weights_path: Path) -> None:
@@ -220,3 +251,39 @@ def _schedule(config: dict[str, Any], path: str | os.PathLike | None) -> NoiseSc
         return NoiseSchedule.from_dict(config["schedule"])
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise ValueError(f"model config {_resolve(path)[1]}: bad schedule ({type(e).__name__}: {e})") from None
+
+
+def model_summaries() -> list[dict[str, Any]]:
+    """One summary per shipped model (:func:`shipped_models`): ``{"name", "description", "parameters",
+    "megabytes", "sampler", "steps", "guidance"}``, read from each folder's config (no weights are loaded;
+    ``parameters`` counts the tensors in the safetensors header)."""
+    import math
+
+    rows = []
+    for name, folder in shipped_models().items():
+        config = read_config(folder)
+        s = config.get("sampling", {})
+        weights = folder / WEIGHTS
+        n = 0
+        if weights.is_file():
+            with weights.open("rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            n = sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        unet = config["unet"]
+        classes = unet.get("num_classes", 0)
+        default_desc = (
+            f"{'class-conditional ' if classes else ''}{config['prediction']}-prediction U-Net, "
+            f"{unet.get('image_size')}x{unet.get('image_size')}"
+        )
+        rows.append(
+            {
+                "name": name,
+                "description": config.get("description", default_desc),
+                "parameters": n,
+                "megabytes": weights.stat().st_size / 1e6 if weights.is_file() else 0.0,
+                "sampler": s.get("sampler", "ddim"),
+                "steps": s.get("steps"),
+                "guidance": float(s.get("guidance", 1.0)),
+            }
+        )
+    return rows

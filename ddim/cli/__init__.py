@@ -61,8 +61,10 @@ def console() -> None:  # pragma: no cover - the installed `ddim` script
 
 # Register the commands.
 from ddim.cli import bench as _bench  # noqa: E402,F401
+from ddim.cli import distill as _distill  # noqa: E402,F401
 from ddim.cli import edit as _edit  # noqa: E402,F401
 from ddim.cli import eval as _eval  # noqa: E402,F401
+from ddim.cli import models as _models  # noqa: E402,F401
 from ddim.cli import optimize as _optimize  # noqa: E402,F401
 from ddim.cli import sample as _sample  # noqa: E402,F401
 from ddim.cli import serve as _serve  # noqa: E402,F401

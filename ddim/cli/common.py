@@ -139,5 +139,14 @@ def _parse_timesteps(text: str | None) -> list[int] | None:
     return values
 
 
+def _model_default(param: str, value, config: dict, key: str | None = None):
+    """``value``, or the model's own ``config["sampling"][key]`` (key default ``param``) when the flag of
+    ``param`` was left out: a distilled student samples with its own steps, sampler and spacing."""
+    ctx = click.get_current_context()
+    given = ctx.get_parameter_source(param) not in (None, click.core.ParameterSource.DEFAULT)
+    sampling = config.get("sampling") or {}
+    return value if given or (key or param) not in sampling else sampling[key or param]
+
+
 def _guidance(config: dict, guidance: float | None) -> float:
     return float(config.get("sampling", {}).get("guidance", 1.0)) if guidance is None else guidance

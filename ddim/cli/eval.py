@@ -17,6 +17,7 @@ from ddim.cli.common import (
     _check_out_folder,
     _check_seeds,
     _load_model,
+    _model_default,
     main,
 )
 from ddim.cli.options import (
@@ -149,6 +150,7 @@ def _setup(run: dict, batch: int | None = None):
     dev = torch.device(_check_device(device))
     model, schedule, config = _load_model(model_path)
     model.to(dev)
+    spacing = _model_default("spacing", spacing, config)  # a student's own grid unless --spacing is given
     try:
         setup = EvalSetup.from_loaded(
             model,

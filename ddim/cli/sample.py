@@ -15,6 +15,7 @@ from ddim.cli.common import (
     _check_seeds,
     _guidance,
     _load_model,
+    _model_default,
     _parse_timesteps,
     _prepare_model,
     main,
@@ -121,6 +122,7 @@ def sample_cmd(
     _check_sample_out(out)
     device = _check_device(local_device(_check_device(device)))  # under torchrun, "cuda" is this rank's GPU
     model, schedule, config = _load_model(model_path, device)
+    steps, sampler = _model_default("steps", steps, config), _model_default("sampler", sampler, config)
     text = _text_options(model, prompt, negative_prompt, prompts_file, height, width, guidance_rescale, vae_tiling)
     try:
         _check_sample_memory(model, n, out)

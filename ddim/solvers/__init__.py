@@ -23,7 +23,7 @@ starts (:func:`ddim.nfe`: ``steps`` for all but "heun", which makes 2·steps - 1
 with the device inside the engine's loop.
 """
 
-from ddim.solvers import ddim, dpmpp, dpmv3, karras, plms, restart, unipc  # noqa: F401 - registers the samplers
+from ddim.solvers import consistency, ddim, dpmpp, dpmv3, karras, plms, restart, unipc  # noqa: F401 - registers
 from ddim.solvers.exact import GaussianMixture
 
 __all__ = ["GaussianMixture", "ODE_SAMPLERS", "STOCHASTIC_SAMPLERS"]
