@@ -38,11 +38,11 @@ def _x() -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- registry and counts
 def test_registered_on_import_and_in_the_cli_choices():
-    from ddim.cli.common import _sampling_options
+    from ddim.cli.options import sampling_options
 
     assert set(NEW) <= set(ddim.SAMPLERS)
 
-    @_sampling_options
+    @sampling_options
     def f(**kw):
         pass
 
