@@ -18,7 +18,8 @@ initialisation from the EDM denoiser. σ_d = 0.5 as theirs.
 :class:`ConsistencyModel` wraps a network so that ``model(z_t, t, **kwargs)`` returns f as an x̂₀ prediction
 ("sample"): :func:`ddim.load` wraps a model whose config holds a ``"consistency"`` entry. The multistep
 sampler (Song et al. Alg. 1) is ``sampler="consistency"`` (:mod:`ddim.solvers.consistency`): x̂ = f(x_T, t_0);
-then for each later timestep t_i, z = √ᾱ_{t_i} x̂ + √(1-ᾱ_{t_i}) z_i (fresh noise, one seed per sample) and x̂ = f(z, t_i). One
+then for each later timestep t_i, z = √ᾱ_{t_i} x̂ + √(1-ᾱ_{t_i}) z_i (fresh noise, one seed per sample) and
+x̂ = f(z, t_i). One
 network call per listed timestep.
 
 Consistency distillation (Alg. 2) is :func:`consistency_distill_loss`: one teacher ODE step (DDIM, η = 0,
