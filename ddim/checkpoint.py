@@ -2,7 +2,8 @@
 
 A model directory holds ``model.safetensors`` (the weights to sample with: the EMA weights
 after training) and ``config.json`` (architecture, schedule, prediction type, data, step).
-``ddim.load()`` with no path returns the default model embedded in the package.
+``ddim.load()`` with no path returns the default model embedded in the package; a shipped name
+(:data:`SHIPPED`, e.g. ``ddim.load("reflow")``) returns that shipped model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from safetensors.torch import load_file, save_file
 from ddim.schedule import NoiseSchedule
 from ddim.unet import UNet, UNetConfig
 
-__all__ = ["load", "save_model", "default_model_path", "atomic_write", "build_unet", "FORMAT"]
+__all__ = [
+    "load",
+    "save_model",
+    "default_model_path",
+    "shipped_model_path",
+    "atomic_write",
+    "build_unet",
+    "FORMAT",
+    "SHIPPED",
+]
 
 FORMAT = "ddim-unet"
 WEIGHTS = "model.safetensors"
@@ -28,9 +38,28 @@ CONFIG = "config.json"
 PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow")
 
 
+#: Shipped models by name -> their folder under ddim/weights/ (see ddim/weights/MODEL_CARD.md).
+SHIPPED = {
+    "default": "default",  # the class-conditional MNIST ε-prediction U-Net
+    "reflow": "reflow",  # the default model reflowed into a straight flow (ddim reflow)
+}
+
+
 def default_model_path() -> Path:
     """Folder of the embedded default model (a class-conditional MNIST U-Net)."""
     return Path(__file__).parent / "weights" / "default"
+
+
+def shipped_model_path(name: str) -> Path:
+    """Folder of the shipped model ``name`` (a key of :data:`SHIPPED`); KeyError for another name."""
+    return Path(__file__).parent / "weights" / SHIPPED[name]
+
+
+def _shipped(path: str | os.PathLike | None) -> str | os.PathLike | None:
+    """A shipped name that is not an existing path -> its folder; anything else unchanged."""
+    if isinstance(path, str) and path in SHIPPED and not Path(path).exists():
+        return shipped_model_path(path)
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -90,6 +119,7 @@ def save_model(
 
 
 def _resolve(path: str | os.PathLike | None) -> tuple[Path, Path]:
+    path = _shipped(path)
     if path is None:
         folder = default_model_path()
         return folder / WEIGHTS, folder / CONFIG
@@ -105,7 +135,7 @@ def _resolve(path: str | os.PathLike | None) -> tuple[Path, Path]:
 
 
 def read_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The JSON config of a model folder (``None``: the embedded default)."""
+    """The JSON config of a model folder or shipped name (``None``: the embedded default)."""
     _, cfg_path = _resolve(path)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"model config {cfg_path} is missing")
@@ -157,7 +187,8 @@ def load(
         path: a model folder (``model.safetensors`` + ``config.json``), a ``.safetensors``
             file with its ``.json`` beside it, a diffusers pipeline folder (``model_index.json``,
             ``unet/``, ``scheduler/``; see :mod:`ddim.diffusers_io`, needs diffusers), a Stable Diffusion
-            pipeline folder (see :mod:`ddim.stable_diffusion`, needs diffusers and transformers), or
+            pipeline folder (see :mod:`ddim.stable_diffusion`, needs diffusers and transformers), a
+            shipped name (:data:`SHIPPED`: "default", "reflow"; an existing path of that name wins), or
             ``None`` for the embedded default model.
         device, dtype: where and in which precision to put the weights (default CPU float32).
 
@@ -168,6 +199,7 @@ def load(
     from ddim.diffusers_io import is_pipeline_folder, load_pipeline
     from ddim.stable_diffusion import is_stable_diffusion_folder, load_stable_diffusion
 
+    path = _shipped(path)
     if is_stable_diffusion_folder(path):
         return load_stable_diffusion(path, device, dtype)
     if is_pipeline_folder(path):

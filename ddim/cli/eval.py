@@ -904,3 +904,50 @@ def guidance_cmd(
         raise UsageError(str(e)) from None
     click.echo((Path(out) / "guidance.md").read_text())
     click.echo(f"-> {out}/guidance.csv, guidance.md, guidance.png")
+
+
+@eval_group.command("straightness")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="A model to measure (folder or shipped name), repeatable [default and reflow]; the first is the "
+    "reference whose DDIM at --ref-steps is the converged map.",
+)
+@click.option("--paths", default=64, show_default=True, type=click.IntRange(min=1), help="ODE paths per model.")
+@click.option("--path-steps", default=100, show_default=True, type=click.IntRange(min=2), help="Euler steps a path.")
+@click.option("--n", default=200, show_default=True, type=click.IntRange(min=0), help="Images per row (0: no FD rows).")
+@click.option("--calls", default="1,2,4,8", show_default=True, help="Euler (DDIM) steps of the rows.")
+@click.option("--ref-steps", default=200, show_default=True, type=click.IntRange(min=1), help="DDIM steps of the map.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Image i uses seed+i.")
+@click.option("--batch", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--out", default=None, help="Also write the tables to this .md file (and the figures to a .json beside it)."
+)
+def straightness_cmd(models, paths, path_steps, n, calls, ref_steps, seed, batch, out) -> None:
+    """How straight each model's ODE paths are (mean deviation from the chord between the path's ends, over
+    its length, in the flow coordinate), and its Fréchet distance, accuracy and RMS to the first model's
+    DDIM-REF-STEPS map at 1, 2, 4, 8 Euler calls, from the same noises (class i mod 10)."""
+    import json
+
+    from ddim.checkpoint import atomic_write
+    from ddim.evaluation.straightness import ModelRun, few_step_rows, straightness, straightness_markdown
+
+    steps = _grid(calls, "--calls", int, 1)
+    if out is not None:
+        _check_out_file(out, (".md",))
+    names = list(models) or ["default", "reflow"]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--model repeats a model: {names}")
+    runs = {name: ModelRun(*_load_model(name)) for name in names}
+    _check_seeds(seed, max(n, paths))
+    deviations = {
+        name: straightness(run, n=paths, steps=path_steps, seed=seed, batch=batch) for name, run in runs.items()
+    }
+    rows = few_step_rows(runs, names[0], calls=steps, n=n, seed=seed, ref_steps=ref_steps, batch=batch) if n else []
+    text = straightness_markdown(deviations, rows)
+    click.echo(text)
+    if out is not None:
+        atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
+        blob = json.dumps({"straightness": deviations, "rows": rows}, indent=2)
+        atomic_write(Path(out).with_suffix(".json"), lambda tmp: Path(tmp).write_text(blob + "\n"))
