@@ -151,7 +151,8 @@ def make_pairs(
         out: the folder (``pairs.json`` and ``pairs/shard_XXXXX.safetensors``, each holding float32 "noise"
             [B, C, H, W], float32 "images" [B, C, H, W] in the model's space, int64 "seeds" [B] and "labels" [B],
             -1 for an unconditional teacher). Complete shards already there are kept (resume) when the
-            manifest agrees; a different teacher or settings is refused (ValueError).
+            manifest agrees; a different teacher or settings is refused (ValueError), but a different
+            ``n`` is not: the pairs are extended (or cut) to n, keeping the complete shards of [0, n).
         settings: :class:`PairSettings` (default: 10,000 pairs, DPM-Solver++ 2M with 12 trailing steps).
         device: where the teacher runs (under torchrun each rank uses its local device of that kind).
 
@@ -179,7 +180,7 @@ def make_pairs(
             error = e
     ddist.check(error, ctx)
     shards = pair_shards(s.n, s.shard_size)
-    todo = [k for k in range(len(shards)) if not _shard_ok(_shard_path(out, k), shards[k][1] - shards[k][0])]
+    todo = [k for k, (a, b) in enumerate(shards) if not _shard_ok(_shard_path(out, k), s.seed + a, s.seed + b)]
     mine = ddist.shard(todo, ctx)
     k_classes = int(cfg.num_classes)
     bar = None
@@ -228,25 +229,31 @@ def _write_or_check_manifest(out: Path, manifest: dict[str, Any]) -> None:
             old = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); remove the folder or use another --out") from None
-        diff = [k for k in manifest if old.get(k) != manifest[k]]
+        # the number of pairs may change (more pairs later, or fewer): the shards of [0, n) stay valid
+        same_n = {**manifest, "settings": {**manifest["settings"], "n": (old.get("settings") or {}).get("n")}}
+        diff = [k for k in manifest if old.get(k) != same_n[k]]
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} there, {manifest[k]!r} now" for k in diff)
             raise ValueError(f"{out} holds pairs of another teacher or settings ({shown}); use another --out")
+        if old != manifest:
+            write_json(path, manifest)
         return
     if (out / PAIRS).is_dir() and any((out / PAIRS).iterdir()):
         raise ValueError(f"{out / PAIRS} holds files but {path} is missing; use another --out")
     write_json(path, manifest)
 
 
-def _shard_ok(path: Path, n: int) -> bool:
-    """Whether a shard file is complete (readable, n pairs)."""
+def _shard_ok(path: Path, first: int, stop: int) -> bool:
+    """Whether a shard file is complete: readable, the pairs of seeds ``first`` … ``stop - 1``."""
     if not path.is_file():
         return False
     try:
         t = load_file(path)
     except (SafetensorError, OSError, ValueError):
         return False
-    return all(k in t for k in ("noise", "images", "seeds", "labels")) and int(t["seeds"].numel()) == n
+    if not all(k in t for k in ("noise", "images", "seeds", "labels")):
+        return False
+    return torch.equal(t["seeds"], torch.arange(first, stop, dtype=torch.int64))
 
 
 def load_pairs(folder: str | os.PathLike) -> tuple[ImageData, torch.Tensor, dict[str, Any]]:
@@ -270,7 +277,7 @@ def load_pairs(folder: str | os.PathLike) -> tuple[ImageData, torch.Tensor, dict
     noise, images, labels = [], [], []
     for k, (a, b) in enumerate(pair_shards(int(s["n"]), int(s["shard_size"]))):
         p = _shard_path(folder, k)
-        if not _shard_ok(p, b - a):
+        if not _shard_ok(p, int(s["seed"]) + a, int(s["seed"]) + b):
             raise ValueError(f"pairs {folder}: shard {p.name} is missing or incomplete; resume `ddim reflow` to finish")
         t = load_file(p)
         noise.append(t["noise"])

@@ -203,3 +203,15 @@ def test_straightness_runs_on_a_model(teacher):
     run = ModelRun(*ddim.load(teacher))
     d = straightness(run, n=3, steps=5, batch=2)
     assert d["n"] == 3 and 0 <= d["mean"] <= d["max"] and math.isfinite(d["std"])
+
+
+def test_pairs_extend_and_cut_without_redoing_shards(teacher, tmp_path):
+    out = make_pairs(str(teacher), tmp_path / "r", PairSettings(**{**SMALL, "n": 10}), progress=False)
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "pairs").iterdir()}
+    make_pairs(str(teacher), out, PairSettings(**SMALL), progress=False)  # 12: a third shard of 2
+    assert all((out / "pairs" / k).stat().st_mtime_ns == v for k, v in first.items())
+    data, noise, manifest = load_pairs(out)
+    assert len(data) == 12 and manifest["settings"]["n"] == 12
+    make_pairs(str(teacher), out, PairSettings(**{**SMALL, "n": 5}), progress=False)  # cut: nothing to make
+    data5, noise5, _ = load_pairs(out)
+    assert torch.equal(data5.images, data.images[:5]) and torch.equal(noise5, noise[:5])

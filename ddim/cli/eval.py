@@ -924,7 +924,13 @@ def guidance_cmd(
 @click.option(
     "--out", default=None, help="Also write the tables to this .md file (and the figures to a .json beside it)."
 )
-def straightness_cmd(models, paths, path_steps, n, calls, ref_steps, seed, batch, out) -> None:
+@click.option(
+    "--cache",
+    default="eval/straightness",
+    show_default=True,
+    help="Folder keeping each run's images and paths (keyed by the weights and settings); 'none': no cache.",
+)
+def straightness_cmd(models, paths, path_steps, n, calls, ref_steps, seed, batch, out, cache) -> None:
     """How straight each model's ODE paths are (mean deviation from the chord between the path's ends, over
     its length, in the flow coordinate), and its Fréchet distance, accuracy and RMS to the first model's
     DDIM-REF-STEPS map at 1, 2, 4, 8 Euler calls, from the same noises (class i mod 10)."""
@@ -939,12 +945,16 @@ def straightness_cmd(models, paths, path_steps, n, calls, ref_steps, seed, batch
     names = list(models) or ["default", "reflow"]
     if len(set(names)) != len(names):
         raise UsageError(f"--model repeats a model: {names}")
+    cache = None if cache == "none" else _check_out_folder(cache, "--cache")
     runs = {name: ModelRun(*_load_model(name)) for name in names}
     _check_seeds(seed, max(n, paths))
     deviations = {
-        name: straightness(run, n=paths, steps=path_steps, seed=seed, batch=batch) for name, run in runs.items()
+        name: straightness(run, n=paths, steps=path_steps, seed=seed, batch=batch, cache=cache)
+        for name, run in runs.items()
     }
-    rows = few_step_rows(runs, names[0], calls=steps, n=n, seed=seed, ref_steps=ref_steps, batch=batch) if n else []
+    rows = []
+    if n:
+        rows = few_step_rows(runs, names[0], calls=steps, n=n, seed=seed, ref_steps=ref_steps, batch=batch, cache=cache)
     text = straightness_markdown(deviations, rows)
     click.echo(text)
     if out is not None:

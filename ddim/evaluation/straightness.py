@@ -18,8 +18,12 @@ and the RMS on [0, 1] to a reference model's converged ODE map (DDIM at ``ref_st
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,6 +96,27 @@ class ModelRun:
         return kw
 
 
+def _cached(cache: str | os.PathLike | None, run: ModelRun, what: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """``compute()``, or its stored result: a ``.pt`` file under ``cache`` keyed by the model's weights, its
+    sampling settings and ``what`` (None: no cache)."""
+    if cache is None:
+        return compute()
+    from ddim.checkpoint import atomic_write
+    from ddim.evaluation.extractors import module_hash
+
+    settings = run.kwargs(None)
+    blob = json.dumps({"model": module_hash(run.model, 32), "settings": settings, "guidance": run.guidance, **what})
+    path = Path(cache) / f"{what.get('kind', 'cell')}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, ValueError):
+            pass  # damaged: compute again
+    value = compute()
+    atomic_write(path, lambda tmp: torch.save(value, tmp))
+    return value
+
+
 def _labels(run: ModelRun, n: int) -> torch.Tensor | None:
     k = int(getattr(run.model.config, "num_classes", 0) or 0)
     return torch.arange(n) % k if k else None
@@ -128,19 +153,32 @@ def ode_path(
 
 
 def straightness(
-    run: ModelRun, *, n: int = 64, steps: int = 100, seed: int = 0, spacing: str = "trailing", batch: int = 64
+    run: ModelRun,
+    *,
+    n: int = 64,
+    steps: int = 100,
+    seed: int = 0,
+    spacing: str = "trailing",
+    batch: int = 64,
+    cache: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """:func:`path_deviation` of the model's ODE paths from n noises (image i: seed ``seed + i``, class i mod K).
 
     Returns ``{"mean", "std", "max", "n", "steps"}`` over the n paths, each solved with DDIM (Euler) at
-    ``steps`` steps of ``spacing`` (default 100 trailing: the first level is t = T-1)."""
+    ``steps`` steps of ``spacing`` (default 100 trailing: the first level is t = T-1). ``cache``: a folder
+    keeping the per-path deviations (keyed by the weights and settings) for the next call."""
     x_T, labels = _noise(run, n, seed), _labels(run, n)
-    devs = []
-    for a in range(0, n, batch):
-        y = None if labels is None else labels[a : a + batch]
-        path, taus = ode_path(run, x_T[a : a + batch], y, steps=steps, spacing=spacing)
-        devs.append(path_deviation(path, taus))
-    d = torch.cat(devs)
+
+    def compute() -> torch.Tensor:
+        devs = []
+        for a in range(0, n, batch):
+            y = None if labels is None else labels[a : a + batch]
+            path, taus = ode_path(run, x_T[a : a + batch], y, steps=steps, spacing=spacing)
+            devs.append(path_deviation(path, taus))
+        return torch.cat(devs)
+
+    what = {"kind": "paths", "n": n, "steps": steps, "seed": seed, "spacing": spacing}
+    d = _cached(cache, run, what, compute)
     return {
         "mean": d.mean().item(),
         "std": d.std().item() if n > 1 else 0.0,
@@ -175,6 +213,7 @@ def few_step_rows(
     ref_spacing: str = "leading",
     extra_reference_steps: Sequence[int] = (50,),
     batch: int = 100,
+    cache: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Fréchet distance (digit classifier, against MNIST-5k), accuracy and RMS on [0, 1] to the reference map.
 
@@ -183,6 +222,7 @@ def few_step_rows(
         reference: the name in ``runs`` whose DDIM at ``ref_steps`` (``ref_spacing``) is the converged map.
         calls: Euler (DDIM) step counts, on ``spacing`` (default trailing: every run starts at t = T-1).
         extra_reference_steps: also a row of the reference model's DDIM at these steps on ``ref_spacing``.
+        cache: a folder keeping every run's images (keyed by the weights and settings) for the next call.
 
     Returns:
         One dict per row: model, sampler, spacing, steps, calls (network calls per image: guided calls count
@@ -198,13 +238,19 @@ def few_step_rows(
     with torch.inference_mode():
         real, _ = clf.predict_features(mnist5k().images)
     ref_run = runs[reference]
-    x_T, labels = _noise(ref_run, n, seed), _labels(ref_run, n)
-    ref = (_images(ref_run, x_T, labels, steps=ref_steps, spacing=ref_spacing, batch=batch) + 1) / 2
+    x_T = _noise(ref_run, n, seed)
+
+    def images(run: ModelRun, steps: int, sp: str) -> torch.Tensor:
+        y = _labels(run, n)
+        what = {"kind": "images", "n": n, "seed": seed, "steps": steps, "spacing": sp}
+        return _cached(cache, run, what, lambda: _images(run, x_T, y, steps=steps, spacing=sp, batch=batch))
+
+    ref = (images(ref_run, ref_steps, ref_spacing) + 1) / 2
     rows = []
 
     def row(name: str, run: ModelRun, steps: int, sp: str) -> None:
         y = _labels(run, n)
-        x = _images(run, x_T, y, steps=steps, spacing=sp, batch=batch)
+        x = images(run, steps, sp)
         with torch.inference_mode():
             feats, pred = clf.predict_features(x)
         guided = "uncond_kwargs" in run.kwargs(y if y is not None else None)
