@@ -919,7 +919,13 @@ def guidance_cmd(
 @click.option("--n", default=200, show_default=True, type=click.IntRange(min=0), help="Images per row (0: no FD rows).")
 @click.option("--calls", default="1,2,4,8", show_default=True, help="Euler (DDIM) steps of the rows.")
 @click.option("--ref-steps", default=200, show_default=True, type=click.IntRange(min=1), help="DDIM steps of the map.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Image i uses seed+i.")
+@click.option(
+    "--seed",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(0, 2**32 - 1),
+    help="Image i uses seed+i (the default keeps clear of the seeds 0..N-1 a reflow student was trained on).",
+)
 @click.option("--batch", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--out", default=None, help="Also write the tables to this .md file (and the figures to a .json beside it)."
