@@ -239,6 +239,12 @@ def load(
 
 def _schedule(config: dict[str, Any], path: str | os.PathLike | None) -> NoiseSchedule:
     try:
-        return NoiseSchedule.from_dict(config["schedule"])
+        schedule = NoiseSchedule.from_dict(config["schedule"])
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise ValueError(f"model config {_resolve(path)[1]}: bad schedule ({type(e).__name__}: {e})") from None
+    if config.get("prediction") == "flow" and not schedule.is_flow:
+        raise ValueError(
+            f"model config {_resolve(path)[1]}: prediction 'flow' needs the flow time grid (schedule name 'flow'), "
+            f"got {schedule!r}, which cannot express a flow model's times"
+        )
+    return schedule
