@@ -215,3 +215,28 @@ def test_pairs_extend_and_cut_without_redoing_shards(teacher, tmp_path):
     make_pairs(str(teacher), out, PairSettings(**{**SMALL, "n": 5}), progress=False)  # cut: nothing to make
     data5, noise5, _ = load_pairs(out)
     assert torch.equal(data5.images, data.images[:5]) and torch.equal(noise5, noise[:5])
+
+
+def test_report_straightness_section(teacher, tmp_path):
+    """`ddim report --straightness M`: the section's tables hold the measured numbers for both models."""
+    from ddim.data import sklearn_digits
+    from ddim.evaluation.common import EvalSetup
+    from ddim.evaluation.extractors import classifier_extractor
+    from ddim.evaluation.metrics import reference_features
+    from ddim.evaluation.report import ReportSettings, render_straightness, run_straightness_section
+
+    pairs = make_pairs(str(teacher), tmp_path / "r", PairSettings(**SMALL), progress=False)
+    student = reflow(pairs, tmp_path / "s", steps=2, batch_size=4, progress=False)
+    model, sched, config = ddim.load(teacher)
+    setup = EvalSetup.from_loaded(model, sched, config, class_spec="all", guidance=1.5, batch=4, model_name="teacher")
+    extractor = classifier_extractor()
+    ref = reference_features(sklearn_digits().images[:40], extractor, name="digits", cache_dir=tmp_path / "c")
+    s = ReportSettings(n=6, straightness=[str(student)], straightness_calls=[1, 2], straightness_paths=2)
+    result = run_straightness_section(setup, config, s, tmp_path / "work", extractor, ref)
+    assert set(result["deviations"]) == {"teacher", str(student)}
+    assert [(r["model"], r["steps"]) for r in result["rows"]] == [
+        ("teacher", 1), ("teacher", 2), (str(student), 1), (str(student), 2), ("teacher", 50)
+    ]  # fmt: skip
+    assert result["rows"][0]["calls"] == 2 and result["rows"][2]["calls"] == 1  # guided calls count two
+    page = "".join(render_straightness(result))
+    assert "Straightness" in page and f"{result['rows'][2]['rms']:.3g}" in page

@@ -495,6 +495,13 @@ _REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
     help="Add guidance × steps, η and diversity, memorization and cost sections.",
 )
 @click.option("--train-data", default=None, help="The model's training images, for memorization [from its config].")
+@click.option(
+    "--straightness",
+    "straightness_models",
+    multiple=True,
+    help="Add a straightness section comparing this model with another (folder or shipped name, e.g. reflow) at "
+    "1, 2, 4, 8 Euler steps; repeatable.",
+)
 def report_cmd(
     model_path,
     class_spec,
@@ -521,6 +528,7 @@ def report_cmd(
     frames,
     evidence,
     train_data,
+    straightness_models,
 ) -> None:
     """One self-contained HTML page with Table 1, Table 2, consistency and interpolation for a model, and
     (unless --no-evidence) guidance × steps, η and diversity, memorization and cost.
@@ -542,7 +550,10 @@ def report_cmd(
         pairs=pairs,
         frames=frames,
         evidence=evidence,
+        straightness=list(straightness_models),
     )
+    for other in straightness_models:
+        _load_model(other)  # a model that cannot be loaded fails before any work
     if len(set(settings.consistency_steps)) < 2:
         raise UsageError("--consistency-steps needs at least two step counts")
     _check_seeds(seed, max(n, consistency_n, 2 * pairs))

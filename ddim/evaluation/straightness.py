@@ -166,7 +166,9 @@ def straightness(
 
     Returns ``{"mean", "std", "max", "n", "steps"}`` over the n paths, each solved with DDIM (Euler) at
     ``steps`` steps of ``spacing`` (default 100 trailing: the first level is t = T-1). ``cache``: a folder
-    keeping the per-path deviations (keyed by the weights and settings) for the next call."""
+    keeping the per-path deviations (keyed by the weights and settings) for the next call. ``steps`` above the
+    model's T is taken as T."""
+    steps = min(int(steps), run.schedule.T)
     x_T, labels = _noise(run, n, seed), _labels(run, n)
 
     def compute() -> torch.Tensor:
@@ -214,6 +216,8 @@ def few_step_rows(
     extra_reference_steps: Sequence[int] = (50,),
     batch: int = 100,
     cache: str | os.PathLike | None = None,
+    extractor: Any = None,
+    real: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Fréchet distance (digit classifier, against MNIST-5k), accuracy and RMS on [0, 1] to the reference map.
 
@@ -221,22 +225,29 @@ def few_step_rows(
         runs: name -> :class:`ModelRun`; every model samples the same n noises (seed + i) and classes i mod K.
         reference: the name in ``runs`` whose DDIM at ``ref_steps`` (``ref_spacing``) is the converged map.
         calls: Euler (DDIM) step counts, on ``spacing`` (default trailing: every run starts at t = T-1).
-        extra_reference_steps: also a row of the reference model's DDIM at these steps on ``ref_spacing``.
+        extra_reference_steps: also a row of the reference model's DDIM at these steps on ``ref_spacing``
+            (these and ``ref_steps`` are capped at the reference model's T).
         cache: a folder keeping every run's images (keyed by the weights and settings) for the next call.
+        extractor, real: a :class:`~ddim.evaluation.extractors.FeatureExtractor` and the real images' features
+            [M, D] to measure against (default: the shipped digit classifier and MNIST-5k; accuracy is NaN
+            for an extractor that does not classify).
 
     Returns:
         One dict per row: model, sampler, spacing, steps, calls (network calls per image: guided calls count
         two), fd, accuracy, rms.
     """
-    from ddim.classifier import load_classifier
-    from ddim.data import mnist5k
     from ddim.metrics import frechet_distance
 
     if reference not in runs:
         raise ValueError(f"reference {reference!r} is not one of the models {sorted(runs)}")
-    clf = load_classifier()
-    with torch.inference_mode():
-        real, _ = clf.predict_features(mnist5k().images)
+    if (extractor is None) != (real is None):
+        raise ValueError("give both extractor and real (the real images' features), or neither")
+    if extractor is None:
+        from ddim.data import mnist5k
+        from ddim.evaluation.extractors import classifier_extractor
+
+        extractor = classifier_extractor()
+        real = extractor(mnist5k().images)
     ref_run = runs[reference]
     x_T = _noise(ref_run, n, seed)
 
@@ -245,14 +256,13 @@ def few_step_rows(
         what = {"kind": "images", "n": n, "seed": seed, "steps": steps, "spacing": sp}
         return _cached(cache, run, what, lambda: _images(run, x_T, y, steps=steps, spacing=sp, batch=batch))
 
-    ref = (images(ref_run, ref_steps, ref_spacing) + 1) / 2
+    ref = (images(ref_run, min(ref_steps, ref_run.schedule.T), ref_spacing) + 1) / 2
     rows = []
 
     def row(name: str, run: ModelRun, steps: int, sp: str) -> None:
         y = _labels(run, n)
         x = images(run, steps, sp)
-        with torch.inference_mode():
-            feats, pred = clf.predict_features(x)
+        feats, pred = extractor.features_and_predictions(x)
         guided = "uncond_kwargs" in run.kwargs(y if y is not None else None)
         rows.append(
             {
@@ -262,7 +272,7 @@ def few_step_rows(
                 "steps": steps,
                 "calls": steps * (2 if guided else 1),
                 "fd": frechet_distance(feats, real),
-                "accuracy": (pred == y).float().mean().item() if y is not None else float("nan"),
+                "accuracy": (pred == y).float().mean().item() if y is not None and pred is not None else float("nan"),
                 "rms": ((x + 1) / 2 - ref).pow(2).mean().sqrt().item(),
             }
         )
@@ -271,7 +281,7 @@ def few_step_rows(
         for c in calls:
             row(name, run, int(c), spacing)
     for s in extra_reference_steps:
-        row(reference, ref_run, int(s), ref_spacing)
+        row(reference, ref_run, min(int(s), ref_run.schedule.T), ref_spacing)
     return rows
 
 
