@@ -186,10 +186,11 @@ def test_cli_reflow(teacher, tmp_path, capsys):
 
     out = tmp_path / "rf"
     args = ["reflow", "--teacher", str(teacher), "--pairs", "6", "--out", str(out), "--solver-steps", "2"]
-    args += ["--shard-size", "4", "--batch", "4", "--steps", "2"]
+    args += ["--shard-size", "4", "--pair-batch", "4", "--batch", "4", "--steps", "2", "--ema", "0.99"]
     assert run(args) == 0, capsys.readouterr().err
     _, sched, config = ddim.load(out)
     assert config["prediction"] == "flow" and (out / "pairs.json").is_file()
+    assert config["train"]["ema_decay"] == 0.99 and config["train"]["batch_size"] == 4
     capsys.readouterr()
     assert run(["reflow", "--teacher", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

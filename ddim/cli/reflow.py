@@ -32,12 +32,14 @@ from ddim.cli.common import UsageError, _finite_cb, _threads_cb, main
 )
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Pair i: seed + i.")
 @click.option("--shard-size", default=256, show_default=True, type=click.IntRange(min=1), help="Pairs per shard.")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Batch (pairs and training).")
+@click.option("--pair-batch", default=64, show_default=True, type=click.IntRange(min=1), help="Teacher's batch.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Student's training batch.")
 @click.option(
     "--steps", default=3000, show_default=True, type=click.IntRange(min=0), help="Student steps (0: pairs only)."
 )
 @click.option("--lr", default=3e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), callback=_finite_cb)
 @click.option("--warmup", default=100, show_default=True, type=click.IntRange(min=0))
+@click.option("--ema", "ema_decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--lr-decay-start", default=None, type=click.IntRange(min=0), help="Cosine decay from here [never].")
 @click.option("--init/--no-init", default=True, show_default=True, help="Start the student from the teacher's weights.")
 @click.option("--checkpoint-every", default=250, show_default=True, type=click.IntRange(min=0))
@@ -49,7 +51,9 @@ from ddim.cli.common import UsageError, _finite_cb, _threads_cb, main
     callback=lambda c, p, v: v and _threads_cb(c, p, v),
     help="CPU threads (0 = torch).",
 )
-def reflow_cmd(teacher, n, out, sampler, solver_steps, spacing, guidance, seed, shard_size, batch, steps, **kw) -> None:
+def reflow_cmd(
+    teacher, n, out, sampler, solver_steps, spacing, guidance, seed, shard_size, pair_batch, batch, steps, **kw
+) -> None:
     """Straighten a model (rectified flow): solve its ODE from --pairs noises, then train a flow student
     on the (noise, image) pairs.
 
@@ -68,7 +72,7 @@ def reflow_cmd(teacher, n, out, sampler, solver_steps, spacing, guidance, seed, 
         raise UsageError(f"--lr-decay-start must be below --steps ({steps}), got {kw['lr_decay_start']}")
     settings = PairSettings(
         n=n, sampler=sampler, steps=solver_steps, spacing=spacing, guidance=guidance, seed=seed,
-        shard_size=shard_size, batch=min(batch, shard_size),
+        shard_size=shard_size, batch=min(pair_batch, shard_size),
     )  # fmt: skip
     try:
         settings.validate()
