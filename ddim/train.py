@@ -569,12 +569,17 @@ def _checkpoint(out, cfg, data, model, ema, opt, rngs, schedule, step, wall, los
     extra = {
         "data": {**data.source, "n": len(data), "class_names": data.class_names},
         "train": train_info,
-        "sampling": {"guidance": cfg.guidance, "clip_sample": False},
+        "sampling": {"guidance": cfg.guidance, "clip_sample": False, **_flow_sampling(cfg.prediction)},
     }
     save_model(out, ema, schedule, cfg.prediction, extra)
     tensors, meta = _state_tensors(model, ema, opt, rngs)
     meta.update(step=step, wall_seconds=wall, loss=loss if loss is not None else math.nan, train=asdict(cfg))
     atomic_write(out / STATE, lambda tmp: save_file(tensors, tmp, metadata={"ddim": json.dumps(meta)}))
+
+
+def _flow_sampling(prediction: str) -> dict[str, Any]:
+    """A flow model samples from τ = 1 (t = T-1, pure noise): "trailing" spacing, whose first step is there."""
+    return {"spacing": "trailing"} if prediction == "flow" else {}
 
 
 def _sample_grid(path: Path, ema: UNet, schedule: NoiseSchedule, cfg: TrainConfig) -> None:
@@ -598,6 +603,7 @@ def _sample_grid(path: Path, ema: UNet, schedule: NoiseSchedule, cfg: TrainConfi
             x_T,
             schedule,
             steps=50,
+            spacing=_flow_sampling(cfg.prediction).get("spacing", "leading"),
             prediction=cfg.prediction,
             model_kwargs=kwargs,
             guidance_scale=guidance,

@@ -163,6 +163,7 @@ def test_student_trains_on_the_pairs_noise(teacher, tmp_path, monkeypatch):
     model, sched, config = ddim.load(out)
     assert config["prediction"] == "flow" and sched.is_flow and sched.T == 50
     assert config["sampling"]["guidance"] == 1.0 and config["train"]["label_dropout"] == 0.0
+    assert config["sampling"]["spacing"] == "trailing"  # from τ = 1, where the pairs' noise is
     assert config["train"]["pairs"] == str(pairs)
 
 
@@ -241,3 +242,27 @@ def test_report_straightness_section(teacher, tmp_path):
     assert result["rows"][0]["calls"] == 2 and result["rows"][2]["calls"] == 1  # guided calls count two
     page = "".join(render_straightness(result))
     assert "Straightness" in page and f"{result['rows'][2]['rms']:.3g}" in page
+
+
+# ------------------------------------------------------------------ the shipped student
+def test_shipped_reflow_loads_by_name_and_is_straighter_than_its_teacher():
+    from ddim.checkpoint import SHIPPED, shipped_model_path
+
+    model, sched, config = ddim.load("reflow")
+    assert "reflow" in SHIPPED and shipped_model_path("reflow").is_dir()
+    assert config["prediction"] == "flow" and sched.is_flow and config["storage_dtype"] == "float16"
+    assert config["sampling"]["guidance"] == 1.0 and not config["sampling"]["clip_sample"]
+    teacher = ModelRun(*ddim.load())
+    student = ModelRun(model, sched, config)
+    d_teacher = straightness(teacher, n=4, steps=20, seed=1_000_000)
+    d_student = straightness(student, n=4, steps=20, seed=1_000_000)
+    assert d_student["mean"] < 0.5 * d_teacher["mean"], (d_student, d_teacher)
+
+
+def test_cli_samples_the_reflow_model_by_name(tmp_path, capsys):
+    from ddim.cli import run
+
+    out = tmp_path / "r.png"
+    args = ["sample", "--model", "reflow", "-n", "4", "--class", "all", "--steps", "2"]  # trailing: the config's
+    assert run([*args, "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    assert out.is_file()
