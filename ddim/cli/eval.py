@@ -931,6 +931,12 @@ def guidance_cmd(
 @click.option("--calls", default="1,2,4,8", show_default=True, help="Euler (DDIM) steps of the rows.")
 @click.option("--ref-steps", default=200, show_default=True, type=click.IntRange(min=1), help="DDIM steps of the map.")
 @click.option(
+    "--ref-rows",
+    default="4,50",
+    show_default=True,
+    help="Also rows of the first model's DDIM at these steps on its leading spacing ('' for none).",
+)
+@click.option(
     "--seed",
     default=1_000_000,
     show_default=True,
@@ -947,7 +953,7 @@ def guidance_cmd(
     show_default=True,
     help="Folder keeping each run's images and paths (keyed by the weights and settings); 'none': no cache.",
 )
-def straightness_cmd(models, paths, path_steps, n, calls, ref_steps, seed, batch, out, cache) -> None:
+def straightness_cmd(models, paths, path_steps, n, calls, ref_steps, ref_rows, seed, batch, out, cache) -> None:
     """How straight each model's ODE paths are (mean deviation from the chord between the path's ends, over
     its length, in the flow coordinate), and its Fréchet distance, accuracy and RMS to the first model's
     DDIM-REF-STEPS map at 1, 2, 4, 8 Euler calls, from the same noises (class i mod 10)."""
@@ -957,6 +963,7 @@ def straightness_cmd(models, paths, path_steps, n, calls, ref_steps, seed, batch
     from ddim.evaluation.straightness import ModelRun, few_step_rows, straightness, straightness_markdown
 
     steps = _grid(calls, "--calls", int, 1)
+    extra = _grid(ref_rows, "--ref-rows", int, 1) if ref_rows.strip() else []
     if out is not None:
         _check_out_file(out, (".md",))
     names = list(models) or ["default", "reflow"]
@@ -971,7 +978,10 @@ def straightness_cmd(models, paths, path_steps, n, calls, ref_steps, seed, batch
     }
     rows = []
     if n:
-        rows = few_step_rows(runs, names[0], calls=steps, n=n, seed=seed, ref_steps=ref_steps, batch=batch, cache=cache)
+        rows = few_step_rows(
+            runs, names[0], calls=steps, n=n, seed=seed, ref_steps=ref_steps, batch=batch, cache=cache,
+            extra_reference_steps=extra,
+        )  # fmt: skip
     text = straightness_markdown(deviations, rows)
     click.echo(text)
     if out is not None:
