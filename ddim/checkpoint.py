@@ -2,7 +2,8 @@
 
 A model directory holds ``model.safetensors`` (the weights to sample with: the EMA weights
 after training) and ``config.json`` (architecture, schedule, prediction type, data, step).
-``ddim.load()`` with no path returns the default model embedded in the package.
+``ddim.load()`` with no path returns the default model embedded in the package; a shipped name
+(:data:`SHIPPED`, e.g. ``ddim.load("reflow")``) returns that shipped model.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ FORMAT = "ddim-unet"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow")
+
+
+#: Shipped models by name -> their folder under ddim/weights/ (see ddim/weights/MODEL_CARD.md).
+SHIPPED = {
+    "default": "default",  # the class-conditional MNIST ε-prediction U-Net
+    "reflow": "reflow",  # the default model reflowed into a straight flow (ddim reflow)
+}
 
 
 def default_model_path() -> Path:
@@ -128,7 +136,7 @@ def _resolve(path: str | os.PathLike | None) -> tuple[Path, Path]:
 
 
 def read_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The JSON config of a model folder (``None``: the embedded default)."""
+    """The JSON config of a model folder or shipped name (``None``: the embedded default)."""
     _, cfg_path = _resolve(path)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"model config {cfg_path} is missing")
@@ -181,8 +189,8 @@ def load(
             file with its ``.json`` beside it, a diffusers pipeline folder (``model_index.json``,
             ``unet/``, ``scheduler/``; see :mod:`ddim.diffusers_io`, needs diffusers), a Stable Diffusion
             pipeline folder (see :mod:`ddim.stable_diffusion`, needs diffusers and transformers), the name
-            of a model shipped in the package (:func:`shipped_models`: "default", "pd4", "cd"; a name that
-            is not an existing path), or ``None`` for the embedded default model. A config with a
+            of a model shipped in the package (:func:`shipped_models`: "default", "pd4", "cd", "reflow"; a
+            name that is not an existing path), or ``None`` for the embedded default model. A config with a
             ``"consistency"`` entry gives a :class:`~ddim.consistency.ConsistencyModel`.
         device, dtype: where and in which precision to put the weights (default CPU float32).
 
@@ -248,9 +256,15 @@ def _attach_solver_stats(model: torch.nn.Module, weights_path: Path) -> None:
 
 def _schedule(config: dict[str, Any], path: str | os.PathLike | None) -> NoiseSchedule:
     try:
-        return NoiseSchedule.from_dict(config["schedule"])
+        schedule = NoiseSchedule.from_dict(config["schedule"])
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise ValueError(f"model config {_resolve(path)[1]}: bad schedule ({type(e).__name__}: {e})") from None
+    if config.get("prediction") == "flow" and not schedule.is_flow:
+        raise ValueError(
+            f"model config {_resolve(path)[1]}: prediction 'flow' needs the flow time grid (schedule name 'flow'), "
+            f"got {schedule!r}, which cannot express a flow model's times"
+        )
+    return schedule
 
 
 def model_summaries() -> list[dict[str, Any]]:

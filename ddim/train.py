@@ -84,6 +84,10 @@ class TrainConfig:
             weights start the run, raw and EMA alike; its architecture, schedule and prediction are
             kept (they must agree with the data and the settings). The step count, optimizer and
             learning-rate schedule start afresh. ``None`` (default) starts from random weights.
+        pairs: reflow (see :mod:`ddim.reflow`): the pairs folder the data came from. Then each image's
+            noise is its pair's x_T (``train(..., noise=...)``) rather than a fresh draw, and ``init`` may
+            predict another target on another schedule (only its architecture must fit: the weights are
+            the starting point of a fine-tune to the new target).
     """
 
     data: str = "mnist"
@@ -110,6 +114,7 @@ class TrainConfig:
     threads: int = 0
     guidance: float = 2.0
     init: str | None = None
+    pairs: str | None = None
 
     def validate(self) -> None:
         if self.prediction not in TARGETS:
@@ -275,6 +280,8 @@ def _init_from(cfg: TrainConfig, arch: dict[str, Any]) -> UNet:
     if wrong:
         raise ValueError(f"init {cfg.init}: its network does not fit this run: " + ", ".join(wrong))
     sched = config.get("schedule", {})
+    if cfg.pairs is not None:  # reflow: the teacher's weights start a fine-tune to the velocity target
+        return model.train().requires_grad_(True)
     if config.get("prediction") != cfg.prediction:
         raise ValueError(f"init {cfg.init}: it predicts {config.get('prediction')!r}, the run {cfg.prediction!r}")
     if sched.get("name") != cfg.schedule or int(sched.get("T", -1)) != cfg.T:
@@ -302,8 +309,18 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         be.copy_(bm)
 
 
-def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data: ImageData | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    data: ImageData | None = None,
+    noise: torch.Tensor | None = None,
+) -> Path:
     """Train (or resume) a run; returns the run folder. See :class:`TrainConfig`.
+
+    ``data`` (default: loaded from ``cfg.data``) overrides the data; ``noise`` (reflow, with ``cfg.pairs``
+    set) is a float tensor shaped like ``data.images``: image i is always noised with ``noise[i]``.
 
     With ``resume=True`` and a ``state.safetensors`` in ``cfg.out``, training continues from
     that exact state up to ``cfg.steps``; the stored config must agree on the architecture,
@@ -321,19 +338,29 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, data:
             error = e
     try:
         ddist.check(error, ctx)
-        return _train(cfg, out, ctx, resume, progress, data)
+        return _train(cfg, out, ctx, resume, progress, data, noise)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(
-    cfg: TrainConfig, out: Path, ctx: ddist.Context, resume: bool, progress: bool, data: ImageData | None
+    cfg: TrainConfig,
+    out: Path,
+    ctx: ddist.Context,
+    resume: bool,
+    progress: bool,
+    data: ImageData | None,
+    pair_noise: torch.Tensor | None,
 ) -> Path:
     world = ctx.world_size
     data = data if data is not None else load_data(cfg.data, cfg.image_size)
     if len(data) == 0:
         raise ValueError(f"data {cfg.data!r} holds no images")
+    if (pair_noise is not None) != (cfg.pairs is not None):
+        raise ValueError("reflow training takes both cfg.pairs and the pairs' noise (ddim.reflow.reflow), or neither")
+    if pair_noise is not None and tuple(pair_noise.shape) != tuple(data.images.shape):
+        raise ValueError(f"noise shape {tuple(pair_noise.shape)} differs from the images' {tuple(data.images.shape)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +434,7 @@ def _train(
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         x0 = images[idx]
         t = torch.randint(0, cfg.T, (cfg.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen) if pair_noise is None else pair_noise[idx]
         y = None
         if num_classes:
             drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
@@ -507,7 +534,19 @@ class RunLock:
 
 def _identity(d: dict[str, Any]) -> dict[str, Any]:
     """Settings that must agree between a run and its resumption."""
-    keys = ("data", "prediction", "schedule", "T", "class_cond", "image_size", "unet", "seed", "batch_size", "init")
+    keys = (
+        "data",
+        "prediction",
+        "schedule",
+        "T",
+        "class_cond",
+        "image_size",
+        "unet",
+        "seed",
+        "batch_size",
+        "init",
+        "pairs",
+    )
     return {k: d.get(k) for k in keys}
 
 
@@ -530,12 +569,17 @@ def _checkpoint(out, cfg, data, model, ema, opt, rngs, schedule, step, wall, los
     extra = {
         "data": {**data.source, "n": len(data), "class_names": data.class_names},
         "train": train_info,
-        "sampling": {"guidance": cfg.guidance, "clip_sample": False},
+        "sampling": {"guidance": cfg.guidance, "clip_sample": False, **_flow_sampling(cfg.prediction)},
     }
     save_model(out, ema, schedule, cfg.prediction, extra)
     tensors, meta = _state_tensors(model, ema, opt, rngs)
     meta.update(step=step, wall_seconds=wall, loss=loss if loss is not None else math.nan, train=asdict(cfg))
     atomic_write(out / STATE, lambda tmp: save_file(tensors, tmp, metadata={"ddim": json.dumps(meta)}))
+
+
+def _flow_sampling(prediction: str) -> dict[str, Any]:
+    """A flow model samples from τ = 1 (t = T-1, pure noise): "trailing" spacing, whose first step is there."""
+    return {"spacing": "trailing"} if prediction == "flow" else {}
 
 
 def _sample_grid(path: Path, ema: UNet, schedule: NoiseSchedule, cfg: TrainConfig) -> None:
@@ -559,6 +603,7 @@ def _sample_grid(path: Path, ema: UNet, schedule: NoiseSchedule, cfg: TrainConfi
             x_T,
             schedule,
             steps=50,
+            spacing=_flow_sampling(cfg.prediction).get("spacing", "leading"),
             prediction=cfg.prediction,
             model_kwargs=kwargs,
             guidance_scale=guidance,

@@ -303,3 +303,22 @@ def test_cli_train_objective_flow_then_sample(tmp_path, capsys):
     capsys.readouterr()
     assert run(args[:3] + ["--schedule", "cosine"] + args[3:]) == 2
     assert "--objective flow sets --schedule" in capsys.readouterr().err
+
+
+def test_a_flow_model_saved_on_another_schedule_is_refused_at_load(tmp_path, capsys):
+    """A config that says prediction "flow" on a non-flow schedule fails in ddim.load, before any sampling,
+    and on the command line with one line and exit status 2."""
+    from ddim.checkpoint import default_model_path, load
+    from ddim.cli import run
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    config = json.loads((default_model_path() / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "prediction": "flow"}))
+    (folder / "model.safetensors").write_bytes((default_model_path() / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="prediction 'flow' needs the flow time grid"):
+        load(folder)
+    capsys.readouterr()
+    assert run(["sample", "--model", str(folder), "-n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "flow time grid" in err and not (tmp_path / "x.png").exists()

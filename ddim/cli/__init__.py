@@ -1,7 +1,8 @@
 """The ``ddim`` command line: a thin layer over the library (every command calls public functions).
 
 Commands live in one module each under ``ddim/cli/`` and register on the :func:`main` group:
-``train`` (train.py), ``sample``/``invert``/``interpolate``/``compare`` (sample.py), ``edit`` (edit.py).
+``train`` (train.py), ``reflow`` (reflow.py), ``sample``/``invert``/``interpolate``/``compare`` (sample.py),
+``edit`` (edit.py), ``distill`` (distill.py), ``models`` (models.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from ddim.cli import edit as _edit  # noqa: E402,F401
 from ddim.cli import eval as _eval  # noqa: E402,F401
 from ddim.cli import models as _models  # noqa: E402,F401
 from ddim.cli import optimize as _optimize  # noqa: E402,F401
+from ddim.cli import reflow as _reflow  # noqa: E402,F401
 from ddim.cli import sample as _sample  # noqa: E402,F401
 from ddim.cli import serve as _serve  # noqa: E402,F401
 from ddim.cli import stats as _stats  # noqa: E402,F401

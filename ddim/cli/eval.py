@@ -598,6 +598,13 @@ _REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
     help="Add guidance × steps, η and diversity, memorization and cost sections.",
 )
 @click.option("--train-data", default=None, help="The model's training images, for memorization [from its config].")
+@click.option(
+    "--straightness",
+    "straightness_models",
+    multiple=True,
+    help="Add a straightness section comparing this model with another (folder or shipped name, e.g. reflow) at "
+    "1, 2, 4, 8 Euler steps; repeatable.",
+)
 def report_cmd(
     run,
     feats,
@@ -615,6 +622,7 @@ def report_cmd(
     frames,
     evidence,
     train_data,
+    straightness_models,
 ) -> None:
     """One self-contained HTML page with Table 1, Table 2, consistency and interpolation for a model, and
     (unless --no-evidence) guidance × steps, η and diversity, memorization and cost.
@@ -638,7 +646,10 @@ def report_cmd(
         pairs=pairs,
         frames=frames,
         evidence=evidence,
+        straightness=list(straightness_models),
     )
+    for other in straightness_models:
+        _load_model(other)  # a model that cannot be loaded fails before any work
     if len(set(settings.consistency_steps)) < 2:
         raise UsageError("--consistency-steps needs at least two step counts")
     _check_seeds(seed, max(n, consistency_n, 2 * pairs))
@@ -993,3 +1004,76 @@ def guidance_cmd(
         min_accuracy=min_accuracy,
         progress=progress,
     )
+
+
+@eval_group.command("straightness")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="A model to measure (folder or shipped name), repeatable [default and reflow]; the first is the "
+    "reference whose DDIM at --ref-steps is the converged map.",
+)
+@click.option("--paths", default=64, show_default=True, type=click.IntRange(min=1), help="ODE paths per model.")
+@click.option("--path-steps", default=100, show_default=True, type=click.IntRange(min=2), help="Euler steps a path.")
+@click.option("--n", default=200, show_default=True, type=click.IntRange(min=0), help="Images per row (0: no FD rows).")
+@click.option("--calls", default="1,2,4,8", show_default=True, help="Euler (DDIM) steps of the rows.")
+@click.option("--ref-steps", default=200, show_default=True, type=click.IntRange(min=1), help="DDIM steps of the map.")
+@click.option(
+    "--ref-rows",
+    default="4,50",
+    show_default=True,
+    help="Also rows of the first model's DDIM at these steps on its leading spacing ('' for none).",
+)
+@click.option(
+    "--seed",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(0, 2**32 - 1),
+    help="Image i uses seed+i (the default keeps clear of the seeds 0..N-1 a reflow student was trained on).",
+)
+@click.option("--batch", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--out", default=None, help="Also write the tables to this .md file (and the figures to a .json beside it)."
+)
+@click.option(
+    "--cache",
+    default="eval/straightness",
+    show_default=True,
+    help="Folder keeping each run's images and paths (keyed by the weights and settings); 'none': no cache.",
+)
+def straightness_cmd(models, paths, path_steps, n, calls, ref_steps, ref_rows, seed, batch, out, cache) -> None:
+    """How straight each model's ODE paths are (mean deviation from the chord between the path's ends, over
+    its length, in the flow coordinate), and its Fréchet distance, accuracy and RMS to the first model's
+    DDIM-REF-STEPS map at 1, 2, 4, 8 Euler calls, from the same noises (class i mod 10)."""
+    import json
+
+    from ddim.checkpoint import atomic_write
+    from ddim.evaluation.straightness import ModelRun, few_step_rows, straightness, straightness_markdown
+
+    steps = _grid(calls, "--calls", int, 1)
+    extra = _grid(ref_rows, "--ref-rows", int, 1) if ref_rows.strip() else []
+    if out is not None:
+        _check_out_file(out, (".md",))
+    names = list(models) or ["default", "reflow"]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--model repeats a model: {names}")
+    cache = None if cache == "none" else _check_out_folder(cache, "--cache")
+    runs = {name: ModelRun(*_load_model(name)) for name in names}
+    _check_seeds(seed, max(n, paths))
+    deviations = {
+        name: straightness(run, n=paths, steps=path_steps, seed=seed, batch=batch, cache=cache)
+        for name, run in runs.items()
+    }
+    rows = []
+    if n:
+        rows = few_step_rows(
+            runs, names[0], calls=steps, n=n, seed=seed, ref_steps=ref_steps, batch=batch, cache=cache,
+            extra_reference_steps=extra,
+        )  # fmt: skip
+    text = straightness_markdown(deviations, rows)
+    click.echo(text)
+    if out is not None:
+        atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
+        blob = json.dumps({"straightness": deviations, "rows": rows}, indent=2)
+        atomic_write(Path(out).with_suffix(".json"), lambda tmp: Path(tmp).write_text(blob + "\n"))

@@ -59,6 +59,10 @@ class ReportSettings:
     # editing real images (class-conditional 1×28×28 digit models with labelled held-out images; 0 = off)
     edit_n: int = 20
     edit_steps: int = 20
+    # straightness: models (folders or shipped names, e.g. "reflow") compared with this one at few Euler steps
+    straightness: list[str] = field(default_factory=list)
+    straightness_calls: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    straightness_paths: int = 32
 
 
 def build_report(
@@ -134,6 +138,11 @@ def build_report(
             memorization_heldout=memorization_heldout, progress=progress,
         )  # fmt: skip
         timings.update(more)
+    straight = None
+    if s.straightness:
+        tic = time.perf_counter()
+        straight = run_straightness_section(setup, config, s, work / "straightness", extractor, reference)
+        timings["straightness"] = time.perf_counter() - tic
     page = render_report(
         setup=setup,
         config=config,
@@ -149,10 +158,66 @@ def build_report(
         timings=timings,
         evidence=evidence,
         edit=edit_rows,
+        straightness=straight,
     )
     out = Path(out)
     write_text(out, page)
     return out
+
+
+def run_straightness_section(
+    setup: EvalSetup,
+    config: dict[str, Any],
+    settings: ReportSettings,
+    work: Path,
+    extractor: FeatureExtractor,
+    reference: Reference,
+) -> dict[str, Any]:
+    """The straightness section's results: this model (the reference map) and ``settings.straightness``'s
+    models, via :mod:`ddim.evaluation.straightness` (n = ``settings.n`` images a row, seeds from
+    ``setup.seed`` + 1,000,000, clear of the seeds a reflow student was trained on), cached in ``work``."""
+    from ddim.checkpoint import load
+    from ddim.evaluation.straightness import ModelRun, few_step_rows, straightness
+
+    name = setup.describe()["model"]
+    runs = {name: ModelRun(setup.model, setup.schedule, config, guidance=setup.guidance)}
+    for other in settings.straightness:
+        model, schedule, cfg = load(other, device=next(setup.model.parameters()).device)
+        runs[str(other)] = ModelRun(model, schedule, cfg)
+    deviations = {
+        k: straightness(r, n=settings.straightness_paths, seed=setup.seed + 1_000_000, batch=setup.batch, cache=work)
+        for k, r in runs.items()
+    }
+    rows = few_step_rows(
+        runs, name, calls=settings.straightness_calls, n=settings.n, seed=setup.seed + 1_000_000, batch=setup.batch,
+        cache=work, extractor=extractor, real=reference.features,
+    )  # fmt: skip
+    return {"deviations": deviations, "rows": rows, "reference": name}
+
+
+def render_straightness(result: dict[str, Any]) -> list[str]:
+    """HTML of the straightness section: path deviation per model, then quality at few Euler steps."""
+    dev = result["deviations"]
+    parts = [
+        "<h2>Straightness and few-step sampling</h2>",
+        "<p>How far each model's ODE paths (DDIM = Euler, 100 steps, in the flow coordinate) stray from the "
+        "straight line between their ends, over its length (0 = straight: one Euler step lands on the end). "
+        "Then DDIM (Euler) at a few steps from the same noises: Fréchet distance in the report's features, "
+        f"accuracy (where they classify), and RMS on [0, 1] to {html.escape(result['reference'])}'s DDIM-200 map.</p>",
+        _table(
+            ["model", "path deviation (mean)", "std", "max", "paths"],
+            [[k, d["mean"], d["std"], d["max"], d["n"]] for k, d in dev.items()],
+        ),
+        _table(
+            ["model", "spacing", "steps", "network calls", "Fréchet distance", "accuracy", "RMS to map"],
+            [
+                [r["model"], r["spacing"], r["steps"], r["calls"], r["fd"], r["accuracy"], r["rms"]]
+                for r in result["rows"]
+            ],
+            digits=3,
+        ),
+    ]
+    return parts
 
 
 # ------------------------------------------------------------------ rendering
@@ -307,9 +372,10 @@ def render_report(
     timings: dict[str, float],
     evidence: dict[str, Any] | None = None,
     edit: list[dict[str, Any]] | None = None,
+    straightness: dict[str, Any] | None = None,
 ) -> str:
-    """The HTML page (a string) from the results of the four parts (and the evidence and editing sections,
-    when given)."""
+    """The HTML page (a string) from the results of the four parts (and the evidence, editing and
+    straightness sections, when given)."""
     esc = html.escape
     s = setup.describe()
     cfg = setup.model.config
@@ -460,6 +526,8 @@ def render_report(
         from ddim.evaluation.evidence_report import render_evidence
 
         parts.extend(render_evidence(evidence, work))
+    if straightness is not None:
+        parts.extend(render_straightness(straightness))
     # Reproduce
     model_flag = "" if s["model"] == "embedded default" else f" --model {s['model']}"
     cls = s["class"] if s["class"] is not None else "none"
@@ -493,6 +561,13 @@ def render_report(
             f"--sampler {','.join(settings.cost_samplers)}",
         ]
     parts.append("<h2>Reproduce</h2><p>The same numbers, part by part (add <code>--out DIR</code>):</p><pre>")
+    if straightness is not None:
+        others = "".join(f" --model {m}" for m in settings.straightness)
+        calls = ",".join(str(c) for c in settings.straightness_calls)
+        cmds.append(
+            f"ddim eval straightness --model {model_flag.split()[-1] if model_flag else 'default'}{others} "
+            f"--paths {settings.straightness_paths} --n {settings.n} --calls {calls} --seed {s['seed'] + 1_000_000}"
+        )
     parts.append(esc("\n".join(cmds)) + "</pre>")
     total = sum(timings.values())
     parts.append(
