@@ -55,3 +55,16 @@ def linear() -> NoiseSchedule:
 @pytest.fixture
 def gaussian(linear: NoiseSchedule) -> GaussianData:
     return GaussianData(linear)
+
+
+def save_tiny_digit_model(folder, extra: dict | None = None, num_classes: int = 4) -> str:
+    """A tiny random class-conditional 8×8 ε-model (T = 100, seed 0) saved as a model folder; returns its path."""
+    from ddim.checkpoint import save_model
+    from ddim.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_heads=2, num_classes=num_classes))
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    save_model(folder, model, NoiseSchedule.linear(100), "epsilon", extra or {})
+    return str(folder)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_digit_model
 from PIL import Image
 
 import ddim
@@ -15,16 +16,8 @@ from ddim.edit import class_mean_latents, class_swap, latent_arithmetic
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from ddim.checkpoint import save_model
-    from ddim.unet import UNet, UNetConfig
-
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_heads=2, num_classes=4))
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("tiny")
-    save_model(folder, model, ddim.NoiseSchedule.linear(100), "epsilon", {})
-    return str(folder)
+    """A tiny random class-conditional 8×8 model (4 classes, T = 100), saved as a model folder."""
+    return save_tiny_digit_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture()

@@ -8,10 +8,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from conftest import save_tiny_digit_model
 
-from ddim import NoiseSchedule
-from ddim.checkpoint import load, save_model
+from ddim.checkpoint import load
 from ddim.cli import run
 from ddim.evaluation.common import EvalSetup, sample_cell, scalar
 from ddim.evaluation.consistency import consistency_numbers
@@ -22,13 +21,7 @@ from ddim.unet import UNet, UNetConfig
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random class-conditional 8×8 model (4 classes, T = 100), saved as a model folder."""
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_heads=2, num_classes=4))
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("tiny")
-    save_model(folder, model, NoiseSchedule.linear(100), "epsilon", {"sampling": {"guidance": 2.0}})
-    return str(folder)
+    return save_tiny_digit_model(tmp_path_factory.mktemp("tiny"), {"sampling": {"guidance": 2.0}})
 
 
 @pytest.fixture(scope="module")
