@@ -343,7 +343,21 @@ def test_finish_leaves_only_a_group_ddim_started(tmp_path):
 def test_reflow_pairs_sharded_over_two_processes_equal_one(tiny, tmp_path):
     """`ddim reflow` under torchrun: the shards are dealt to the ranks and come out byte-identical to a
     one-process run's; the student then trains under DDP and loads as a flow model."""
-    args = ["reflow", "--teacher", tiny, "--pairs", "10", "--shard-size", "3", "--solver-steps", "3", "--batch", "4"]
+    args = [
+        "reflow",
+        "--teacher",
+        tiny,
+        "--pairs",
+        "10",
+        "--shard-size",
+        "3",
+        "--solver-steps",
+        "3",
+        "--batch",
+        "4",
+        "--threads",
+        "1",
+    ]  # one thread: the same sums in every process
     assert run([*args, "--steps", "0", "--out", str(tmp_path / "one")]) == 0
     r = torchrun(*args, "--steps", "2", "--out", str(tmp_path / "two"), timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
