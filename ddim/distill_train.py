@@ -210,6 +210,23 @@ def _is_done(folder: Path) -> bool:
         return False
 
 
+def _teacher_data(data: ImageData | None, spec: str, image_size: int | None, teacher: Any) -> ImageData:
+    """``data``, or the images of the data spec ``spec`` (``load_data``), checked against the teacher:
+    not empty, images shaped like its samples, labels when it is class-conditional (ValueError)."""
+    data = data if data is not None else load_data(spec, image_size)
+    if len(data) == 0:
+        raise ValueError(f"data {spec!r} holds no images")
+    if tuple(data.images.shape[1:]) != tuple(teacher.config.sample_shape):
+        raise ValueError(
+            f"data {spec!r} has images {tuple(data.images.shape[1:])}, the teacher takes "
+            f"{tuple(teacher.config.sample_shape)}"
+        )
+    k = teacher.config.num_classes
+    if k and data.labels is None:
+        raise ValueError(f"the teacher is class-conditional ({k} classes) and data {spec!r} has no labels")
+    return data
+
+
 def distill_progressive(
     cfg: ProgressiveConfig, *, resume: bool = True, progress: bool = True, data: ImageData | None = None
 ) -> Path:
@@ -222,17 +239,7 @@ def distill_progressive(
     rounds = cfg.validate()
     out = check_folder(cfg.out, flag="out")
     teacher, schedule, tconfig = load_teacher(None if cfg.teacher in ("default", "") else cfg.teacher)
-    data = data if data is not None else load_data(cfg.data, cfg.image_size)
-    if len(data) == 0:
-        raise ValueError(f"data {cfg.data!r} holds no images")
-    if tuple(data.images.shape[1:]) != tuple(teacher.config.sample_shape):
-        raise ValueError(
-            f"data {cfg.data!r} has images {tuple(data.images.shape[1:])}, the teacher takes "
-            f"{tuple(teacher.config.sample_shape)}"
-        )
-    k = teacher.config.num_classes
-    if k and data.labels is None:
-        raise ValueError(f"the teacher is class-conditional ({k} classes) and data {cfg.data!r} has no labels")
+    data = _teacher_data(data, cfg.data, cfg.image_size, teacher)
     settings_path = out / SETTINGS
     if resume and settings_path.is_file():
         old = json.loads(settings_path.read_text())
@@ -536,17 +543,8 @@ def distill_consistency(
         if not torch.equal(isched.alphas_cumprod, schedule.alphas_cumprod):
             raise ValueError(f"init {cfg.init}: its noise schedule differs from the teacher's")
     grid = consistency_grid(schedule, cfg.intervals)
-    data = data if data is not None else load_data(cfg.data, cfg.image_size)
-    if len(data) == 0:
-        raise ValueError(f"data {cfg.data!r} holds no images")
-    if tuple(data.images.shape[1:]) != tuple(teacher.config.sample_shape):
-        raise ValueError(
-            f"data {cfg.data!r} has images {tuple(data.images.shape[1:])}, the teacher takes "
-            f"{tuple(teacher.config.sample_shape)}"
-        )
+    data = _teacher_data(data, cfg.data, cfg.image_size, teacher)
     k = teacher.config.num_classes
-    if k and data.labels is None:
-        raise ValueError(f"the teacher is class-conditional ({k} classes) and data {cfg.data!r} has no labels")
     settings = {key: v for key, v in asdict(cfg).items() if key not in RUNTIME}
     _check_resume(out, settings, resume)
     out.mkdir(parents=True, exist_ok=True)
