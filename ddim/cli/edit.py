@@ -37,6 +37,24 @@ def _outputs(images: tuple[str, ...], out: str) -> list[Path]:
     return [_check_out_file(str(folder / f"{s}.png"), (".png",)) for s in stems]
 
 
+def _read_images(images, channels: int, size: tuple[int, int]) -> list:
+    """Every IMAGES file as uint8 [H, W, C] (``read_image``), refused (usage error) unless its aspect ratio
+    is the model's ``size`` (H, W): checked before any network call."""
+    from ddim.edit import read_image
+
+    u8s = []
+    for p in images:
+        try:
+            u8 = read_image(p, channels)
+            H, W = u8.shape[:2]
+            if H * size[1] != W * size[0]:
+                raise ValueError(f"{p} is {W}×{H} (W×H); the model makes {size[1]}×{size[0]} images: crop or pad it")
+        except ValueError as e:
+            raise UsageError(f"IMAGES: {e}") from None
+        u8s.append(u8)
+    return u8s
+
+
 @main.command("edit")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, help="A .png (one image) or a folder (OUT/<name>.png per image).")
@@ -75,7 +93,7 @@ def edit_cmd(
 
     import torch
 
-    from ddim.edit import check_strength, read_image, read_mask, strength_timesteps
+    from ddim.edit import check_strength, read_mask, strength_timesteps
     from ddim.timesteps import check_spacing
 
     modes = [m for m, on in (("--strength", strength is not None), ("--mask", mask_path is not None),
@@ -127,16 +145,7 @@ def edit_cmd(
             raise UsageError(f"--strength/--steps: {e}") from None
     # read and check every image (and the mask) before any network call
     size = (cfg.image_size, cfg.image_size)
-    u8s = []
-    for p in images:
-        try:
-            u8 = read_image(p, cfg.in_channels)
-            H, W = u8.shape[:2]
-            if H * size[1] != W * size[0]:
-                raise ValueError(f"{p} is {W}×{H} (W×H); the model makes {size[1]}×{size[0]} images: crop or pad it")
-        except ValueError as e:
-            raise UsageError(f"IMAGES: {e}") from None
-        u8s.append(u8)
+    u8s = _read_images(images, cfg.in_channels, size)
     mask = None
     if mask_path is not None:
         shapes = {u.shape[:2] for u in u8s}
@@ -244,7 +253,7 @@ def _edit_text(model, schedule, config, images, paths, prompt, source_prompt, mo
     """`ddim edit --prompt` on a Stable Diffusion folder: :func:`ddim.edit.prompt_edit`, one image at a time."""
     import torch
 
-    from ddim.edit import fit_image, prompt_edit, read_image
+    from ddim.edit import fit_image, prompt_edit
 
     if prompt is None:
         raise UsageError("--prompt: a Stable Diffusion folder edits by text (give --prompt, and --source-prompt)")
@@ -252,16 +261,7 @@ def _edit_text(model, schedule, config, images, paths, prompt, source_prompt, mo
         raise UsageError("--to-class/--strength/--mask/--add-class: an SD folder takes --prompt edits only")
     cfg = model.config
     size = (cfg.height, cfg.width)
-    u8s = []
-    for p in images:
-        try:
-            u8 = read_image(p, cfg.image_channels)
-            H, W = u8.shape[:2]
-            if H * size[1] != W * size[0]:
-                raise ValueError(f"{p} is {W}×{H} (W×H); the model makes {size[1]}×{size[0]} images: crop or pad it")
-        except ValueError as e:
-            raise UsageError(f"IMAGES: {e}") from None
-        u8s.append(u8)
+    u8s = _read_images(images, cfg.image_channels, size)
     with torch.inference_mode():
         for p, u8, dest in zip(images, u8s, paths, strict=True):
             res = prompt_edit(model, schedule, config, fit_image(u8, size, p), source_prompt, prompt, steps=steps,
