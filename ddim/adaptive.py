@@ -31,10 +31,12 @@ import torch
 from ddim.prediction import Denoiser, Model
 from ddim.schedule import NoiseSchedule
 
-__all__ = ["sample_adaptive"]
+__all__ = ["DEFAULT_ATOL", "sample_adaptive"]
+
+DEFAULT_ATOL = 0.0078  # DPM-Solver's for images in [-1, 1]: half a uint8 level
 
 
-def _check_positive(v: object, name: str, allow_zero: bool = False) -> float:
+def check_positive(v: object, name: str, allow_zero: bool = False) -> float:
     if (
         isinstance(v, bool)
         or not isinstance(v, (int, float))
@@ -53,7 +55,7 @@ def sample_adaptive(
     schedule: NoiseSchedule,
     *,
     rtol: float = 0.05,
-    atol: float = 0.0078,
+    atol: float = DEFAULT_ATOL,
     h_init: float = 0.5,
     theta: float = 0.9,
     max_rounds: int = 500,
@@ -63,13 +65,19 @@ def sample_adaptive(
     uncond_kwargs: Mapping[str, Any] | None = None,
     clip_sample: bool = False,
     use_clipped_model_output: bool = False,
+    set_alpha_to_one: bool = True,
     stats: dict[str, Any] | None = None,
+    **denoiser_kwargs: Any,
 ) -> torch.Tensor:
     """Solve the probability-flow ODE from t = T-1 to ᾱ = 1 with adaptive steps of order 1/2 (see the module).
 
     Args:
         model, schedule, prediction, model_kwargs, guidance_scale, uncond_kwargs, clip_sample,
-            use_clipped_model_output: as :func:`ddim.sample`.
+            use_clipped_model_output: as :func:`ddim.sample`. Tensors in ``model_kwargs`` /
+            ``uncond_kwargs`` whose first dimension is B are per sample: each network call takes only
+            the rows of the samples that still step.
+        set_alpha_to_one: True (default) returns x̂₀ at t = 0 (ᾱ = 1, one more call); False returns the
+            sample at level ᾱ_0 (diffusers' ``set_alpha_to_one=False``).
         x_T: [B, ...] noise at level ᾱ_{T-1} (e.g. ``ddim.randn(shape, seeds)``).
         rtol, atol: the tolerance (default 0.05 and 0.0078, DPM-Solver's for images in [-1, 1]: 1/128,
             half a uint8 level). Smaller: more calls, a result closer to the exact ODE solution.
@@ -78,32 +86,42 @@ def sample_adaptive(
         max_rounds: at most this many rounds (two batched calls each); an error if a sample is not done.
         stats: filled with "nfe" (batched network calls made), "calls" (list of B ints: the calls each
             sample used, including the final one at t = 0), "accepted" and "rejected" (lists of B ints).
+        denoiser_kwargs: the other settings of :class:`~ddim.prediction.Denoiser` (``clip_sample_range``,
+            ``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value``, ``guidance_rescale``).
 
     Returns:
-        x̂₀ at t = 0 after the last step, shaped like x_T.
+        x̂₀ at t = 0 after the last step (or x at ᾱ_0, see ``set_alpha_to_one``), shaped like x_T.
     """
-    rtol, atol = _check_positive(rtol, "rtol", True), _check_positive(atol, "atol", True)
+    rtol, atol = check_positive(rtol, "rtol", True), check_positive(atol, "atol", True)
     if rtol == 0 and atol == 0:
         raise ValueError("rtol and atol cannot both be 0")
-    h_init, theta = _check_positive(h_init, "h_init"), _check_positive(theta, "theta")
+    h_init, theta = check_positive(h_init, "h_init"), check_positive(theta, "theta")
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
-    denoise = Denoiser(
-        model,
-        schedule,
-        prediction,
-        clip_sample=clip_sample,
-        use_clipped_model_output=use_clipped_model_output,
-        guidance_scale=guidance_scale,
-        model_kwargs=model_kwargs,
-        uncond_kwargs=uncond_kwargs,
-    )
+    if not isinstance(set_alpha_to_one, bool):
+        raise ValueError(f"set_alpha_to_one must be a bool, got {set_alpha_to_one!r}")
+    B = x_T.shape[0]
+
+    def denoiser(rows: torch.Tensor | None) -> Denoiser:
+        """The Denoiser for these rows of the batch (None: all), per-sample kwargs cut to them."""
+        return Denoiser(
+            model,
+            schedule,
+            prediction,
+            clip_sample=clip_sample,
+            use_clipped_model_output=use_clipped_model_output,
+            guidance_scale=guidance_scale,
+            model_kwargs=_rows(model_kwargs, rows, B),
+            uncond_kwargs=_rows(uncond_kwargs, rows, B),
+            **denoiser_kwargs,
+        )
+
+    denoise_all = denoiser(None)  # checks every setting before the first call
     ab = schedule.alphas_cumprod.double()
     if bool((ab <= 0).any()):
         raise ValueError("adaptive steps need 0 < ᾱ_t for every t (no zero terminal SNR)")
     lam = 0.5 * (ab.log() - torch.log1p(-ab))  # λ_t, decreasing in t
     T = ab.numel()
-    B = x_T.shape[0]
     dev, dt = x_T.device, x_T.dtype
     ones = [1] * (x_T.ndim - 1)
 
@@ -128,20 +146,30 @@ def sample_adaptive(
     nfe = 0
 
     def evaluate(x_in: torch.Tensor, t: torch.Tensor, who: torch.Tensor) -> torch.Tensor:
+        """x̂₀ of the rows ``who`` (network run on them only); zeros in the other rows."""
         nonlocal nfe
+        if not bool(who.any()):
+            return torch.zeros_like(x_in)
         nfe += 1
         calls.add_(who.long())
-        x0, _ = denoise(x_in, t.to(dev))
-        return x0
+        if bool(who.all()):
+            return denoise_all(x_in, t.to(dev))[0]
+        rows = who.nonzero().squeeze(1)
+        out = torch.zeros_like(x_in)
+        out[rows.to(dev)] = denoiser(rows)(x_in[rows.to(dev)], t[rows].to(dev))[0]
+        return out
 
     for _ in range(max_rounds):
         if bool(done.all()):
             break
         active = ~done
+        if not set_alpha_to_one:  # the result is x at level ᾱ_0: no call there
+            done |= active & (t_cur == 0)
+            active &= ~done
         if bool((fresh & active).any()):
             x0_cur = torch.where(per((fresh & active).double()).bool(), evaluate(x, t_cur, fresh & active), x0_cur)
             fresh &= ~active
-        last = active & (t_cur == 0)  # at t = 0: x̂₀ there is the result
+        last = active & (t_cur == 0)  # at t = 0: x̂₀ there is the result (or x itself)
         done |= last
         active &= ~last
         if not bool(active.any()):
@@ -180,4 +208,14 @@ def sample_adaptive(
             raise RuntimeError(f"adaptive sampling did not finish in max_rounds={max_rounds} rounds (loosen rtol/atol)")
     if stats is not None:
         stats.update(nfe=nfe, calls=calls.tolist(), accepted=accepted.tolist(), rejected=rejected.tolist())
-    return x0_cur
+    return x0_cur if set_alpha_to_one else x
+
+
+def _rows(kwargs: Mapping[str, Any] | None, rows: torch.Tensor | None, batch: int) -> Mapping[str, Any] | None:
+    """``kwargs`` with every tensor whose first dimension is ``batch`` cut to ``rows`` (None: unchanged)."""
+    if kwargs is None or rows is None:
+        return kwargs
+    return {
+        k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch else v
+        for k, v in kwargs.items()
+    }

@@ -65,6 +65,8 @@ class SampleResult:
         seconds: wall time of the sampling.
         uint8: with ``keep="uint8"``, the images as written to files: uint8 [N, H, W, C]
             (:func:`~ddim.images.to_uint8`); else None.
+        calls: with adaptive steps (``rtol``), the network calls each image used; else None (every
+            image used ``nfe``).
     """
 
     images: torch.Tensor
@@ -74,6 +76,7 @@ class SampleResult:
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
     uint8: np.ndarray | None = None
+    calls: list[int] | None = None
 
 
 def parse_classes(spec: str | int | Sequence[int] | None, n: int, num_classes: int) -> torch.Tensor:
@@ -199,6 +202,8 @@ def generate(
     sample_kwargs: dict[str, Any] | None = None,
     conditioning: Callable[[Sequence[int], torch.device], tuple[dict, dict | None]] | None = None,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> SampleResult:
     """Sample ``n`` images, image i from seed ``seed + i``, in chunks of ``batch``.
 
@@ -236,9 +241,14 @@ def generate(
         decode: ``decode(x0) -> images`` applied to each sampled chunk (a latent model's VAE decoder,
             e.g. ``model.decode``); ``image_shape`` is then the shape sampled (the latents) and the
             results hold the decoded images.
+        rtol, atol: give ``rtol`` for adaptive steps instead of a step count
+            (:func:`ddim.adaptive.sample_adaptive`: DPM-Solver's order-1/2 pair, each image its own steps);
+            ``atol`` defaults to 0.0078 (half a uint8 level of [-1, 1]). ``steps`` and ``spacing`` are
+            then unused; ``sampler`` must stay "ddim", ``eta`` 0 and ``timesteps`` None.
 
     Returns:
-        A :class:`SampleResult` (images on the CPU).
+        A :class:`SampleResult` (images on the CPU); with ``rtol``, ``calls`` holds each image's calls
+        and ``nfe`` the most any image used.
     """
     if seeds is not None:
         n = len(seeds)
@@ -256,6 +266,7 @@ def generate(
         if variance not in ("eta", given):
             raise ValueError(f"variance={variance!r} and sample_kwargs['variance']={given!r} disagree")
         variance = given
+    adaptive = _check_tolerance(rtol, atol, sampler, eta, timesteps)
     labels = check_labels(model, labels, n)
     guidance = check_guidance(guidance)
     if image_shape is None:
@@ -272,11 +283,13 @@ def generate(
     chunks: list[torch.Tensor] = []
     u8 = np.empty((n, *image_shape[1:], image_shape[0]), dtype=np.uint8) if keep == "uint8" and decode is None else None
     calls = nfe(sampler, len(timesteps) if timesteps is not None else steps)
+    per_image: list[int] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n, unit="img", desc=f"{sampler} {calls} NFE")
+        desc = f"adaptive rtol {adaptive[0]:g}" if adaptive else f"{sampler} {calls} NFE"
+        bar = tqdm(total=n, unit="img", desc=desc)
     tic = time.perf_counter()
     with torch.inference_mode():
         for sl in seed_chunks(seeds, batch):
@@ -287,24 +300,44 @@ def generate(
             else:
                 kwargs, uncond = conditioning(seeds[sl], device)
                 guided = guidance != 1.0 and uncond is not None
-            x0 = sample(
-                model,
-                x_T,
-                schedule,
-                steps=steps,
-                eta=eta,
-                spacing=spacing,
-                timesteps=timesteps,
-                prediction=prediction,
-                clip_sample=clip_sample,
-                variance=variance,
-                seeds=seeds[sl],
-                sampler=sampler,
-                model_kwargs=kwargs,
-                guidance_scale=guidance if guided else 1.0,
-                uncond_kwargs=uncond if guided else None,
-                **sample_kwargs,
-            )
+            if adaptive:
+                from ddim.adaptive import sample_adaptive
+
+                stats: dict[str, Any] = {}
+                x0 = sample_adaptive(
+                    model,
+                    x_T,
+                    schedule,
+                    rtol=adaptive[0],
+                    atol=adaptive[1],
+                    prediction=prediction,
+                    clip_sample=clip_sample,
+                    model_kwargs=kwargs,
+                    guidance_scale=guidance if guided else 1.0,
+                    uncond_kwargs=uncond if guided else None,
+                    stats=stats,
+                    **sample_kwargs,
+                )
+                per_image.extend(stats["calls"])
+            else:
+                x0 = sample(
+                    model,
+                    x_T,
+                    schedule,
+                    steps=steps,
+                    eta=eta,
+                    spacing=spacing,
+                    timesteps=timesteps,
+                    prediction=prediction,
+                    clip_sample=clip_sample,
+                    variance=variance,
+                    seeds=seeds[sl],
+                    sampler=sampler,
+                    model_kwargs=kwargs,
+                    guidance_scale=guidance if guided else 1.0,
+                    uncond_kwargs=uncond if guided else None,
+                    **sample_kwargs,
+                )
             if decode is not None:
                 x0 = decode(x0)  # on the device, before the images come to the CPU
             x0 = x0.float().cpu()
@@ -322,22 +355,50 @@ def generate(
             del x0
     if bar is not None:
         bar.close()
-    return SampleResult(
-        torch.cat(chunks) if chunks else torch.empty((0, *image_shape)),
-        labels,
-        seeds,
-        calls,
-        time.perf_counter() - tic,
-        {
+    if adaptive:
+        info = {"sampler": "adaptive", "rtol": adaptive[0], "atol": adaptive[1], "guidance": guidance}
+        calls = max(per_image, default=0)
+    else:
+        info = {
             "sampler": sampler,
             "steps": steps,
             "eta": eta,
             "spacing": spacing,
             "guidance": guidance,
             "variance": variance,
-        },
+        }
+    return SampleResult(
+        torch.cat(chunks) if chunks else torch.empty((0, *image_shape)),
+        labels,
+        seeds,
+        calls,
+        time.perf_counter() - tic,
+        info,
         u8,
+        per_image if adaptive else None,
     )
+
+
+def _check_tolerance(
+    rtol: float | None, atol: float | None, sampler: str, eta: float, timesteps: Sequence[int] | None
+) -> tuple[float, float] | None:
+    """(rtol, atol) of an adaptive run, or None for a fixed step count; ValueError for a bad mix."""
+    if rtol is None:
+        if atol is not None:
+            raise ValueError("atol is the absolute part of an adaptive run's tolerance: give rtol with it")
+        return None
+    from ddim.adaptive import DEFAULT_ATOL, check_positive
+
+    rtol = check_positive(rtol, "rtol", allow_zero=True)
+    atol = check_positive(DEFAULT_ATOL if atol is None else atol, "atol", allow_zero=True)
+    if rtol == 0 and atol == 0:
+        raise ValueError("rtol and atol cannot both be 0")
+    if sampler != "ddim" or eta != 0 or timesteps is not None:
+        raise ValueError(
+            "rtol runs the adaptive order-1/2 solver, which picks its own timesteps: it takes no other "
+            f"sampler (got {sampler!r}), no eta > 0 (got {eta}) and no explicit timesteps"
+        )
+    return rtol, atol
 
 
 # ------------------------------------------------------------------ output

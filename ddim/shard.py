@@ -345,11 +345,12 @@ class SampleJob:
                     error = e
             ddist.check(error, self.ctx)
         seconds = float(result.seconds) + (time.perf_counter() - tic if self.kind == "folder" else 0.0)
-        stats = ddist.gather_objects((made, seconds), ctx=self.ctx)
+        calls = getattr(result, "calls", None)  # adaptive steps: each image's calls
+        stats = ddist.gather_objects((made, seconds, calls), ctx=self.ctx)
         if stats is None:
             return None
-        total = sum(m for m, _ in stats)
-        wall = max(s for _, s in stats)
+        total = sum(m for m, _, _ in stats)
+        wall = max(s for _, s, _ in stats)
         rate = total / wall if wall > 0 else 0.0
         procs = f" on {self.ctx.world_size} processes" if self.ctx.distributed else ""
         if self.kind == "folder":
@@ -357,10 +358,17 @@ class SampleJob:
             where += f", {self.skipped} of them already there)" if self.skipped else ")"
         else:
             where = str(self.out)
-        return (
-            f"{total} images{procs}, {result.nfe} network evaluations per image, {wall:.2f} s "
-            f"({rate:.1f} images/s) -> {where}"
-        )
+        if calls is None:
+            per = f"{result.nfe} network evaluations per image"
+        else:
+            every = [c for _, _, cs in stats for c in cs or []]
+            mean = sum(every) / len(every) if every else 0.0
+            per = (
+                f"{mean:.1f} network evaluations per image on average "
+                f"({min(every, default=0)}–{max(every, default=0)}; adaptive, rtol {result.info['rtol']:g}, "
+                f"atol {result.info['atol']:g})"
+            )
+        return f"{total} images{procs}, {per}, {wall:.2f} s ({rate:.1f} images/s) -> {where}"
 
 
 def _deal_chunks(positions: list[int], seed: int, batch: int, ctx: ddist.Context) -> list[int]:

@@ -5,7 +5,8 @@
 
 Each run is sampler:spacing:calls (``optimized``: the model's shipped lists, ``config.sampling.
 optimized_timesteps``; ``file=PATH``: the lists of a JSON file ``{"schedules": {"S": [...]}}``; "restart"
-spends calls - RESTARTS·RESTART_STEPS on its main steps). Measured on
+spends calls - RESTARTS·RESTART_STEPS on its main steps), or ``adaptive:RTOL`` (adaptive steps,
+``ddim sample --rtol RTOL``: the calls column is then the mean calls per image). Measured on
 seeds the schedules and statistics never saw (map: 1000 + i, Fréchet distance: 2000 + i; image i has
 class i mod 10), with the model's guidance and clipping:
 
@@ -69,10 +70,27 @@ def main() -> None:
 
     guidance = float(config["sampling"]["guidance"])
 
-    def run(sampler: str, spacing: str, steps: int, seeds: list[int]) -> tuple[torch.Tensor, int]:
+    def run(sampler: str, spacing: str, steps: int, seeds: list[int]) -> tuple[torch.Tensor, float]:
         n = len(seeds)
         x_T = ddim.randn((n, 1, 28, 28), seeds)
         y = torch.tensor(seeds) % 10
+        if sampler == "adaptive":  # spacing holds the tolerance
+            from ddim.adaptive import sample_adaptive
+
+            stats: dict = {}
+            x = sample_adaptive(
+                model,
+                x_T,
+                schedule,
+                rtol=float(spacing),
+                prediction=config["prediction"],
+                model_kwargs={"y": y},
+                guidance_scale=guidance,
+                uncond_kwargs={"y": torch.full_like(y, 10)},
+                clip_sample=bool(config["sampling"].get("clip_sample", False)),
+                stats=stats,
+            )
+            return (x.clamp(-1, 1) + 1) / 2, sum(stats["calls"]) / n
         if spacing.startswith("file="):  # lists from a JSON file {"schedules": {"S": [...]}} (e.g. KLUB's)
             lists = json.loads(Path(spacing[5:]).read_text())["schedules"]
             kw = sampling_kwargs(config, schedule, steps, "logsnr", lists[str(steps)])
@@ -99,11 +117,10 @@ def main() -> None:
         return (x.clamp(-1, 1) + 1) / 2, stats["nfe"]
 
     refs: dict[str, torch.Tensor] = {}
-    runs = [r.split(":") for r in args.runs.split(",") if r.strip()]
+    runs = [r.split(":") + (["auto"] if r.startswith("adaptive:") else []) for r in args.runs.split(",") if r.strip()]
     clf = real = None
     for sampler, spacing, calls in runs:
-        calls = int(calls)
-        steps = steps_for(sampler, calls)
+        steps = 0 if sampler == "adaptive" else steps_for(sampler, int(calls))
         key = f"{sampler}:{spacing}:{calls}"
         entry = cache.setdefault(key, {})
         if not args.no_map and f"map{args.map_n}" not in entry:
@@ -119,10 +136,10 @@ def main() -> None:
                     torch.save(refs[ref_spacing], ref_file)
             x, nfe = run(sampler, spacing, steps, seeds)
             entry[f"map{args.map_n}"] = (x - refs[ref_spacing]).pow(2).mean().sqrt().item()
-            entry["nfe"] = nfe
+            entry["nfe" if sampler != "adaptive" else f"calls{args.map_n}"] = nfe
             save()
             took = time.perf_counter() - tic
-            print(f"{key}: map {entry[f'map{args.map_n}']:.4f} ({nfe} calls, {took:.0f} s)", flush=True)
+            print(f"{key}: map {entry[f'map{args.map_n}']:.4f} ({nfe:g} calls, {took:.0f} s)", flush=True)
         if not args.no_fd and f"fd{args.fd_n}" not in entry:
             from ddim.classifier import load_classifier
             from ddim.data import mnist5k
@@ -137,18 +154,22 @@ def main() -> None:
             feats, pred = clf.predict_features(x * 2 - 1)
             entry[f"fd{args.fd_n}"] = frechet_distance(feats, real)
             entry[f"acc{args.fd_n}"] = (pred == torch.tensor(seeds) % 10).float().mean().item()
-            entry["nfe"] = nfe
+            entry["nfe" if sampler != "adaptive" else f"calls{args.fd_n}"] = nfe
             save()
             took = time.perf_counter() - tic
-            print(f"{key}: FD {entry[f'fd{args.fd_n}']:.2f} ({nfe} calls, {took:.0f} s)", flush=True)
+            print(f"{key}: FD {entry[f'fd{args.fd_n}']:.2f} ({nfe:g} calls, {took:.0f} s)", flush=True)
 
 
 def print_table(cache: dict, map_n: int, fd_n: int) -> None:
     """Rows sampler × spacing, columns calls: map distance (and Fréchet distance where measured)."""
     rows: dict[tuple[str, str], dict[int, dict]] = {}
+    adaptive = []
     for key, entry in cache.items():
         sampler, spacing, calls = key.split(":")
-        rows.setdefault((sampler, spacing), {})[int(calls)] = entry
+        if sampler == "adaptive":
+            adaptive.append((float(spacing), entry))
+        else:
+            rows.setdefault((sampler, spacing), {})[int(calls)] = entry
     budgets = sorted({c for r in rows.values() for c in r})
     metrics = ((f"map{map_n}", "{:.4f}", "RMS to DDIM-200"), (f"fd{fd_n}", "{:.2f}", "Fréchet distance"))
     for metric, fmt, title in metrics:
@@ -161,6 +182,14 @@ def print_table(cache: dict, map_n: int, fd_n: int) -> None:
         for (sampler, spacing), r in sorted(have.items()):
             cells = [fmt.format(r[c][metric]) if c in r and metric in r[c] else "" for c in budgets]
             print(f"| {sampler} | {spacing} | " + " | ".join(cells) + " |")
+    if adaptive:
+        print("\nAdaptive steps (mean calls per image; map / Fréchet distance):\n")
+        print(f"| rtol | calls ({map_n}) | map{map_n} | calls ({fd_n}) | fd{fd_n} | acc{fd_n} |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for rtol, e in sorted(adaptive, reverse=True):
+            cells = [(f"calls{map_n}", "{:.1f}"), (f"map{map_n}", "{:.4f}"), (f"calls{fd_n}", "{:.1f}"),
+                     (f"fd{fd_n}", "{:.2f}"), (f"acc{fd_n}", "{:.3f}")]  # fmt: skip
+            print(f"| {rtol:g} | " + " | ".join(f.format(e[k]) if k in e else "" for k, f in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -94,3 +94,80 @@ def test_too_few_rounds_is_an_error(problem):
     sched, mix, x, _ = problem
     with pytest.raises(RuntimeError, match="max_rounds"):
         sample_adaptive(mix, x[:2], sched, rtol=1e-4, atol=1e-5, max_rounds=3)
+
+
+class _CountingRows(torch.nn.Module):
+    """A tiny network that counts the rows (samples) it is called on."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.rows = net, 0
+
+    def forward(self, x, t, **kw):
+        self.rows += x.shape[0]
+        return self.net(x, t, **kw)
+
+
+def test_the_network_runs_only_on_samples_still_stepping(problem):
+    sched, mix, x, _ = problem
+    counted = _CountingRows(mix)
+    stats: dict = {}
+    sample_adaptive(counted, x[:8], sched, rtol=0.05, atol=0.01, stats=stats)
+    assert len(set(stats["calls"])) > 1
+    assert counted.rows == sum(stats["calls"])  # a finished sample costs nothing more
+
+
+def test_set_alpha_to_one_false_returns_x_at_level_alpha_0_one_call_sooner(problem):
+    sched, mix, x, _ = problem
+    s1: dict = {}
+    s0: dict = {}
+    x0 = sample_adaptive(mix, x[:4], sched, rtol=0.05, atol=0.01, stats=s1)
+    xa = sample_adaptive(mix, x[:4], sched, rtol=0.05, atol=0.01, set_alpha_to_one=False, stats=s0)
+    assert s0["calls"] == [c - 1 for c in s1["calls"]]  # no x̂₀ call at t = 0
+    # x at ᾱ_0 = sqrt(ᾱ_0) x̂₀ + sqrt(1 - ᾱ_0) ε̂: close to x̂₀ but not it
+    ab0 = sched.alphas_cumprod[0].item()
+    assert 0 < (xa - x0).abs().max().item() < 5 * (1 - ab0) ** 0.5
+
+
+def test_generate_with_rtol_reports_each_images_calls_and_ignores_the_batch(tmp_path):
+    from conftest import save_tiny_digit_model
+
+    import ddim
+    from ddim.generate import generate
+
+    model, sched, config = ddim.load(save_tiny_digit_model(tmp_path / "m"))
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    kw = dict(seed=5, n=6, labels=labels, guidance=2.0, clip_sample=True, rtol=0.1)
+    a = generate(model, sched, batch=6, **kw)
+    b = generate(model, sched, batch=4, **kw)
+    assert a.calls is not None and len(a.calls) == 6 and a.nfe == max(a.calls)
+    assert a.calls == b.calls and a.info["sampler"] == "adaptive"
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-5)
+    one = generate(model, sched, **{**kw, "seed": 8, "n": 1, "labels": labels[3:4]})  # image 3 alone
+    torch.testing.assert_close(one.images[0], a.images[3], rtol=0, atol=1e-5)
+    assert one.calls == [a.calls[3]]
+    with pytest.raises(ValueError, match="no other sampler"):
+        generate(model, sched, seed=0, n=2, rtol=0.1, sampler="dpmpp_2m")
+    with pytest.raises(ValueError, match="give rtol"):
+        generate(model, sched, seed=0, n=2, atol=0.1)
+
+
+def test_cli_sample_with_rtol_and_its_bad_flags(tmp_path, capsys):
+    from conftest import save_tiny_digit_model
+
+    from ddim.cli import run
+
+    tiny = save_tiny_digit_model(tmp_path / "m")
+    out = tmp_path / "s.npz"
+    base = ["sample", "--model", tiny, "-n", "4", "--class", "all", "--no-progress"]
+    assert run([*base, "--rtol", "0.1", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "network evaluations per image on average" in said and "adaptive, rtol 0.1" in said, said
+    import numpy as np
+
+    assert np.load(out)["images"].shape[0] == 4
+    for bad in (["--rtol", "0.1", "--steps", "10"], ["--rtol", "0.1", "--sampler", "unipc"], ["--atol", "0.1"],
+                ["--rtol", "0", "--atol", "0"], ["--rtol", "-1"]):  # fmt: skip
+        assert run([*base, *bad, "--out", str(tmp_path / "x.png")]) == 2, bad
+        assert "--rtol" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -160,6 +160,22 @@ def test_killed_run_resumes_with_exactly_the_right_images(tiny, reference, tmp_p
     assert run(["sample", "--model", tiny, "-n", str(N), *SAMPLE, "--steps", "7", "--out", str(out)]) == 2
 
 
+def test_adaptive_steps_sharded_equal_one_process_and_report_every_images_calls(tiny, tmp_path, capsys):
+    """--rtol under torchrun: each image takes its own steps, so the shards' images equal one process's; rank 0
+    reports the calls of all images."""
+    args = ["-n", "8", "--class", "all", "--rtol", "0.1", "--batch", "2", "--no-progress", "--threads", "1"]
+    one = tmp_path / "one.npz"
+    assert run(["sample", "--model", tiny, *args, "--out", str(one)]) == 0
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    two = tmp_path / "two.npz"
+    r = torchrun("sample", "--model", tiny, *args, "--out", str(two))
+    assert r.returncode == 0, r.stderr
+    assert two.read_bytes() == one.read_bytes()
+    line = next(ln for ln in r.stdout.splitlines() if "images on 2 processes" in ln)
+    # the same per-image calls: the same mean, min and max in both summaries
+    assert said.split(", ")[1].split(" (")[0] in line and said.split("(")[1].split(";")[0] in line, (said, line)
+
+
 def test_failing_rank_fails_the_command(tiny, tmp_path):
     """Rank 1 cannot write seed 3 (a folder is in the way): the command fails with its error, no hang."""
     out = tmp_path / "imgs"

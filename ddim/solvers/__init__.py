@@ -15,7 +15,7 @@ One module per paper, each a float64 coefficient table and its declaration, run 
 - :mod:`~ddim.solvers.exact`: a Gaussian mixture with exact ε* and ODE solution, to measure them.
 
 Adaptive step size from an error tolerance (DPM-Solver's order-1/2 pair) is not in the registry (its
-calls are not known before it runs): :func:`ddim.adaptive.sample_adaptive`.
+calls are not known before it runs): :func:`ddim.adaptive.sample_adaptive` (``ddim sample --rtol``).
 
 Every sampler works on the model adapter's (x̂₀, ε̂) only (:class:`~ddim.prediction.Denoiser`) and on
 the core's levels (:class:`~ddim.sampling.Levels`), makes a number of network calls known before it
