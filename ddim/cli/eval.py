@@ -605,6 +605,14 @@ _REPORT_CONSISTENCY = ",".join(map(str, _REPORT.consistency_steps))
     help="Add a straightness section comparing this model with another (folder or shipped name, e.g. reflow) at "
     "1, 2, 4, 8 Euler steps; repeatable.",
 )
+@click.option(
+    "--few-calls",
+    "few_calls",
+    multiple=True,
+    help="Add a row MODEL:SAMPLER:STEPS[:SPACING] to a few-calls section (MODEL 'self' = this model, else a "
+    "folder or shipped name): e.g. --few-calls pd4:ddim:4 --few-calls cd:consistency:1 --few-calls "
+    "self:dpmv3:5:trailing; Fréchet distance, accuracy and RMS to this model's DDIM-200 map. Repeatable.",
+)
 def report_cmd(
     run,
     feats,
@@ -623,6 +631,7 @@ def report_cmd(
     evidence,
     train_data,
     straightness_models,
+    few_calls,
 ) -> None:
     """One self-contained HTML page with Table 1, Table 2, consistency and interpolation for a model, and
     (unless --no-evidence) guidance × steps, η and diversity, memorization and cost.
@@ -647,8 +656,15 @@ def report_cmd(
         frames=frames,
         evidence=evidence,
         straightness=list(straightness_models),
+        few_calls=list(few_calls),
     )
-    for other in straightness_models:
+    from ddim.evaluation.straightness import FewCallRun
+
+    try:
+        few_models = {FewCallRun.parse(t).model for t in few_calls} - {"self"}
+    except ValueError as e:
+        raise UsageError(f"--few-calls {e}") from None
+    for other in (*straightness_models, *sorted(few_models)):
         _load_model(other)  # a model that cannot be loaded fails before any work
     if len(set(settings.consistency_steps)) < 2:
         raise UsageError("--consistency-steps needs at least two step counts")

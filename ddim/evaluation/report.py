@@ -63,6 +63,9 @@ class ReportSettings:
     straightness: list[str] = field(default_factory=list)
     straightness_calls: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     straightness_paths: int = 32
+    # few calls: rows MODEL:SAMPLER:STEPS[:SPACING] (MODEL "self" = this model, else a folder or shipped name,
+    # e.g. "pd4:ddim:4", "cd:consistency:1", "self:dpmv3:5:trailing"), judged against this model's DDIM-200 map
+    few_calls: list[str] = field(default_factory=list)
 
 
 def build_report(
@@ -138,6 +141,11 @@ def build_report(
             memorization_heldout=memorization_heldout, progress=progress,
         )  # fmt: skip
         timings.update(more)
+    few = None
+    if s.few_calls:
+        tic = time.perf_counter()
+        few = run_few_calls_section(setup, config, s, work / "few_calls", extractor, reference)
+        timings["few calls"] = time.perf_counter() - tic
     straight = None
     if s.straightness:
         tic = time.perf_counter()
@@ -159,6 +167,7 @@ def build_report(
         evidence=evidence,
         edit=edit_rows,
         straightness=straight,
+        few_calls=few,
     )
     out = Path(out)
     write_text(out, page)
@@ -193,6 +202,57 @@ def run_straightness_section(
         cache=work, extractor=extractor, real=reference.features,
     )  # fmt: skip
     return {"deviations": deviations, "rows": rows, "reference": name}
+
+
+def run_few_calls_section(
+    setup: EvalSetup,
+    config: dict[str, Any],
+    settings: ReportSettings,
+    work: Path,
+    extractor: FeatureExtractor,
+    reference: Reference,
+) -> dict[str, Any]:
+    """The few-calls section's rows (:func:`ddim.evaluation.straightness.few_call_rows`): ``settings.few_calls``
+    from the same n = ``settings.n`` noises (seeds from ``setup.seed`` + 2,000,000, class i mod K), against
+    this model's DDIM-200 map; cached in ``work``."""
+    from ddim.checkpoint import load
+    from ddim.evaluation.straightness import FewCallRun, ModelRun, few_call_rows
+
+    specs = [FewCallRun.parse(t) for t in settings.few_calls]
+    runs = {"self": ModelRun(setup.model, setup.schedule, config, guidance=setup.guidance)}
+    device = next(setup.model.parameters()).device
+    for name in dict.fromkeys(sp.model for sp in specs if sp.model != "self"):
+        model, schedule, cfg = load(name, device=device)
+        runs[name] = ModelRun(model, schedule, cfg)
+    rows = few_call_rows(
+        runs, specs, "self", n=settings.n, seed=setup.seed + 2_000_000, batch=setup.batch, cache=work,
+        extractor=extractor, real=reference.features,
+    )  # fmt: skip
+    name = setup.describe()["model"]
+    for r in rows:
+        r["model"] = name if r["model"] == "self" else r["model"]
+    return {"rows": rows, "reference": name, "n": settings.n}
+
+
+def render_few_calls(result: dict[str, Any]) -> list[str]:
+    """HTML of the few-calls section: students and training-free samplers at a few network calls."""
+    return [
+        "<h2>A few network calls: samplers and students</h2>",
+        "<p>Each row samples the same noises and classes (image i: class i mod K). Fréchet distance in the "
+        f"report's features (n = {result['n']}; compare rows, not with other n), accuracy where the features "
+        f"classify, and the RMS difference on [0, 1] to {html.escape(result['reference'])}'s DDIM-200 map from "
+        "the same x_T, which sees blur and speckle that a classifier's features barely see. Network calls per "
+        "image: a guided call counts two. Stochastic samplers (restart, multistep consistency) draw their "
+        "noise from each image's seed, so they land elsewhere than the ODE map by design.</p>",
+        _table(
+            ["model", "sampler", "spacing", "steps", "network calls", "Fréchet distance", "accuracy", "RMS to map"],
+            [
+                [r["model"], r["sampler"], r["spacing"], r["steps"], r["calls"], r["fd"], r["accuracy"], r["rms"]]
+                for r in result["rows"]
+            ],
+            digits=3,
+        ),
+    ]
 
 
 def render_straightness(result: dict[str, Any]) -> list[str]:
@@ -373,6 +433,7 @@ def render_report(
     evidence: dict[str, Any] | None = None,
     edit: list[dict[str, Any]] | None = None,
     straightness: dict[str, Any] | None = None,
+    few_calls: dict[str, Any] | None = None,
 ) -> str:
     """The HTML page (a string) from the results of the four parts (and the evidence, editing and
     straightness sections, when given)."""
@@ -528,6 +589,8 @@ def render_report(
         parts.extend(render_evidence(evidence, work))
     if straightness is not None:
         parts.extend(render_straightness(straightness))
+    if few_calls is not None:
+        parts.extend(render_few_calls(few_calls))
     # Reproduce
     model_flag = "" if s["model"] == "embedded default" else f" --model {s['model']}"
     cls = s["class"] if s["class"] is not None else "none"
@@ -545,6 +608,9 @@ def render_report(
     ]
     if edit is not None:
         cmds.append(f"ddim eval edit{model_flag} --n {settings.edit_n} --steps {settings.edit_steps}")
+    if few_calls is not None:
+        runs = " ".join(f"--few-calls {x}" for x in settings.few_calls)
+        cmds.append(f"ddim eval report{model_flag} --n {settings.n} {runs}  # the few-calls section is the report's")
     if evidence is not None:
         steps_sorted = sorted(settings.steps)
         mid = steps_sorted[len(steps_sorted) // 2]

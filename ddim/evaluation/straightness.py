@@ -30,7 +30,16 @@ import torch
 
 from ddim.schedule import NoiseSchedule
 
-__all__ = ["path_deviation", "ode_path", "straightness", "few_step_rows", "ModelRun", "straightness_markdown"]
+__all__ = [
+    "FewCallRun",
+    "ModelRun",
+    "few_call_rows",
+    "few_step_rows",
+    "ode_path",
+    "path_deviation",
+    "straightness",
+    "straightness_markdown",
+]
 
 
 def path_deviation(path: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
@@ -190,15 +199,43 @@ def straightness(
     }
 
 
-def _images(run: ModelRun, x_T: torch.Tensor, labels, *, steps: int, spacing: str, batch: int) -> torch.Tensor:
+def _images(
+    run: ModelRun,
+    x_T: torch.Tensor,
+    labels,
+    *,
+    steps: int,
+    spacing: str,
+    batch: int,
+    sampler: str = "ddim",
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The model's samples from x_T in [-1, 1]; ``seeds`` (one per image) seed a stochastic sampler's noise."""
+    from ddim.diffusers_io import sampling_kwargs
     from ddim.sampling import sample
+
+    timesteps = None
+    if spacing == "optimized":  # the model's shipped list for this step count
+        spacing, timesteps = (
+            sampling_kwargs(run.config, run.schedule, steps, "optimized")[k] for k in ("spacing", "timesteps")
+        )
 
     out = []
     for a in range(0, x_T.shape[0], batch):
         y = None if labels is None else labels[a : a + batch]
         with torch.inference_mode():
             out.append(
-                sample(run.model, x_T[a : a + batch], run.schedule, steps=steps, spacing=spacing, **run.kwargs(y))
+                sample(
+                    run.model,
+                    x_T[a : a + batch],
+                    run.schedule,
+                    steps=steps,
+                    spacing=spacing,
+                    timesteps=timesteps,
+                    sampler=sampler,
+                    seeds=None if seeds is None else list(seeds[a : a + batch]),
+                    **run.kwargs(y),
+                )
             )
     return torch.cat(out).clamp(-1, 1)
 
@@ -236,10 +273,91 @@ def few_step_rows(
         One dict per row: model, sampler, spacing, steps, calls (network calls per image: guided calls count
         two), fd, accuracy, rms.
     """
+    ref_run = runs[reference] if reference in runs else None
+    specs = [FewCallRun(name, "ddim", int(c), spacing) for name in runs for c in calls]
+    if ref_run is not None:
+        specs += [
+            FewCallRun(reference, "ddim", min(int(s), ref_run.schedule.T), ref_spacing) for s in extra_reference_steps
+        ]
+    rows = few_call_rows(
+        runs, specs, reference, n=n, seed=seed, ref_steps=ref_steps, ref_spacing=ref_spacing, batch=batch,
+        cache=cache, extractor=extractor, real=real,
+    )  # fmt: skip
+    for r in rows:
+        r["sampler"] = "ddim (Euler)"
+    return rows
+
+
+@dataclass(frozen=True)
+class FewCallRun:
+    """One row of :func:`few_call_rows`: a model (its name in ``runs``), a sampler, its steps and spacing
+    (None: the model's own, ``config["sampling"]["spacing"]``, else "leading", as ``ddim sample``)."""
+
+    model: str
+    sampler: str
+    steps: int
+    spacing: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> FewCallRun:
+        """``MODEL:SAMPLER:STEPS[:SPACING]``, e.g. ``pd4:ddim:4``, ``default:dpmv3:5:trailing``."""
+        parts = text.split(":")
+        if len(parts) not in (3, 4) or not all(parts[:3]):
+            raise ValueError(
+                f"{text!r} is not MODEL:SAMPLER:STEPS[:SPACING] (e.g. pd4:ddim:4, default:dpmv3:5:trailing)"
+            )
+        from ddim.registry import SAMPLERS
+        from ddim.timesteps import SPACINGS
+
+        if parts[1] not in SAMPLERS:
+            raise ValueError(f"{text!r}: unknown sampler {parts[1]!r}; valid: {', '.join(sorted(SAMPLERS))}")
+        try:
+            steps = int(parts[2])
+        except ValueError:
+            steps = 0
+        if steps < 1:
+            raise ValueError(f"{text!r}: STEPS must be an int >= 1, got {parts[2]!r}")
+        spacing = parts[3] if len(parts) == 4 and parts[3] else None
+        if spacing is not None and spacing not in (*SPACINGS, "optimized"):
+            raise ValueError(f"{text!r}: unknown spacing {spacing!r}; valid: {', '.join(sorted(SPACINGS))}, optimized")
+        return cls(parts[0], parts[1], steps, spacing)
+
+
+def few_call_rows(
+    runs: Mapping[str, ModelRun],
+    specs: Sequence[FewCallRun],
+    reference: str,
+    *,
+    n: int = 200,
+    seed: int = 0,
+    ref_steps: int = 200,
+    ref_spacing: str = "leading",
+    batch: int = 100,
+    cache: str | os.PathLike | None = None,
+    extractor: Any = None,
+    real: torch.Tensor | None = None,
+) -> list[dict[str, Any]]:
+    """Models × samplers at a few network calls from the same noises: Fréchet distance, accuracy, RMS to a map.
+
+    Args:
+        runs: name -> :class:`ModelRun`; every row samples the same n noises (image i: seed + i, class i mod K).
+        specs: the rows, each a :class:`FewCallRun` naming a model of ``runs``.
+        reference: the name in ``runs`` whose DDIM at ``ref_steps`` (``ref_spacing``, capped at its T) is the
+            converged ODE map that "rms" measures against.
+        cache, extractor, real: as :func:`few_step_rows`.
+
+    Returns:
+        One dict per spec: model, sampler, spacing, steps, calls (network calls per image: a guided call counts
+        two), fd, accuracy, rms (on [0, 1]).
+    """
     from ddim.metrics import frechet_distance
+    from ddim.registry import nfe
 
     if reference not in runs:
         raise ValueError(f"reference {reference!r} is not one of the models {sorted(runs)}")
+    unknown = sorted({sp.model for sp in specs} - set(runs))
+    if unknown:
+        raise ValueError(f"runs name models {unknown} that are not among {sorted(runs)}")
     if (extractor is None) != (real is None):
         raise ValueError("give both extractor and real (the real images' features), or neither")
     if extractor is None:
@@ -251,37 +369,41 @@ def few_step_rows(
     ref_run = runs[reference]
     x_T = _noise(ref_run, n, seed)
 
-    def images(run: ModelRun, steps: int, sp: str) -> torch.Tensor:
+    def images(run: ModelRun, sampler: str, steps: int, sp: str) -> torch.Tensor:
         y = _labels(run, n)
         what = {"kind": "images", "n": n, "seed": seed, "steps": steps, "spacing": sp}
-        return _cached(cache, run, what, lambda: _images(run, x_T, y, steps=steps, spacing=sp, batch=batch))
+        if sampler != "ddim":
+            what["sampler"] = sampler
+        return _cached(
+            cache,
+            run,
+            what,
+            lambda: _images(
+                run, x_T, y, steps=steps, spacing=sp, batch=batch, sampler=sampler, seeds=range(seed, seed + n)
+            ),
+        )
 
-    ref = (images(ref_run, min(ref_steps, ref_run.schedule.T), ref_spacing) + 1) / 2
+    ref = (images(ref_run, "ddim", min(ref_steps, ref_run.schedule.T), ref_spacing) + 1) / 2
     rows = []
-
-    def row(name: str, run: ModelRun, steps: int, sp: str) -> None:
+    for spec in specs:
+        run = runs[spec.model]
+        sp = spec.spacing or (run.config.get("sampling") or {}).get("spacing") or "leading"
         y = _labels(run, n)
-        x = images(run, steps, sp)
+        x = images(run, spec.sampler, spec.steps, sp)
         feats, pred = extractor.features_and_predictions(x)
         guided = "uncond_kwargs" in run.kwargs(y if y is not None else None)
         rows.append(
             {
-                "model": name,
-                "sampler": "ddim (Euler)",
+                "model": spec.model,
+                "sampler": spec.sampler,
                 "spacing": sp,
-                "steps": steps,
-                "calls": steps * (2 if guided else 1),
+                "steps": spec.steps,
+                "calls": nfe(spec.sampler, spec.steps) * (2 if guided else 1),
                 "fd": frechet_distance(feats, real),
                 "accuracy": (pred == y).float().mean().item() if y is not None and pred is not None else float("nan"),
                 "rms": ((x + 1) / 2 - ref).pow(2).mean().sqrt().item(),
             }
         )
-
-    for name, run in runs.items():
-        for c in calls:
-            row(name, run, int(c), spacing)
-    for s in extra_reference_steps:
-        row(reference, ref_run, min(int(s), ref_run.schedule.T), ref_spacing)
     return rows
 
 
