@@ -27,12 +27,15 @@ def compare_samplers(
     class_spec: str | None = None,
     guidance: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Sample the same seeds with DDPM (``ddpm_steps``, default T) and DDIM (η = 0) at each of ``steps``.
+    """Sample the same seeds with DDPM (``ddpm_steps``, default T) and DDIM (η = 0) at each of ``steps``, with
+    the model's sampling settings (``config["sampling"]``: spacing, x̂₀ clipping, ...).
 
     Returns one dict per row: ``name``, ``nfe``, ``seconds``, ``images`` [N, C, H, W] and
     ``dist_to_first``: mean |x − x_DDIM,max S| on the [0, 1] scale, the distance of each row to the
     DDIM row with the most steps (the most accurate solution of the ODE that DDIM integrates).
     """
+    from ddim.diffusers_io import sampling_kwargs
+
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     if not steps:
@@ -44,7 +47,12 @@ def compare_samplers(
     plan = [("ddpm", ddpm_steps or schedule.T)] + [("ddim", int(s)) for s in steps]
     rows = []
     for sampler, s in plan:
-        r = generate(model, schedule, seeds=seeds, steps=s, sampler=sampler, **common)
+        # the model's own sampling settings: spacing, x̂₀ clipping, set_alpha_to_one, thresholding...
+        skw = sampling_kwargs(config, schedule, s)
+        r = generate(
+            model, schedule, seeds=seeds, steps=s, sampler=sampler, spacing=skw.pop("spacing"),
+            timesteps=skw.pop("timesteps"), clip_sample=skw.pop("clip_sample"), sample_kwargs=skw, **common,
+        )  # fmt: skip
         chunks, secs, nfe = [r.images], r.seconds, r.nfe
         name = f"DDPM {s}" if sampler == "ddpm" else f"DDIM {s}"
         rows.append(

@@ -583,8 +583,14 @@ def interpolate_seeds(
     batch: int = 256,
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
     keep: bool = True,
+    timesteps: Sequence[int] | None = None,
+    clip_sample: bool = False,
+    sample_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Decode a slerp strip between the noises of two seeds (DDIM η = 0): float32 [frames, C, H, W] on the CPU.
+
+    ``timesteps``, ``clip_sample`` and ``sample_kwargs`` are :func:`ddim.sample`'s (what
+    :func:`ddim.diffusers_io.sampling_kwargs` reads from a model's config, as ``ddim sample`` uses them).
 
     The noises are drawn on the CPU (as :func:`generate` does, so a seed gives the same x_T on any
     device), interpolated there, and the strip is sampled on ``device``, where the model must be, in
@@ -618,10 +624,13 @@ def interpolate_seeds(
                 schedule,
                 steps=steps,
                 spacing=spacing,
+                timesteps=timesteps,
                 prediction=prediction,
+                clip_sample=clip_sample,
                 model_kwargs=kwargs,
                 guidance_scale=guidance if guided else 1.0,
                 uncond_kwargs=uncond if guided else None,
+                **(sample_kwargs or {}),
             )
         x = x.float().cpu()
         if on_batch is not None:

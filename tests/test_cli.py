@@ -311,3 +311,33 @@ def test_embedded_model_keeps_its_clipping_setting_and_the_flag_overrides_it(tmp
     default = images()
     assert np.array_equal(default, images("--use-clipped-model-output"))
     assert not np.array_equal(default, images("--model-eps"))
+
+
+def test_interpolate_and_compare_use_the_models_sampling_settings(tmp_path):
+    """The strip's ends and compare's DDIM rows are what `ddim sample` makes with the model's settings (here
+    x̂₀ clipping and trailing timesteps), not the package defaults."""
+    from conftest import save_tiny_digit_model
+    from PIL import Image
+
+    import ddim
+    from ddim.compare import compare_samplers
+    from ddim.generate import generate
+
+    settings = {"sampling": {"guidance": 2.0, "clip_sample": True, "spacing": "trailing"}}
+    folder = save_tiny_digit_model(tmp_path / "m", settings)
+    for seed in (3, 5):
+        assert run(["sample", "--model", folder, "-n", "1", "--seed", str(seed), "--class", "2", "--steps", "4",
+                    "--no-progress", "--out", str(tmp_path / f"s{seed}.png")]) == 0  # fmt: skip
+    strip = tmp_path / "strip.png"
+    assert run(["interpolate", "--model", folder, "--seed-a", "3", "--seed-b", "5", "--frames", "3", "--class", "2",
+                "--steps", "4", "--out", str(strip)]) == 0  # fmt: skip
+    s = np.asarray(Image.open(strip))
+    one = np.asarray(Image.open(tmp_path / "s3.png"))
+    h, w = one.shape[:2]
+    framed = [s[:h, i * (w - 2) : i * (w - 2) + w] for i in (0, 2)]  # a grid: 2-pixel border on each side
+    assert np.array_equal(framed[0], one) and np.array_equal(framed[1], np.asarray(Image.open(tmp_path / "s5.png")))
+    model, schedule, config = ddim.load(folder)
+    rows = compare_samplers(model, schedule, config, [3], [4], class_spec="2", guidance=2.0)
+    made = generate(model, schedule, seeds=[3], labels=torch.tensor([2]), guidance=2.0, steps=4, spacing="trailing",
+                    clip_sample=True)  # fmt: skip
+    assert torch.equal(rows[1]["images"], made.images)

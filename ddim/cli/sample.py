@@ -467,9 +467,11 @@ def _invert_text(model, schedule, config, images, steps, spacing, class_spec, ou
 @batch_option(256, "Frames per batch.")
 @click.option("--out", default="interpolation.png", show_default=True, help="PNG strip.")
 def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, steps, spacing, batch, out) -> None:
-    """Decode a slerp strip between the noises of two seeds (deterministic DDIM)."""
+    """Decode a slerp strip between the noises of two seeds (deterministic DDIM), with the model's sampling
+    settings (x̂₀ clipping, its spacing unless --spacing is given), as `ddim sample` uses them."""
     import numpy as np
 
+    from ddim.diffusers_io import sampling_kwargs
     from ddim.generate import interpolate_seeds
     from ddim.images import make_grid, save_png, to_uint8
 
@@ -494,7 +496,9 @@ def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, st
     def keep(first, x):
         u8[first : first + x.shape[0]] = to_uint8(x)
 
+    given = click.get_current_context().get_parameter_source("spacing") is not click.core.ParameterSource.DEFAULT
     try:
+        skw = sampling_kwargs(config, schedule, steps, spacing if given else None)
         interpolate_seeds(
             model,
             schedule,
@@ -504,7 +508,10 @@ def interpolate_cmd(model_path, seed_a, seed_b, frames, class_spec, guidance, st
             label=label,
             guidance=_guidance(config, guidance),
             steps=steps,
-            spacing=spacing,
+            spacing=skw.pop("spacing"),
+            timesteps=skw.pop("timesteps"),
+            clip_sample=skw.pop("clip_sample"),
+            sample_kwargs=skw,
             prediction=config["prediction"],
             batch=batch,
             on_batch=keep,
