@@ -1,7 +1,8 @@
 """Copy a distilled student (a `ddim distill` run folder) into the package as a shipped model (fp16 storage).
 
     python scripts/ship_student.py /work/runs/pd/run pd4 --description "4-step progressive-distillation student"
-    python scripts/ship_student.py /work/runs/cd/run cd --description "consistency model, 1-4 steps"
+    python scripts/ship_student.py /work/runs/cd/run cd --description "consistency model, 1-4 steps" \
+        --optimized-timesteps '{"2": [999, 250], "4": [999, 250, 200, 100]}' --note "scripts/consistency_steps.py ..."
 
 Writes ddim/weights/NAME/model.safetensors (fp16) and config.json (the run's config: its sampling defaults,
 the distillation record, and ``description``, the line `ddim models` prints). ``ddim.load("NAME")`` then
@@ -9,6 +10,7 @@ loads it as float32 (a consistency model wrapped as :class:`ddim.consistency.Con
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -20,6 +22,10 @@ if __name__ == "__main__":
     ap.add_argument("run")
     ap.add_argument("name")
     ap.add_argument("--description", required=True)
+    ap.add_argument(
+        "--optimized-timesteps", default=None, help='JSON {"S": [t, ...]}: the lists --spacing optimized uses.'
+    )
+    ap.add_argument("--note", default=None, help="How the optimised lists were made (config optimized_timesteps_note).")
     args = ap.parse_args()
     model, schedule, config = load(args.run)
     net = getattr(model, "net", model)  # a consistency model stores its network's weights
@@ -30,6 +36,11 @@ if __name__ == "__main__":
         data = load_data(config["distill"]["settings"]["data"])
         extra["data"] = {**data.source, "n": len(data), "class_names": data.class_names}
     extra["description"] = args.description
+    if args.optimized_timesteps:
+        lists = {str(k): [int(t) for t in v] for k, v in json.loads(args.optimized_timesteps).items()}
+        extra["sampling"] = {**extra.get("sampling", {}), "optimized_timesteps": lists}
+        if args.note:
+            extra["sampling"]["optimized_timesteps_note"] = args.note
     extra["storage_dtype"] = "float16"
     out = Path(__file__).resolve().parent.parent / "ddim" / "weights" / args.name
     save_model(out, net, schedule, config["prediction"], extra, dtype=torch.float16)
