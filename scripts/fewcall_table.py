@@ -46,7 +46,7 @@ def steps_for(sampler: str, calls: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", required=True, help="sampler:spacing:calls, comma-separated")
+    ap.add_argument("--runs", default="", help="sampler:spacing:calls, comma-separated (required unless --table)")
     ap.add_argument("--map-n", type=int, default=64)
     ap.add_argument("--fd-n", type=int, default=200)
     ap.add_argument("--no-fd", action="store_true")
@@ -58,6 +58,8 @@ def main() -> None:
     if args.table:
         print_table(json.loads(Path(args.cache).read_text()), args.map_n, args.fd_n)
         return
+    if not args.runs.strip():
+        ap.error("--runs is required (unless --table)")
     torch.set_num_threads(args.threads)
     model, schedule, config = ddim.load()
     cache_path = Path(args.cache)
