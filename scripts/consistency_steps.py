@@ -54,6 +54,9 @@ def main() -> None:
     out = {}
     for k in range(2, args.steps + 1):
         candidates = range(args.grid, chosen[-1], args.grid)
+        if not candidates:
+            print(f"{k} calls: no candidate below {chosen[-1]} on a grid of {args.grid}; stopping")
+            break
         scores = {t: fd([*chosen, t], args.tune_seed) for t in candidates}
         best = min(scores, key=scores.get)
         chosen.append(best)

@@ -288,6 +288,21 @@ def test_shipped_names_and_models_command(capsys):
         )
 
 
+def test_shipped_consistency_model_ships_its_tuned_multistep_lists(tmp_path, capsys):
+    """`--model cd --spacing optimized` takes the 2/4-call lists chosen by Fréchet distance (its config), each a
+    strictly descending list from T-1; the CLI samples with them."""
+    from ddim.ays import optimized_timesteps
+
+    _, sched, config = load("cd")
+    for steps in (1, 2, 4):
+        ts = optimized_timesteps(config, steps)
+        assert len(ts) == steps and ts[0] == sched.T - 1 and all(a > b for a, b in zip(ts, ts[1:]))
+    out = tmp_path / "cd.npz"
+    args = ["sample", "--model", "cd", "-n", "2", "--class", "all", "--steps", "2", "--spacing", "optimized"]
+    assert run([*args, "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert "2 network evaluations per image" in capsys.readouterr().out
+
+
 def test_bad_input_exits_2_before_training(teacher_dir, tmp_path, capsys):
     cases = [
         (["progressive", "--from-steps", "64", "--to-steps", "3"], "--to-steps=3 is not reachable"),
