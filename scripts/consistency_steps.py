@@ -6,6 +6,10 @@ the lowest distance on tuning seeds; the lists are then measured on other seeds.
 
 Prints the lists for 2..steps calls (ready for ``--timesteps`` or a config's ``optimized_timesteps``) with
 their distances on the tuning seeds and on held-out seeds (2000 + i; image i has class i mod 10).
+
+    python scripts/consistency_steps.py --model cd --n 500 --test-seed 0 --measure "999 999,100 999,400,200,100"
+
+measures given lists only (the Fréchet distance and class accuracy on seeds test-seed + i).
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ def main() -> None:
     ap.add_argument("--test-seed", type=int, default=2000)
     ap.add_argument("--grid", type=int, default=25, help="Candidate timesteps: multiples of this below the last.")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--measure", default=None, help="Only measure these lists: space-separated, each comma-separated.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, sched, config = ddim.load(args.model)
     clf = load_classifier()
     real, _ = clf.predict_features(mnist5k().images)
 
-    def fd(ts: list[int], first_seed: int) -> float:
+    def fd(ts: list[int], first_seed: int, accuracy: list | None = None) -> float:
         seeds = list(range(first_seed, first_seed + args.n))
         y = torch.tensor(seeds) % 10
         kw = sampling_kwargs(config, sched, len(ts), None, ts)
@@ -47,8 +52,17 @@ def main() -> None:
                 model, ddim.randn((args.n, *model.config.sample_shape), seeds), sched, timesteps=ts,
                 sampler="consistency", seeds=seeds, prediction=config["prediction"], model_kwargs={"y": y}, **kw,
             )  # fmt: skip
-        feats, _ = clf.predict_features(x.clamp(-1, 1))
+        feats, pred = clf.predict_features(x.clamp(-1, 1))
+        if accuracy is not None:
+            accuracy.append((pred == y).float().mean().item())
         return frechet_distance(feats, real)
+
+    if args.measure:
+        for text in args.measure.split():
+            ts = [int(t) for t in text.split(",")]
+            acc: list = []
+            print(f"{ts}: FD {fd(ts, args.test_seed, acc):.2f}, accuracy {acc[0]:.3f} (n = {args.n})", flush=True)
+        return
 
     chosen = [sched.T - 1]
     out = {}
