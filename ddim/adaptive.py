@@ -37,6 +37,8 @@ DEFAULT_ATOL = 0.0078  # DPM-Solver's for images in [-1, 1]: half a uint8 level
 
 
 def check_positive(v: object, name: str, allow_zero: bool = False) -> float:
+    """``v`` as a float if it is a finite real number > 0 (>= 0 with ``allow_zero``); else a ValueError
+    naming ``name``. Bools are refused."""
     if (
         isinstance(v, bool)
         or not isinstance(v, (int, float))
