@@ -47,6 +47,7 @@ __all__ = [
     "DiffusersModelConfig",
     "is_pipeline_folder",
     "load_pipeline",
+    "model_spacing",
     "sampling_kwargs",
     "schedule_from_scheduler_config",
 ]
@@ -227,6 +228,17 @@ def load_pipeline(
     return model, schedule, config
 
 
+def model_spacing(config: dict[str, Any], steps: int) -> str:
+    """The model's own spacing for ``steps`` steps: ``config["sampling"]["spacing"]`` (default "leading"); a
+    model whose spacing is "optimized" (``ddim.load("cd")``) gets its ``fallback_spacing`` (default
+    "trailing") at step counts it ships no optimised list for."""
+    s = dict(config.get("sampling") or {})
+    spacing = str(s.get("spacing", "leading"))
+    if spacing == "optimized" and str(steps) not in (s.get("optimized_timesteps") or {}):
+        spacing = str(s.get("fallback_spacing", "trailing"))
+    return spacing
+
+
 def sampling_kwargs(
     config: dict[str, Any],
     schedule: NoiseSchedule,
@@ -241,7 +253,10 @@ def sampling_kwargs(
             package defaults, so a ddim model folder gives ``{"spacing": "leading", "clip_sample": ...}``).
         schedule: the model's schedule (for ``steps_offset``).
         steps: the number of steps asked for.
-        spacing: an explicit spacing (e.g. a command-line flag); None takes the model's.
+        spacing: an explicit spacing (e.g. a command-line flag); None takes the model's. "optimized" is the
+            model's own list for ``steps`` (``sampling.optimized_timesteps``, :func:`ddim.ays.optimized_timesteps`;
+            ValueError where it has none); a model whose DEFAULT spacing is "optimized" (``ddim.load("cd")``)
+            falls back to ``sampling.fallback_spacing`` (default "trailing") at step counts it has no list for.
         timesteps: an explicit list; it overrides spacing and offset.
 
     Returns:
@@ -252,7 +267,7 @@ def sampling_kwargs(
         ``use_clipped_model_output`` are included when the config sets them.
     """
     s = dict(config.get("sampling") or {})
-    spacing = spacing or s.get("spacing", "leading")
+    spacing = spacing or model_spacing(config, steps)
     if spacing == "optimized" and timesteps is None:  # the model's own optimised lists (ddim.ays)
         from ddim.ays import optimized_timesteps
 

@@ -25,6 +25,13 @@ averaged over the batch. Since SNR·‖x̂₀ - x̃‖² = ‖ε̂ - ε̃‖² (
 the steps near pure noise, the ones a few-step student depends on most, almost no weight.
 ``weighting="snr_plus_one"`` gives the paper's other choice (SNR + 1, the v-loss).
 
+``weighting="landing"`` (ours) weighs by where the step lands: a student x̂₀ error δ moves its landing point
+z_t'' by (α_t'' - (σ_t''/σ_t) α_t)·δ, so w = (α_t'' - (σ_t''/σ_t) α_t)² makes L the mean squared distance
+between the student's and the teacher's z_t''. In ε terms (w/SNR_t) it stays between ~0.2 and ~5 over a
+16-step grid where max(SNR, 1)/SNR spans 1 to 2.5·10⁴, which is what an ε-output student needs: it can
+start as an exact copy of an ε-trained teacher (``student_prediction="epsilon"``) instead of re-learning
+its output as v.
+
 Guided teachers are distilled at one fixed guidance weight (Meng et al. 2023's first stage): the teacher's
 (x̂₀, ε̂) come from :class:`ddim.prediction.Denoiser` with classifier-free guidance, and the student is the
 conditional network alone (it takes the class label, no null-label pass), so it learns the guided map.
@@ -43,7 +50,7 @@ from ddim.schedule import NoiseSchedule
 __all__ = ["WEIGHTINGS", "halving_rounds", "progressive_distill_loss", "student_grid", "teacher_target"]
 
 #: Loss weightings of :func:`progressive_distill_loss` (Salimans & Ho 2022, Sec. 4).
-WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+WEIGHTINGS = ("truncated_snr", "snr_plus_one", "landing")
 
 Model = Callable[..., Any]
 
@@ -223,7 +230,8 @@ def progressive_distill_loss(
         teacher_options: further :class:`~ddim.prediction.Denoiser` settings of the teacher, e.g. the model's
             sampling defaults ``{"clip_sample": True, "use_clipped_model_output": True}`` (default none); not
             guidance or kwargs, which the arguments above set.
-        weighting: "truncated_snr" (default, max(SNR, 1)) or "snr_plus_one" (SNR + 1).
+        weighting: "truncated_snr" (default, max(SNR, 1)), "snr_plus_one" (SNR + 1) or "landing"
+            ((α_t'' - (σ_t''/σ_t) α_t)²: the squared distance of the landing points, module docstring).
         set_alpha_to_one: the level after the last timestep is ᾱ = 1 (default) or ᾱ_0.
         generator: for the step indices and the noise.
         noise: ε [B, ...] to use instead of drawing it; index: int64 [B] student steps to use instead.
@@ -280,7 +288,7 @@ def progressive_distill_loss(
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
 
-    ab_t = _levels(schedule, ts, set_alpha_to_one)[k * index]  # float64 [B]
+    ab_t = _levels(schedule, ts, set_alpha_to_one)[k * index]  # float64 [B]; ab_end (below) likewise
     z_t = _bcast(ab_t.sqrt(), x0) * x0 + _bcast((1 - ab_t).sqrt(), x0) * noise
     teach = Denoiser(
         teacher,
@@ -291,10 +299,15 @@ def progressive_distill_loss(
         uncond_kwargs=uncond,
         **options,
     )
-    x_tilde, _, _ = teacher_target(teach, z_t, index, ts, k, set_alpha_to_one=set_alpha_to_one)
+    x_tilde, _, ab_end = teacher_target(teach, z_t, index, ts, k, set_alpha_to_one=set_alpha_to_one)
     stud = Denoiser(student, schedule, student_prediction, model_kwargs=kwargs)
     x0_student, _ = stud(z_t, grid[index].to(x0.device), ab_t)
     snr = ab_t / (1 - ab_t)
-    w = snr.clamp(min=1.0) if weighting == "truncated_snr" else snr + 1.0
+    if weighting == "truncated_snr":
+        w = snr.clamp(min=1.0)
+    elif weighting == "snr_plus_one":
+        w = snr + 1.0
+    else:  # landing: (α_t'' - (σ_t''/σ_t) α_t)², the z_t'' error per unit x̂₀ error
+        w = (ab_end.sqrt() - (1 - ab_end).sqrt() / (1 - ab_t).sqrt() * ab_t.sqrt()).pow(2)
     err = (x0_student - x_tilde).pow(2).reshape(B, -1).mean(dim=1)
     return (w.to(device=err.device, dtype=err.dtype) * err).mean()

@@ -96,7 +96,7 @@ class ProgressiveConfig:
             for folders.
         guidance: the teacher's guidance weight in round 1 (default: its config's sampling guidance, else 1).
         student_prediction: the students' output ("v_prediction", default; "sample" or "epsilon").
-        weighting: "truncated_snr" (default, max(SNR, 1)) or "snr_plus_one".
+        weighting: "truncated_snr" (default, max(SNR, 1)), "snr_plus_one" or "landing" (see :mod:`ddim.distill`).
         seed: seed of the data order, step indices and noise. threads: CPU threads (0 = torch's default).
         checkpoint_every, log_every: in steps (0 = only at the end of a round / never).
     """

@@ -2,7 +2,8 @@
 
     python scripts/ship_student.py /work/runs/pd/run pd4 --description "4-step progressive-distillation student"
     python scripts/ship_student.py /work/runs/cd/run cd --description "consistency model, 1-4 steps" \
-        --optimized-timesteps '{"2": [999, 250], "4": [999, 250, 200, 100]}' --note "scripts/consistency_steps.py ..."
+        --optimized-timesteps '{"2": [999, 250], "4": [999, 250, 200, 100]}' --note "scripts/consistency_steps.py ..." \
+        --default-optimized
 
 Writes ddim/weights/NAME/model.safetensors (fp16) and config.json (the run's config: its sampling defaults,
 the distillation record, and ``description``, the line `ddim models` prints). ``ddim.load("NAME")`` then
@@ -26,6 +27,12 @@ if __name__ == "__main__":
         "--optimized-timesteps", default=None, help='JSON {"S": [t, ...]}: the lists --spacing optimized uses.'
     )
     ap.add_argument("--note", default=None, help="How the optimised lists were made (config optimized_timesteps_note).")
+    ap.add_argument(
+        "--default-optimized",
+        action="store_true",
+        help="Make the lists the model's default spacing ('optimized'; its own spacing stays the fallback at "
+        "step counts without a list).",
+    )
     args = ap.parse_args()
     model, schedule, config = load(args.run)
     net = getattr(model, "net", model)  # a consistency model stores its network's weights
@@ -41,6 +48,9 @@ if __name__ == "__main__":
         extra["sampling"] = {**extra.get("sampling", {}), "optimized_timesteps": lists}
         if args.note:
             extra["sampling"]["optimized_timesteps_note"] = args.note
+        if args.default_optimized:
+            own = extra["sampling"].get("spacing", "leading")
+            extra["sampling"].update(spacing="optimized", fallback_spacing=own)
     extra["storage_dtype"] = "float16"
     out = Path(__file__).resolve().parent.parent / "ddim" / "weights" / args.name
     save_model(out, net, schedule, config["prediction"], extra, dtype=torch.float16)

@@ -62,6 +62,24 @@ def test_a_model_config_serves_spacing_optimized(linear):
         optimized_timesteps({"sampling": {}}, 5)
 
 
+def test_a_models_own_optimized_spacing_falls_back_where_it_has_no_list(linear):
+    """A model whose DEFAULT spacing is "optimized" (the shipped `cd`) samples its lists where it has them and
+    its fallback spacing elsewhere; an explicit "optimized" still refuses step counts without a list."""
+    from ddim.diffusers_io import model_spacing
+
+    lists = {"2": [999, 100]}
+    config = {"sampling": {"spacing": "optimized", "fallback_spacing": "linspace", "optimized_timesteps": lists}}
+    assert model_spacing(config, 2) == "optimized" and model_spacing(config, 3) == "linspace"
+    assert sampling_kwargs(config, linear, 2)["timesteps"] == [999, 100]
+    kw = sampling_kwargs(config, linear, 3)
+    assert kw["spacing"] == "linspace" and kw["timesteps"] is None
+    with pytest.raises(ValueError, match="steps 2, not 3"):
+        sampling_kwargs(config, linear, 3, "optimized")
+    no_fallback = {"sampling": {"spacing": "optimized", "optimized_timesteps": lists}}
+    assert sampling_kwargs(no_fallback, linear, 3)["spacing"] == "trailing"  # the default fallback
+    assert model_spacing({"sampling": {}}, 3) == "leading"
+
+
 def test_cli_klub_objective_prints_a_list(capsys):
     from ddim.cli import run
 

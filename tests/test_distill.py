@@ -101,6 +101,37 @@ def test_loss_is_zero_for_the_exact_one_step_map():
     assert losses[0] > losses[1] > losses[2] > losses[3] > 0, losses
 
 
+def test_landing_weighting_is_the_squared_distance_of_the_landing_points():
+    """weighting="landing": per sample, the mean squared distance between where ONE student DDIM step lands
+    and where the teacher's two steps land (computed here by hand with ddim.ddim_step), for an ε student."""
+    sched = NoiseSchedule.linear(1000)
+    _, model = _gaussian_teacher(sched)
+    ts = ddim.timesteps(sched, 8, "trailing")
+    grid = student_grid(ts)
+
+    def student(z, t, **_):  # the teacher's ε, a little off: its landing point misses the teacher's
+        return model(z, t) * 1.1 + 0.05
+
+    g = torch.Generator().manual_seed(3)
+    B = 32
+    x0 = 0.5 + 0.3 * torch.randn(B, 1, 2, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(B, 1, 2, 2, generator=g, dtype=torch.float64)
+    index = torch.arange(B) % grid.numel()
+    loss = progressive_distill_loss(
+        student, model, sched, x0, teacher_timesteps=ts, student_prediction="epsilon", weighting="landing",
+        noise=noise, index=index,
+    )  # fmt: skip
+    ab = sched.alphas_cumprod.double()
+    levels = torch.cat([ab[ts], torch.ones(1, dtype=torch.float64)])
+    ab_t, ab_end = levels[2 * index].reshape(-1, 1, 1, 1), levels[2 * index + 2].reshape(-1, 1, 1, 1)
+    z_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * noise
+    _, z_teacher, _ = teacher_target(Denoiser(model, sched), z_t, index, ts)
+    z_student, _ = ddim.ddim_step(z_t, student(z_t, grid[index]), ab_t, ab_end, 0.0, prediction="epsilon")
+    by_hand = (z_student - z_teacher).pow(2).reshape(B, -1).mean(dim=1).mean()
+    assert float(by_hand) > 1e-6  # the student is off: the test compares a real distance
+    torch.testing.assert_close(loss, by_hand, rtol=1e-10, atol=0)
+
+
 def test_tiny_unet_student_learns_a_fixed_batch():
     torch.manual_seed(0)
     sched = NoiseSchedule.linear(100)

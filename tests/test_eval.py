@@ -284,3 +284,32 @@ def test_parse_etas_and_sigma_hat_beside_the_paper():
     rows1 = [{"sampler": "ddim", "eta": e, "steps": s, "fd": v} for e, d in ours.items() for s, v in d.items()]
     text = compare_with_paper(rows1, [])
     assert "| paper σ̂ | 367.4 | 133.4 |" in text and "| ours σ̂ | 90 | 40 |" in text
+
+
+# ------------------------------------------------------------------ spacing "optimized"
+def test_eval_samples_a_models_optimized_lists_and_falls_back(tmp_path, capsys):
+    """A model whose own spacing is "optimized" (the shipped `cd`): its cells sample its list where it has one
+    (the same images as generate() with that list) and its fallback spacing elsewhere; an explicit
+    --spacing optimized refuses a step count without a list (exit 2) before sampling anything."""
+    from ddim.generate import generate
+    from ddim.images import to_uint8
+
+    own = {"spacing": "optimized", "fallback_spacing": "linspace", "optimized_timesteps": {"2": [99, 30]}}
+    path = save_tiny_digit_model(tmp_path / "m", {"sampling": own})
+    model, schedule, config = load(path)
+    setup = EvalSetup.from_loaded(model, schedule, config, spacing="optimized", fallback_spacing="linspace", batch=3)
+    assert setup.step_times(2) == ("logsnr", [99, 30]) and setup.step_times(3) == ("linspace", None)
+    for steps, kw in ((2, {"timesteps": [99, 30]}), (3, {"spacing": "linspace"})):
+        cell = sample_cell(setup, tmp_path / "cells", n=3, steps=steps)
+        y = setup.labels(3)
+        want = generate(model, schedule, n=3, seed=0, labels=y, guidance=setup.guidance, steps=steps, **kw)
+        assert np.array_equal(cell["images"], to_uint8(want.images)), steps
+        other = generate(model, schedule, n=3, seed=0, labels=y, guidance=setup.guidance, steps=steps)
+        assert not np.array_equal(cell["images"], to_uint8(other.images))  # not the default "leading"
+    strict = EvalSetup.from_loaded(model, schedule, config, spacing="optimized")
+    with pytest.raises(ValueError, match="steps 2, not 3"):
+        strict.step_times(3)
+    out = tmp_path / "t1"
+    args = ["eval", "table1", "--model", path, "--spacing", "optimized", "--steps", "2,3", "--n", "4"]
+    assert run([*args, "--out", str(out), "--no-floor", "--no-progress"]) == 2
+    assert "--spacing: spacing 'optimized'" in capsys.readouterr().err and not (out / "cells").exists()

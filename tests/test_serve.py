@@ -45,7 +45,9 @@ def client(app):
     return app.test_client()
 
 
-def direct_png(loaded, *, seed=0, steps=10, eta=0.0, sampler="ddim", spacing="leading", label=-1, guidance=None):
+def direct_png(
+    loaded, *, seed=0, steps=10, eta=0.0, sampler="ddim", spacing="leading", label=-1, guidance=None, timesteps=None
+):
     """What /api/sample must return: ddim.sample on the same model, as PNG bytes (guidance: the model's)."""
     model, schedule, config = loaded
     guidance = config["sampling"]["guidance"] if guidance is None else guidance
@@ -60,6 +62,7 @@ def direct_png(loaded, *, seed=0, steps=10, eta=0.0, sampler="ddim", spacing="le
         eta=eta,
         sampler=sampler,
         spacing=spacing,
+        timesteps=timesteps,
         seeds=[seed],
         clip_sample=bool(config["sampling"]["clip_sample"]),
         use_clipped_model_output=bool(config["sampling"].get("use_clipped_model_output", False)),
@@ -135,6 +138,36 @@ def test_defaults_are_the_models(client, loaded):
     guidance = loaded[2]["sampling"]["guidance"]
     assert client.get("/api/sample?class=3").data == direct_png(loaded, steps=10, label=3, guidance=guidance)
     assert client.get("/api/sample?class=3&eta=-0").data == client.get("/api/sample?class=3").data
+
+
+def test_spacing_optimized_serves_the_models_own_lists(client, loaded):
+    """The embedded model ships 5- and 10-step lists: "optimized" samples on them (byte-identical to
+    ddim.sample with that list), refuses other step counts before any work, and the edits (which take a
+    spacing name) use the fallback "trailing"; a model whose OWN spacing is "optimized" falls back."""
+    info = client.get("/api/info").get_json()
+    assert "optimized" in info["spacings"]
+    ts = loaded[2]["sampling"]["optimized_timesteps"]["5"]
+    r = client.get("/api/sample?seed=3&steps=5&spacing=optimized&class=4")
+    assert r.status_code == 200, r.data
+    assert r.data == direct_png(loaded, seed=3, steps=5, label=4, guidance=1.5, timesteps=ts)
+    assert r.data != direct_png(loaded, seed=3, steps=5, label=4, guidance=1.5, spacing="trailing")
+    r = client.get("/api/sample?steps=6&spacing=optimized")
+    assert r.status_code == 400 and "optimised timesteps for steps 5, 10, not 6" in r.get_data(as_text=True)
+    model, schedule, config = loaded
+    own = {**config, "sampling": {**config["sampling"], "spacing": "optimized"}}
+    a = create_app((model, schedule, own), warm=False)
+    try:
+        c = a.test_client()
+        assert c.get("/api/info").get_json()["default_spacing"] == "optimized"
+        assert c.get("/api/sample?seed=3&steps=5&class=4").data == direct_png(
+            loaded, seed=3, steps=5, label=4, guidance=1.5, timesteps=ts
+        )
+        # 6 steps: no list, the fallback ("trailing")
+        assert c.get("/api/sample?seed=3&steps=6&class=4").data == direct_png(
+            loaded, seed=3, steps=6, label=4, guidance=1.5, spacing="trailing"
+        )
+    finally:
+        a.extensions["ddim"]["engine"].close()
 
 
 BAD = [
@@ -266,6 +299,11 @@ def test_reconstruct_swap_sdedit_inpaint(client, digit):
     assert not np.array_equal(got[:, 14:], original[:, 14:])
     again = upload(client, "inpaint", "class=1&seed=2&steps=10", digit, png_of(m))
     assert again.data == inp.data and again.headers["X-Cache"] == "hit"
+    # spacing "optimized" (the page's choice for sampling): the edits take the fallback spacing name
+    for endpoint, q in (("sdedit", "strength=0.5&steps=7&class=7&seed=3"), ("reconstruct", "steps=7&class=7")):
+        opt = upload(client, endpoint, f"{q}&spacing=optimized", digit)
+        assert opt.status_code == 200, opt.data
+        assert opt.data == upload(client, endpoint, f"{q}&spacing=trailing", digit).data
 
 
 def test_bad_uploads(client, app, digit):

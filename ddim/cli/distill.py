@@ -74,7 +74,12 @@ def _common(f):
     type=click.Choice(["v_prediction", "sample", "epsilon"]),
 )
 @click.option(
-    "--weighting", default="truncated_snr", show_default=True, type=click.Choice(["truncated_snr", "snr_plus_one"])
+    "--weighting",
+    default="truncated_snr",
+    show_default=True,
+    type=click.Choice(["truncated_snr", "snr_plus_one", "landing"]),
+    help="The loss weight per step: max(SNR, 1), SNR + 1, or 'landing' (the squared distance of where the "
+    "student's and the teacher's steps land; pairs with --student-prediction epsilon).",
 )
 def progressive_cmd(fresh: bool, **kw) -> None:
     """Progressive distillation (Salimans & Ho 2022): rounds that halve the teacher's DDIM steps, each

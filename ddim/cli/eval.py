@@ -5,7 +5,7 @@ quality of images already made (a folder written by `ddim sample`, under torchru
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -48,7 +48,11 @@ def _setup_group(*batch: Callable) -> Callable:
             "default: 'all' for class-conditional models.",
         ),
         guidance_option(),
-        spacing_option(sorted(SPACINGS)),
+        spacing_option(
+            sorted([*SPACINGS, "optimized"]),
+            help="Which S timesteps ('optimized': the model's optimised list for S, if it ships one) "
+            "[the model's own spacing].",
+        ),
         seed_option(full_range=True),
         *batch,
         progress_option(),
@@ -136,10 +140,12 @@ def _etas(text: str) -> list[float | str]:
         raise UsageError(f"--eta: {e}") from None
 
 
-def _setup(run: dict, batch: int | None = None):
+def _setup(run: dict, batch: int | None = None, steps: Sequence[int] = ()):
     """The evaluation setup of a command's ``run`` options (:func:`_setup_group`), with ``batch`` when
-    given (else run["batch"]), and the model's config."""
+    given (else run["batch"]), and the model's config; ``steps``: the step counts the command will run
+    (checked against the spacing before any work)."""
     import torch
+    from click.core import ParameterSource
 
     model_path, class_spec, guidance = run["model_path"], run["class_spec"], run["guidance"]
     spacing, seed, device = run["spacing"], run["seed"], run.get("device", "cpu")
@@ -150,7 +156,11 @@ def _setup(run: dict, batch: int | None = None):
     dev = torch.device(_check_device(device))
     model, schedule, config = _load_model(model_path)
     model.to(dev)
+    given = click.get_current_context().get_parameter_source("spacing") not in (None, ParameterSource.DEFAULT)
     spacing = _model_default("spacing", spacing, config)  # a student's own grid unless --spacing is given
+    fallback = None  # a model whose own spacing is "optimized": its fallback where it has no list
+    if spacing == "optimized" and not given:
+        fallback = str((config.get("sampling") or {}).get("fallback_spacing", "trailing"))
     try:
         setup = EvalSetup.from_loaded(
             model,
@@ -163,10 +173,16 @@ def _setup(run: dict, batch: int | None = None):
             batch=batch,
             model_name=str(model_path) if model_path else "embedded default",
             device=str(dev),
+            fallback_spacing=fallback,
         )
         setup.labels(1)  # refuse a bad class spec now
     except (ValueError, TypeError) as e:
         raise UsageError(f"--class: {e}") from None
+    for s in steps:  # an explicit --spacing optimized needs a list for every step count asked for
+        try:
+            setup.step_times(s)
+        except ValueError as e:
+            raise UsageError(f"--spacing: {e}") from None
     return setup, config
 
 
@@ -241,7 +257,7 @@ def table1_cmd(run, feats, steps_list, eta_list, sampler_list, n, floor, out) ->
         raise UsageError(f"--sampler: unknown {bad or sampler_list!r}; valid: {', '.join(sorted(SAMPLERS))}")
     _check_out_folder(out)
     _check_seeds(seed, n)
-    setup, config = _setup(run)
+    setup, config = _setup(run, steps=steps)
     extractor, reference = _extractor_and_reference(setup, config, feats, progress)
     _run_eval(
         out,
@@ -433,7 +449,7 @@ def consistency_cmd(run, steps_list, n, columns, out) -> None:
     steps = _ints(steps_list, "--steps")
     _check_out_folder(out)
     _check_seeds(seed, n)
-    setup, _ = _setup(run)
+    setup, _ = _setup(run, steps=steps)
     _run_eval(
         out,
         "consistency.md",
@@ -774,7 +790,7 @@ def cost_cmd(run, steps_list, batch_list, sampler_list, eta, repeats, out) -> No
     samplers = _sampler_list(sampler_list)
     _check_out_folder(out)
     _check_seeds(seed, max(batches))
-    setup, _ = _setup(run, max(batches))
+    setup, _ = _setup(run, max(batches), steps=steps)
     _run_eval(
         out,
         "cost.md",

@@ -60,12 +60,18 @@ class EvalSetup:
         use_clipped_model_output: with clipping, recompute ε̂ from the clipped x̂₀ (the model's config).
         class_spec: class spec as in ``ddim sample --class`` (None: unconditional).
         guidance: classifier-free guidance weight for conditional images (1 = none).
-        spacing: timestep spacing ("leading", "trailing", "linspace", "quadratic").
+        spacing: timestep spacing ("leading", "trailing", "linspace", "quadratic", ...), or "optimized": the
+            model's own list per step count (``optimized_timesteps``, :meth:`step_times`).
         seed: image i uses seed ``seed + i``.
         batch: images per network batch (results do not depend on it).
         model_id: hash of the weights (cache key); computed when empty.
         model_name: how to name the model in reports.
         device: where the model runs ("cpu", "cuda", ...); the model must already be there.
+        optimized_timesteps: with spacing "optimized", the model's lists by step count (its
+            ``config["sampling"]["optimized_timesteps"]``: {"2": [999, 100], ...}).
+        fallback_spacing: with spacing "optimized", the spacing of step counts without a list (None: those
+            are an error; a model whose default spacing is "optimized" names one, see
+            :func:`ddim.diffusers_io.sampling_kwargs`).
     """
 
     model: torch.nn.Module
@@ -81,11 +87,36 @@ class EvalSetup:
     model_id: str = ""
     model_name: str = "model"
     device: str = "cpu"
+    optimized_timesteps: dict[str, list[int]] | None = None
+    fallback_spacing: str | None = None
 
     def __post_init__(self) -> None:
         self.device = str(self.device)
         if not self.model_id:
             self.model_id = model_hash(self.model)
+
+    def step_times(self, steps: int) -> tuple[str, list[int] | None]:
+        """(spacing, timesteps) of a run of ``steps`` steps: (spacing, None) for a named spacing; for
+        "optimized", ("logsnr", the model's list), or (fallback_spacing, None) where it has no list and a
+        fallback is set. Raises ValueError naming the step counts that have lists otherwise."""
+        if self.spacing != "optimized":
+            return self.spacing, None
+        table = self.optimized_timesteps or {}
+        if str(steps) in table:
+            return "logsnr", [int(t) for t in table[str(steps)]]
+        if self.fallback_spacing:
+            return self.fallback_spacing, None
+        have = ", ".join(sorted(table, key=int)) or "none"
+        raise ValueError(f"spacing 'optimized': the model ships optimised timesteps for steps {have}, not {steps}")
+
+    def named_spacing(self, what: str) -> str:
+        """The spacing for work that takes a spacing name, not a list (inversion, editing): the spacing, or
+        for "optimized" the fallback spacing; ValueError naming ``what`` where there is none."""
+        if self.spacing != "optimized":
+            return self.spacing
+        if self.fallback_spacing:
+            return self.fallback_spacing
+        raise ValueError(f"{what} needs a named spacing (leading, trailing, ...), not 'optimized'")
 
     @classmethod
     def from_loaded(
@@ -109,6 +140,8 @@ class EvalSetup:
         sampling = config.get("sampling", {})
         if guidance is None:
             guidance = float(sampling.get("guidance", 1.0)) if class_spec is not None else 1.0
+        if kwargs.get("spacing") == "optimized":
+            kwargs.setdefault("optimized_timesteps", dict(sampling.get("optimized_timesteps") or {}))
         return cls(
             model,
             schedule,
@@ -139,6 +172,8 @@ class EvalSetup:
             "class": self.class_spec,
             "guidance": self.guidance,
             "spacing": self.spacing,
+            **({"optimized_timesteps": self.optimized_timesteps or {}} if self.spacing == "optimized" else {}),
+            **({"fallback_spacing": self.fallback_spacing} if self.spacing == "optimized" else {}),
             "seed": self.seed,
         }
 
@@ -251,6 +286,7 @@ def sample_cell(
                 images.append(z["images"])
                 seconds += float(scalar(z["seconds"]))
             continue
+        spacing, timesteps = setup.step_times(steps)
         r = generate(
             setup.model,
             setup.schedule,
@@ -261,7 +297,8 @@ def sample_cell(
             steps=steps,
             eta=eta,
             variance=variance,
-            spacing=setup.spacing,
+            spacing=spacing,
+            timesteps=timesteps,
             sampler=sampler,
             prediction=setup.prediction,
             clip_sample=setup.clip_sample,

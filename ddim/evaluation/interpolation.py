@@ -91,7 +91,8 @@ def run_interpolation(
                     label=labels[i],
                     guidance=setup.guidance,
                     steps=steps,
-                    spacing=setup.spacing,
+                    spacing=setup.step_times(steps)[0],
+                    timesteps=setup.step_times(steps)[1],
                     prediction=setup.prediction,
                 )
                 u8 = to_uint8(x)

@@ -128,7 +128,7 @@ def build_report(
         edit_rows = run_edit_eval(
             setup.model, setup.schedule, heldout[: s.edit_n].to(setup.device),
             heldout_labels[: s.edit_n].to(setup.device), load_classifier(), work / "edit", steps=s.edit_steps,
-            prediction=setup.prediction, spacing=setup.spacing,
+            prediction=setup.prediction, spacing=setup.named_spacing("the editing evaluation"),
         )  # fmt: skip
         timings["editing"] = time.perf_counter() - tic
     evidence = None

@@ -387,7 +387,9 @@ def few_call_rows(
     rows = []
     for spec in specs:
         run = runs[spec.model]
-        sp = spec.spacing or (run.config.get("sampling") or {}).get("spacing") or "leading"
+        from ddim.diffusers_io import model_spacing
+
+        sp = spec.spacing or model_spacing(run.config, spec.steps)
         y = _labels(run, n)
         x = images(run, spec.sampler, spec.steps, sp)
         feats, pred = extractor.features_and_predictions(x)

@@ -132,7 +132,7 @@ def run_table2(
     key = {
         "model_id": setup.model_id,
         "prediction": setup.prediction,
-        "spacing": setup.spacing,
+        "spacing": setup.named_spacing("table 2 (inversion)"),  # before any work
         "data": images_hash(images),
         "labels": None if labels is None else _digest([int(v) for v in labels]),
     }
@@ -226,7 +226,7 @@ def _invert_cell(
             setup.schedule,
             images[start : start + m].to(setup.device),
             steps=steps,
-            spacing=setup.spacing,
+            spacing=setup.named_spacing("table 2 (inversion)"),
             labels=None if labels is None else labels[start : start + m].to(setup.device),
             prediction=setup.prediction,
             **inv,

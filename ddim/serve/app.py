@@ -139,10 +139,13 @@ def create_app(
         max_frames=max_frames,
         num_classes=drafts.num_classes,
         samplers=tuple(sorted(SAMPLERS)),
-        spacings=tuple(sorted(SPACINGS)),
+        # "optimized": the model's own lists (sample and interpolate; the edits use its fallback spacing)
+        spacings=tuple(sorted([*SPACINGS, *(["optimized"] if sampling.get("optimized_timesteps") else [])])),
         deterministic=tuple(sorted(k for k, s in SAMPLERS.items() if not s.noisy(0.0))),
         default_guidance=float(sampling.get("guidance", 1.0)),
         default_spacing=str(sampling.get("spacing", "leading")),
+        optimized_steps=tuple(sorted(int(k) for k in (sampling.get("optimized_timesteps") or {}))),
+        optimized_fallback=sampling.get("spacing") == "optimized",
     )
 
     # what the page shows: never a server path, only the model folder's own name

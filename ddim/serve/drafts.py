@@ -77,8 +77,20 @@ class Drafts:
 
     # ------------------------------------------------------------------ helpers
     def sampling(self, steps: int, spacing: str) -> dict[str, Any]:
-        """The model's sampling arguments (clipping, offsets) for ``steps`` and ``spacing``."""
-        return sampling_kwargs(self.config, self.schedule, steps, spacing)
+        """The model's sampling arguments (clipping, offsets, the timesteps) for ``steps`` and ``spacing``.
+        "optimized" is the model's list for ``steps``; a model whose own spacing is "optimized" falls back
+        to its ``fallback_spacing`` where it has none (:func:`ddim.diffusers_io.model_spacing`), any other
+        model refuses such a request (ValueError: a 400)."""
+        own = (self.config.get("sampling") or {}).get("spacing")
+        return sampling_kwargs(self.config, self.schedule, steps, None if spacing == own == "optimized" else spacing)
+
+    def named_spacing(self, spacing: str) -> str:
+        """The spacing of the editing features (inversion, swap, SDEdit, inpainting take a spacing name, and
+        SDEdit's timesteps depend on its strength): ``spacing``, or for "optimized" the model's
+        ``fallback_spacing`` (default "trailing")."""
+        if spacing != "optimized":
+            return spacing
+        return str((self.config.get("sampling") or {}).get("fallback_spacing", "trailing"))
 
     def condition(self, label: int, n: int, guidance: float) -> tuple[dict, dict | None, float]:
         """(model_kwargs, uncond_kwargs, guidance_scale) for n images of class ``label`` (-1 = none), as
@@ -153,7 +165,7 @@ class Drafts:
                 self.to_model(u8),
                 self.schedule,
                 steps=steps,
-                spacing=spacing,
+                spacing=self.named_spacing(spacing),
                 prediction=self.prediction,
                 model_kwargs=kwargs,
             )
@@ -169,7 +181,7 @@ class Drafts:
                 latents,
                 self.schedule,
                 steps=p["steps"],
-                spacing=p["spacing"],
+                spacing=self.named_spacing(p["spacing"]),
                 prediction=self.prediction,
                 model_kwargs=kwargs,
             )
@@ -191,7 +203,7 @@ class Drafts:
                 uncond_kwargs=uncond,
                 guidance_scale=g,
                 steps=p["steps"],
-                spacing=p["spacing"],
+                spacing=self.named_spacing(p["spacing"]),
                 prediction=self.prediction,
                 latents=latents,
             )
@@ -201,11 +213,12 @@ class Drafts:
         """The keyword arguments :func:`ddim.edit.sdedit` and :func:`ddim.edit.inpaint` share: seed, steps,
         spacing, η, the class condition with its guidance, and the model's prediction and clipping."""
         kwargs, uncond, g = self.condition(p["class"], 1, p["guidance"])
-        skw = self.sampling(p["steps"], p["spacing"])
+        spacing = self.named_spacing(p["spacing"])
+        skw = self.sampling(p["steps"], spacing)
         return {
             "seeds": [p["seed"]],
             "steps": p["steps"],
-            "spacing": p["spacing"],
+            "spacing": spacing,
             "eta": p["eta"],
             "model_kwargs": kwargs,
             "uncond_kwargs": uncond,

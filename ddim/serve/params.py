@@ -30,6 +30,9 @@ class Limits:
         deterministic: samplers that draw no noise at η = 0 (interpolation needs one).
         default_guidance: the model's guidance weight when none is given.
         default_spacing: the model's spacing when none is given.
+        optimized_steps: the step counts the model ships optimised timesteps for (spacing "optimized").
+        optimized_fallback: the model's own spacing is "optimized", with a fallback at other step counts;
+            otherwise "optimized" at a step count without a list is refused.
     """
 
     max_steps: int
@@ -40,6 +43,8 @@ class Limits:
     deterministic: Sequence[str]
     default_guidance: float
     default_spacing: str = "leading"
+    optimized_steps: Sequence[int] = ()
+    optimized_fallback: bool = False
 
 
 def _one(args: Mapping[str, Sequence[str]], name: str) -> str | None:
@@ -121,6 +126,12 @@ def read_params(kind: str, args: Mapping[str, Sequence[str]], limits: Limits) ->
     p: dict[str, Any] = {"steps": _int(args, "steps", 10, 1, limits.max_steps)}
     if "spacing" in allowed:
         p["spacing"] = _choice(args, "spacing", limits.default_spacing, limits.spacings)
+        sampling = kind in ("sample", "interpolate")  # the edits use the model's fallback spacing instead
+        if sampling and p["spacing"] == "optimized" and not limits.optimized_fallback:
+            if p["steps"] not in limits.optimized_steps:
+                have = ", ".join(map(str, sorted(limits.optimized_steps)))
+                raise BadParam(f"spacing 'optimized': this model ships optimised timesteps for steps {have}, "
+                               f"not {p['steps']}")  # fmt: skip
     if "seed" in allowed:
         p["seed"] = _int(args, "seed", 0, 0, MAX_SEED)
     if "eta" in allowed:
