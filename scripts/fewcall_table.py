@@ -18,7 +18,13 @@ class i mod 10), with the model's guidance and clipping:
   as their class.
 
 Results are cached in ``--cache`` (JSON, one entry per measurement; the DDIM-200 references beside it), so
-an interrupted table resumes.
+an interrupted table resumes. For long runs (DDPM-1000 at n = 500: a million guided image-calls) give
+``--chunk N``: the Fréchet-distance samples are then made N seeds at a time, each chunk saved as it is done
+(a folder beside the cache), so a killed run loses at most one chunk; several processes started with the
+same arguments share the chunks (each takes the next one nobody holds) and the last to finish measures.
+Image i depends only on its seed, so the chunking does not change the result.
+
+    python scripts/fewcall_table.py --runs ddpm:leading:1000 --no-map --fd-n 500 --chunk 25 &   # twice
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ def main() -> None:
     ap.add_argument("--cache", default="fewcall.json")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="Only print the cached results as Markdown.")
+    ap.add_argument("--chunk", type=int, default=0, help="Make the FD samples N seeds at a time, resumably.")
     args = ap.parse_args()
     if args.table:
         print_table(json.loads(Path(args.cache).read_text()), args.map_n, args.fd_n)
@@ -152,7 +159,17 @@ def main() -> None:
                 real, _ = clf.predict_features(mnist5k().images)
             tic = time.perf_counter()
             seeds = list(range(2000, 2000 + args.fd_n))
-            x, nfe = run(sampler, spacing, steps, seeds)
+            if args.chunk > 0:
+                make = lambda s, a=sampler, b=spacing, c=steps: run(a, b, c, s)  # noqa: E731
+                got = chunked(cache_path, key, seeds, args.chunk, make)
+                if got is None:  # other processes still hold chunks: the last one to finish measures
+                    print(f"{key}: my chunks are done; another process finishes the measurement", flush=True)
+                    continue
+                x, nfe = got
+            else:
+                x, nfe = run(sampler, spacing, steps, seeds)
+            cache.update({k: v for k, v in _reload(cache_path).items() if k not in cache})
+            entry = cache.setdefault(key, entry)
             feats, pred = clf.predict_features(x * 2 - 1)
             entry[f"fd{args.fd_n}"] = frechet_distance(feats, real)
             entry[f"acc{args.fd_n}"] = (pred == torch.tensor(seeds) % 10).float().mean().item()
@@ -160,6 +177,48 @@ def main() -> None:
             save()
             took = time.perf_counter() - tic
             print(f"{key}: FD {entry[f'fd{args.fd_n}']:.2f} ({nfe:g} calls, {took:.0f} s)", flush=True)
+
+
+def _reload(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def chunked(cache_path: Path, key: str, seeds: list[int], size: int, make) -> tuple[torch.Tensor, float] | None:
+    """The images of ``seeds`` made ``size`` at a time by ``make(seeds) -> (images, nfe)``, each chunk saved
+    in ``<cache stem>.chunks/`` (atomically) as it is done; a chunk another live process holds (its ``.lock``
+    file) is skipped. Returns (images, nfe) once every chunk is on disk, else None (others still work)."""
+    folder = cache_path.with_name(f"{cache_path.stem}.chunks")
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = key.replace(":", "_").replace("/", "_")
+    parts = [seeds[a : a + size] for a in range(0, len(seeds), size)]
+    files = [folder / f"{tag}-{p[0]}-{len(p)}.pt" for p in parts]
+    for part, f in zip(parts, files, strict=True):
+        lock = f.with_suffix(".lock")
+        if f.is_file():
+            continue
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = int(lock.read_text() or 0) if lock.is_file() else 0
+            try:
+                os.kill(pid, 0)
+                continue  # a live process makes this chunk
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # its process died: take the chunk over
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        tic = time.perf_counter()
+        x, nfe = make(part)
+        tmp = f.with_name(f.name + ".tmp")
+        torch.save({"images": x, "nfe": nfe}, tmp)
+        os.replace(tmp, f)
+        lock.unlink(missing_ok=True)
+        print(f"{key}: seeds {part[0]}-{part[-1]} done ({time.perf_counter() - tic:.0f} s)", flush=True)
+    if not all(f.is_file() for f in files):
+        return None
+    loaded = [torch.load(f) for f in files]
+    return torch.cat([d["images"] for d in loaded]), loaded[0]["nfe"]
 
 
 def print_table(cache: dict, map_n: int, fd_n: int) -> None:
