@@ -139,7 +139,13 @@ def read_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The JSON config of a model folder or shipped name (``None``: the embedded default)."""
     _, cfg_path = _resolve(path)
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"model config {cfg_path} is missing")
+        hint = ""
+        if path is not None and str(path) in shipped_models() and Path(path).exists():
+            hint = (
+                f" (a path here shadows the shipped model {str(path)!r}: run from another folder or give "
+                f"its folder, {shipped_models()[str(path)]})"
+            )
+        raise FileNotFoundError(f"model config {cfg_path} is missing{hint}")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:

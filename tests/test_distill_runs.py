@@ -288,6 +288,16 @@ def test_shipped_names_and_models_command(capsys):
         )
 
 
+def test_a_folder_that_shadows_a_shipped_name_says_so(tmp_path, monkeypatch, capsys):
+    """A path wins over a shipped name; when it is no model, the error names the shipped model it hides."""
+    (tmp_path / "pd4").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="shadows the shipped model 'pd4'"):
+        load("pd4")
+    assert run(["sample", "--model", "pd4", "--out", str(tmp_path / "x.png")]) == 2
+    assert "shadows the shipped model 'pd4'" in capsys.readouterr().err
+
+
 def test_shipped_consistency_model_ships_its_tuned_multistep_lists(tmp_path, capsys):
     """`--model cd --spacing optimized` takes the 2/4-call lists chosen by Fréchet distance (its config), each a
     strictly descending list from T-1; the CLI samples with them."""
