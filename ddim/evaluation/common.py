@@ -101,13 +101,12 @@ class EvalSetup:
         fallback is set. Raises ValueError naming the step counts that have lists otherwise."""
         if self.spacing != "optimized":
             return self.spacing, None
+        from ddim.ays import optimized_timesteps
+
         table = self.optimized_timesteps or {}
-        if str(steps) in table:
-            return "logsnr", [int(t) for t in table[str(steps)]]
-        if self.fallback_spacing:
+        if str(steps) not in table and self.fallback_spacing:
             return self.fallback_spacing, None
-        have = ", ".join(sorted(table, key=int)) or "none"
-        raise ValueError(f"spacing 'optimized': the model ships optimised timesteps for steps {have}, not {steps}")
+        return "logsnr", optimized_timesteps({"sampling": {"optimized_timesteps": table}}, steps)
 
     def named_spacing(self, what: str) -> str:
         """The spacing for work that takes a spacing name, not a list (inversion, editing): the spacing, or

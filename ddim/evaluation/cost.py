@@ -195,6 +195,7 @@ def measure_cell(
     device = torch.device(setup.device)
     net = _CountingModel(setup.model)
     labels = setup.labels(batch)
+    spacing, timesteps = setup.step_times(steps)
     kwargs = dict(
         n=batch,
         seed=setup.seed,
@@ -202,8 +203,8 @@ def measure_cell(
         guidance=setup.guidance,
         steps=steps,
         eta=eta if sampler == "ddim" else (1.0 if sampler == "ddpm" else 0.0),
-        spacing=setup.step_times(steps)[0],
-        timesteps=setup.step_times(steps)[1],
+        spacing=spacing,
+        timesteps=timesteps,
         sampler=sampler,
         prediction=setup.prediction,
         clip_sample=setup.clip_sample,

@@ -65,6 +65,7 @@ def run_interpolation(
         raise ValueError(f"interpolation needs pairs >= 1 and frames >= 3, got {pairs} and {frames}")
     out = Path(out)
     labels = setup.labels(pairs).tolist()
+    spacing, timesteps = setup.step_times(steps)
     calls = sampler_nfe("ddim", steps)
     bar = Progress(pairs * frames * calls, 0, desc="interpolation", enabled=progress)
     strips, rows = [], []
@@ -91,8 +92,8 @@ def run_interpolation(
                     label=labels[i],
                     guidance=setup.guidance,
                     steps=steps,
-                    spacing=setup.step_times(steps)[0],
-                    timesteps=setup.step_times(steps)[1],
+                    spacing=spacing,
+                    timesteps=timesteps,
                     prediction=setup.prediction,
                 )
                 u8 = to_uint8(x)
