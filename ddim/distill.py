@@ -101,29 +101,34 @@ def _check_k(k: object) -> int:
     return k
 
 
-def halving_rounds(from_steps: int, to_steps: int) -> list[int]:
+def halving_rounds(from_steps: int, to_steps: int, factor: int = 2) -> list[int]:
     """The student step counts of progressive distillation from ``from_steps`` down to ``to_steps``.
 
-    Each round halves the step count: ``halving_rounds(64, 4) == [32, 16, 8, 4]`` (round r distils the
-    teacher of ``from_steps // 2**(r-1)`` steps into a student of half as many). Raises ValueError unless
-    both are positive ints and ``to_steps = from_steps / 2^r`` for some r ≥ 1.
+    Each round divides the step count by ``factor`` (default 2, the paper's halving):
+    ``halving_rounds(64, 4) == [32, 16, 8, 4]`` (round r distils the teacher of ``from_steps // 2**(r-1)``
+    steps into a student of half as many); ``halving_rounds(16, 4, factor=4) == [4]``. Raises ValueError
+    unless both are positive ints, ``factor`` is an int ≥ 2 and ``to_steps = from_steps / factor^r`` for some
+    r ≥ 1.
     """
     for name, v in (("from_steps", from_steps), ("to_steps", to_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+        raise ValueError(f"teacher_steps_per_step must be an int >= 2, got {factor!r}")
     rounds, n = [], from_steps
-    while n > to_steps and n % 2 == 0:
-        n //= 2
+    while n > to_steps and n % factor == 0:
+        n //= factor
         rounds.append(n)
     if n != to_steps or not rounds:
         reachable = []
         m = from_steps
-        while m % 2 == 0:
-            m //= 2
+        while m % factor == 0:
+            m //= factor
             reachable.append(m)
+        how = "halving" if factor == 2 else f"dividing by {factor}"
+        valid = ", ".join(map(str, reachable)) or f"none (from_steps is not a multiple of {factor})"
         raise ValueError(
-            f"to_steps={to_steps} is not reachable by halving from_steps={from_steps}; "
-            f"valid to_steps: {', '.join(map(str, reachable)) or 'none (from_steps is odd)'}"
+            f"to_steps={to_steps} is not reachable by {how} from_steps={from_steps}; valid to_steps: {valid}"
         )
     return rounds
 

@@ -1,4 +1,5 @@
-"""Training runs of progressive distillation (Salimans & Ho 2022): rounds that halve the step count.
+"""Training runs of progressive distillation (Salimans & Ho 2022): rounds that halve the step count (or divide
+it by ``teacher_steps_per_step``).
 
 ``distill_progressive(ProgressiveConfig(...))`` distils a teacher sampled with N deterministic DDIM steps
 into a student that takes N/2, then that student into one of N/4, … down to ``to_steps``. Each round's student
@@ -86,7 +87,9 @@ class ProgressiveConfig:
         teacher: the teacher: a ddim model folder or .safetensors file, or a shipped model name ("default").
         out: run folder.
         from_steps, to_steps: the teacher's DDIM step count and the final student's (``to_steps = from_steps /
-            2^r``, r ≥ 1 rounds).
+            K^r``, r ≥ 1 rounds).
+        teacher_steps_per_step: K, the teacher steps one student step learns (default 2, the paper's halving;
+            4 divides the step count by 4 per round: fewer rounds, each teacher target K network calls).
         steps: optimizer steps per round; ``first_round_steps`` for round 1 (default ``steps``), which also
             moves the output from ε to v and from guided to conditional.
         batch_size: images per step. lr: AdamW peak learning rate (linear warm-up of ``warmup`` steps, then
@@ -105,6 +108,7 @@ class ProgressiveConfig:
     out: str
     from_steps: int = 64
     to_steps: int = 4
+    teacher_steps_per_step: int = 2
     steps: int = 500
     first_round_steps: int | None = None
     batch_size: int = 32
@@ -124,7 +128,7 @@ class ProgressiveConfig:
 
     def validate(self) -> list[int]:
         """Check every setting (ValueError naming it); returns the rounds' student step counts."""
-        rounds = halving_rounds(self.from_steps, self.to_steps)
+        rounds = halving_rounds(self.from_steps, self.to_steps, self.teacher_steps_per_step)
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -240,16 +244,9 @@ def distill_progressive(
     out = check_folder(cfg.out, flag="out")
     teacher, schedule, tconfig = load_teacher(None if cfg.teacher in ("default", "") else cfg.teacher)
     data = _teacher_data(data, cfg.data, cfg.image_size, teacher)
+    _check_nesting(schedule, cfg.from_steps, rounds, cfg.teacher_steps_per_step)
     settings_path = out / SETTINGS
-    if resume and settings_path.is_file():
-        old = json.loads(settings_path.read_text())
-        new = json.loads(json.dumps(_settings(cfg)))
-        diff = [f"{key} {old.get(key)!r} there, {new.get(key)!r} now" for key in new if old.get(key) != new[key]]
-        if diff:
-            raise ValueError(
-                f"cannot resume {out}: it was distilled with other settings ({'; '.join(diff)}); use the same "
-                "settings, another --out, or --fresh to start over"
-            )
+    _check_resume(out, _settings(cfg), resume, _settings(ProgressiveConfig(teacher="", out="")))
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock.acquire(out)
     try:
@@ -278,6 +275,21 @@ def distill_progressive(
     finally:
         lock.release()
     return out
+
+
+def _check_nesting(schedule: NoiseSchedule, from_steps: int, rounds: list[int], k: int) -> None:
+    """ValueError unless every round's "trailing" student grid is every k-th timestep of its teacher's (so the
+    student is sampled with plain ``ddim.sample(steps=n, spacing="trailing")``)."""
+    n_teacher = from_steps
+    for n in rounds:
+        teacher_grid = torch.as_tensor(make_timesteps(schedule, n_teacher, "trailing"))
+        student = torch.as_tensor(make_timesteps(schedule, n, "trailing"))
+        if not torch.equal(teacher_grid[::k].to(student.dtype), student):
+            raise ValueError(
+                f"the {n}-step trailing grid {student.tolist()} is not every {k}-th step of the teacher's "
+                f"{n_teacher}-step grid on this {schedule.T}-step schedule; choose from_steps and to_steps that nest"
+            )
+        n_teacher = n
 
 
 def _round(
@@ -334,6 +346,7 @@ def _round(
             x0,
             y,
             teacher_timesteps=ts,
+            teacher_steps_per_student_step=cfg.teacher_steps_per_step,
             prediction=prediction,
             student_prediction=cfg.student_prediction,
             guidance_scale=guidance,
@@ -506,11 +519,15 @@ class ConsistencyConfig:
         check_threads(self.threads or None)
 
 
-def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
+def _check_resume(out: Path, settings: dict[str, Any], resume: bool, defaults: dict[str, Any] | None = None) -> None:
+    """ValueError when ``out`` holds a run of other settings; a key an older run lacks had ``defaults[key]``."""
     path = out / SETTINGS
     if resume and path.is_file():
         old = json.loads(path.read_text())
         new = json.loads(json.dumps(settings))
+        known = json.loads(json.dumps(defaults or {}))
+        for key, value in known.items():
+            old.setdefault(key, value)
         diff = [f"{key} {old.get(key)!r} there, {new.get(key)!r} now" for key in new if old.get(key) != new[key]]
         if diff:
             raise ValueError(

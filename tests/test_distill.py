@@ -201,6 +201,14 @@ def test_halving_rounds():
     assert halving_rounds(64, 4) == [32, 16, 8, 4]
     assert halving_rounds(8, 4) == [4]
     assert halving_rounds(6, 3) == [3]
+    assert halving_rounds(16, 4, factor=4) == [4]
+    assert halving_rounds(64, 1, factor=4) == [16, 4, 1]
+    assert halving_rounds(27, 1, factor=3) == [9, 3, 1]
+    with pytest.raises(ValueError, match="by dividing by 4.*valid to_steps: 16, 4, 1"):
+        halving_rounds(64, 8, factor=4)
+    for bad in (1, 0, 2.0, True):
+        with pytest.raises(ValueError, match="teacher_steps_per_step must be an int >= 2"):
+            halving_rounds(8, 4, factor=bad)
     for a, b in [(64, 3), (64, 64), (7, 1), (4, 8), (0, 1), (8, 0)]:
         with pytest.raises(ValueError, match="steps"):
             halving_rounds(a, b)

@@ -142,6 +142,48 @@ def test_progressive_resume_with_other_settings_is_refused(teacher_dir, digits, 
     assert (tmp_path / "pd" / "round1_2" / "state.safetensors").read_bytes() == before
 
 
+def test_progressive_with_four_teacher_steps_per_student_step(teacher_dir, digits, tmp_path, monkeypatch):
+    """K = 4: one round from 4 teacher steps to a 1-step student, each target four teacher DDIM steps."""
+    seen = []
+    real = dt.progressive_distill_loss
+
+    def spy(*args, **kw):
+        seen.append((kw["teacher_steps_per_student_step"], kw["teacher_timesteps"].tolist()))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dt, "progressive_distill_loss", spy)
+    out = distill_progressive(
+        _pd(teacher_dir, tmp_path / "pd", to_steps=1, teacher_steps_per_step=4), progress=False, data=digits
+    )
+    assert [p.name for p in sorted(out.glob("round*"))] == ["round1_1"]
+    assert len(seen) == 4 and {k for k, _ in seen} == {4} and seen[0][1] == [99, 74, 49, 24]
+    config = json.loads((out / "config.json").read_text())
+    assert config["sampling"]["steps"] == 1
+    assert (config["distill"]["teacher_steps"], config["distill"]["student_steps"]) == (4, 1)
+    assert config["distill"]["settings"]["teacher_steps_per_step"] == 4
+
+
+def test_progressive_resumes_a_run_whose_settings_predate_a_new_setting(teacher_dir, digits, tmp_path):
+    distill_progressive(_pd(teacher_dir, tmp_path / "pd"), progress=False, data=digits)
+    path = tmp_path / "pd" / "distill.json"
+    settings = json.loads(path.read_text())
+    del settings["teacher_steps_per_step"]  # written before the setting existed: it held the default, 2
+    path.write_text(json.dumps(settings))
+    distill_progressive(_pd(teacher_dir, tmp_path / "pd"), progress=False, data=digits)
+    path.write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="teacher_steps_per_step 2 there, 4 now"):
+        cfg = _pd(teacher_dir, tmp_path / "pd", from_steps=8, to_steps=2, teacher_steps_per_step=4)
+        distill_progressive(cfg, progress=False, data=digits)
+
+
+def test_progressive_grids_must_nest():
+    schedule = NoiseSchedule.linear(1000)
+    dt._check_nesting(schedule, 64, [16, 4, 1], 4)
+    dt._check_nesting(schedule, 16, [8, 4, 2, 1], 2)
+    with pytest.raises(ValueError, match="not every 3-th step of the teacher's 48-step grid"):
+        dt._check_nesting(schedule, 48, [16], 3)
+
+
 def test_consistency_run_resumes_exactly_and_samples(teacher_dir, digits, tmp_path, monkeypatch):
     distill_consistency(_cd(teacher_dir, tmp_path / "straight"), progress=False, data=digits)
     _stop_after_checkpoint(monkeypatch, 2)
@@ -316,6 +358,11 @@ def test_shipped_consistency_model_ships_its_tuned_multistep_lists(tmp_path, cap
 def test_bad_input_exits_2_before_training(teacher_dir, tmp_path, capsys):
     cases = [
         (["progressive", "--from-steps", "64", "--to-steps", "3"], "--to-steps=3 is not reachable"),
+        (
+            ["progressive", "--from-steps", "64", "--to-steps", "8", "--teacher-steps-per-step", "4"],
+            "--to-steps=8 is not reachable by dividing by 4 --from-steps=64; valid to_steps: 16, 4, 1",
+        ),
+        (["progressive", "--teacher-steps-per-step", "1"], "--teacher-steps-per-step"),
         (["progressive", "--teacher", str(tmp_path / "missing")], "does not exist"),
         (["progressive", "--teacher", "no_such_model"], "shipped models"),
         (["consistency", "--init", str(tmp_path / "missing")], "--init"),

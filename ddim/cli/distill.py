@@ -51,6 +51,14 @@ def _common(f):
 @_common
 @click.option("--from-steps", default=64, show_default=True, type=click.IntRange(min=2), help="The teacher's steps.")
 @click.option("--to-steps", default=4, show_default=True, type=click.IntRange(min=1), help="The final student's steps.")
+@click.option(
+    "--teacher-steps-per-step",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Teacher DDIM steps one student step learns: 2 halves the steps each round (the paper); 4 quarters "
+    "them (fewer rounds, so less compounded error; each target costs 4 teacher calls).",
+)
 @click.option("--steps", default=500, show_default=True, type=click.IntRange(min=1), help="Optimizer steps per round.")
 @click.option(
     "--first-round-steps",
@@ -103,6 +111,7 @@ _FLAGS = {
     "from_steps": "--from-steps",
     "to_steps": "--to-steps",
     "first_round_steps": "--first-round-steps",
+    "teacher_steps_per_step": "--teacher-steps-per-step",
     "teacher ": "--teacher ",
     "lr": "--lr",
     "seed": "--seed",
