@@ -91,8 +91,9 @@ def _common(f):
 )
 def progressive_cmd(fresh: bool, **kw) -> None:
     """Progressive distillation (Salimans & Ho 2022): rounds that halve the teacher's DDIM steps, each
-    student trained to do two teacher steps in one ("trailing" grids, v output, guided teachers distilled
-    at their default guidance into a class-conditional student). Resumes exactly from --out."""
+    student trained to do two teacher steps in one (or K with --teacher-steps-per-step K; "trailing" grids,
+    v output, guided teachers distilled at their default guidance into a class-conditional student).
+    Resumes exactly from --out."""
     from ddim.distill_train import ProgressiveConfig, distill_progressive
 
     cfg = ProgressiveConfig(**kw)
