@@ -76,7 +76,7 @@ __all__ = [
 
 SETTINGS = "distill.json"
 #: Settings that a resumed run may change (they do not change the result).
-RUNTIME = ("threads", "checkpoint_every", "log_every", "out")
+RUNTIME = ("threads", "device", "checkpoint_every", "log_every", "out")
 
 
 @dataclass
@@ -101,6 +101,9 @@ class ProgressiveConfig:
         student_prediction: the students' output ("v_prediction", default; "sample" or "epsilon").
         weighting: "truncated_snr" (default, max(SNR, 1)), "snr_plus_one" or "landing" (see :mod:`ddim.distill`).
         seed: seed of the data order, step indices and noise. threads: CPU threads (0 = torch's default).
+        device: where the networks train ("cpu", default; "cuda", "cuda:1", "mps"). The data order, step
+            indices and noise are drawn on the CPU whatever the device, and the checkpoints hold CPU tensors,
+            so a run may resume on another device (the same draws; float results within the devices' rounding).
         checkpoint_every, log_every: in steps (0 = only at the end of a round / never).
     """
 
@@ -123,6 +126,7 @@ class ProgressiveConfig:
     weighting: str = "truncated_snr"
     seed: int = 0
     threads: int = 0
+    device: str = "cpu"
     checkpoint_every: int = 100
     log_every: int = 10
 
@@ -163,11 +167,23 @@ class ProgressiveConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         check_seed_range(self.seed, 1, "seed")
         check_threads(self.threads or None)
+        _check_device(self.device)
         return rounds
 
     def round_steps(self, r: int) -> int:
         """Optimizer steps of round ``r`` (1-based)."""
         return self.first_round_steps if (r == 1 and self.first_round_steps is not None) else self.steps
+
+
+def _check_device(device: object) -> torch.device:
+    """``device`` as a torch.device (ValueError for a string torch does not parse, or "meta")."""
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; valid: cpu, cuda, cuda:N, mps") from None
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no data; use cpu, cuda or mps")
+    return dev
 
 
 def load_teacher(spec: str | None) -> tuple[UNet, NoiseSchedule, dict[str, Any]]:
@@ -256,6 +272,8 @@ def distill_progressive(
         write_json(settings_path, _settings(cfg))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        device = _check_device(cfg.device)
+        teacher = teacher.to(device)
         guidance = float(tconfig.get("sampling", {}).get("guidance", 1.0)) if cfg.guidance is None else cfg.guidance
         sampling = tconfig.get("sampling", {})
         options = {key: bool(sampling[key]) for key in ("clip_sample", "use_clipped_model_output") if key in sampling}
@@ -267,7 +285,7 @@ def distill_progressive(
             from ddim.checkpoint import load
 
             teacher, _, _ = load(folder)
-            teacher.eval().requires_grad_(False)
+            teacher = teacher.to(device).eval().requires_grad_(False)
             prediction, guidance, n_teacher = cfg.student_prediction, 1.0, n
         for name in (WEIGHTS, CONFIG):
             src = folder / name
@@ -326,6 +344,7 @@ def _round(
         step, wall_before, smooth = meta["step"], meta["wall_seconds"], meta.get("loss")
     ts = make_timesteps(schedule, n_teacher, "trailing")
     k = teacher.config.num_classes
+    device = next(teacher.parameters()).device
     images, labels = data.images, data.labels
     bar = None
     if progress:
@@ -336,7 +355,7 @@ def _round(
     rows: list[list[Any]] = []
     while step < total:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        x0, y = images[idx], (labels[idx] if k else None)
+        x0, y = images[idx].to(device), (labels[idx].to(device) if k else None)
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step, total)
         loss = progressive_distill_loss(
@@ -453,7 +472,7 @@ class ConsistencyConfig:
         distance: "pseudo_huber" (default) or "l2". guidance: the teacher's (default its config's).
         sigma_data: σ_d of the skip/out coefficients (default 0.5, Song et al.'s; see
             :class:`~ddim.consistency.ConsistencyModel`).
-        data, image_size, seed, threads, checkpoint_every, log_every: as :class:`ProgressiveConfig`.
+        data, image_size, seed, threads, device, checkpoint_every, log_every: as :class:`ProgressiveConfig`.
     """
 
     teacher: str
@@ -475,6 +494,7 @@ class ConsistencyConfig:
     image_size: int | None = None
     seed: int = 0
     threads: int = 0
+    device: str = "cpu"
     checkpoint_every: int = 100
     log_every: int = 10
 
@@ -517,6 +537,7 @@ class ConsistencyConfig:
             raise FileNotFoundError(f"init {self.init} does not exist (a ddim model folder)")
         check_seed_range(self.seed, 1, "seed")
         check_threads(self.threads or None)
+        _check_device(self.device)
 
 
 def _check_resume(out: Path, settings: dict[str, Any], resume: bool, defaults: dict[str, Any] | None = None) -> None:
@@ -578,6 +599,8 @@ def distill_consistency(
         options = {key: bool(sampling[key]) for key in ("clip_sample", "use_clipped_model_output") if key in sampling}
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
+        device = _check_device(cfg.device)
+        teacher, net = teacher.to(device), net.to(device)
         model = ConsistencyModel(net.requires_grad_(True).eval(), schedule, cfg.student_prediction, cfg.sigma_data)
         target = copy.deepcopy(model).requires_grad_(False)
         ema = copy.deepcopy(model).requires_grad_(False)
@@ -604,7 +627,7 @@ def distill_consistency(
         rows: list[list[Any]] = []
         while step < cfg.steps:
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-            x0, y = images[idx], (labels[idx] if k else None)
+            x0, y = images[idx].to(device), (labels[idx].to(device) if k else None)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(cfg, step, cfg.steps)
             loss = consistency_distill_loss(
@@ -645,7 +668,8 @@ def distill_consistency(
                 _flush_log(out, rows)
                 rows = []
                 tensors, meta = _state_tensors(model.net, ema.net, opt, [(gen.get_state(), torch.get_rng_state())])
-                tensors.update({f"target.{key}": v.detach().clone() for key, v in target.net.state_dict().items()})
+                target_sd = target.net.state_dict()
+                tensors.update({f"target.{key}": v.detach().to("cpu", copy=True) for key, v in target_sd.items()})
                 meta.update(step=step, wall_seconds=wall, loss=smooth if smooth is not None else math.nan)
                 blob_meta = {"ddim": json.dumps(meta)}
                 atomic_write(state_path, lambda tmp, t=tensors, m=blob_meta: save_file(t, tmp, metadata=m))

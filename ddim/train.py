@@ -199,14 +199,15 @@ def diffusion_loss(
 
 # ------------------------------------------------------------------ state (de)serialisation
 def _state_tensors(model, ema, opt, rngs) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().clone().contiguous() for k, v in ema.state_dict().items()})
+    # CPU copies: a checkpoint reads back on any device
+    tensors = {f"model.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in ema.state_dict().items()})
     osd = opt.state_dict()
     scalars: dict[str, Any] = {}
     for pid, st in osd["state"].items():
         for key, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"opt.{pid}.{key}"] = val.detach().clone().contiguous()
+                tensors[f"opt.{pid}.{key}"] = val.detach().to("cpu", copy=True).contiguous()
             else:
                 scalars[f"{pid}.{key}"] = val
     for rank, (data_state, torch_state) in enumerate(rngs):  # [(gen state, torch state)] per rank

@@ -176,6 +176,30 @@ def test_progressive_resumes_a_run_whose_settings_predate_a_new_setting(teacher_
         distill_progressive(cfg, progress=False, data=digits)
 
 
+def test_progressive_resumes_on_another_device_exactly(teacher_dir, digits, tmp_path, monkeypatch):
+    """The device is a runtime setting: checkpoints hold CPU tensors and the draws are made on the CPU."""
+    distill_progressive(_pd(teacher_dir, tmp_path / "straight"), progress=False, data=digits)
+    _stop_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(_Stop):
+        distill_progressive(_pd(teacher_dir, tmp_path / "resumed"), progress=False, data=digits)
+    monkeypatch.undo()
+    distill_progressive(_pd(teacher_dir, tmp_path / "resumed", device="cpu:0"), progress=False, data=digits)
+    name = "round1_2/state.safetensors"
+    _assert_same_state(tmp_path / "straight" / name, tmp_path / "resumed" / name)
+    for bad in ("nonsense", "meta"):
+        with pytest.raises(ValueError, match="device"):
+            _pd(teacher_dir, tmp_path / "x", device=bad).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_both_methods_train_on_cuda(teacher_dir, digits, tmp_path):
+    out = distill_progressive(_pd(teacher_dir, tmp_path / "pd", device="cuda"), progress=False, data=digits)
+    model, _, _ = load(out)
+    assert next(model.parameters()).device.type == "cpu" and isinstance(model, UNet)
+    out = distill_consistency(_cd(teacher_dir, tmp_path / "cd", device="cuda"), progress=False, data=digits)
+    assert (out / "model.safetensors").is_file()
+
+
 def test_progressive_grids_must_nest():
     schedule = NoiseSchedule.linear(1000)
     dt._check_nesting(schedule, 64, [16, 4, 1], 4)
@@ -363,11 +387,14 @@ def test_bad_input_exits_2_before_training(teacher_dir, tmp_path, capsys):
             "--to-steps=8 is not reachable by dividing by 4 --from-steps=64; valid to_steps: 16, 4, 1",
         ),
         (["progressive", "--teacher-steps-per-step", "1"], "--teacher-steps-per-step"),
+        (["consistency", "--device", "nonsense"], "--device nonsense: unknown device"),
         (["progressive", "--teacher", str(tmp_path / "missing")], "does not exist"),
         (["progressive", "--teacher", "no_such_model"], "shipped models"),
         (["consistency", "--init", str(tmp_path / "missing")], "--init"),
         (["consistency", "--sigma-data", "0"], "--sigma-data"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["progressive", "--device", "cuda"], "--device cuda: no CUDA device is available"))
     notmodel = tmp_path / "notmodel"
     notmodel.mkdir()
     (notmodel / "config.json").write_text('{"hello": 1}')

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ddim.cli.common import UsageError, _finite_cb, _threads_cb, main
+from ddim.cli.common import UsageError, _check_device, _finite_cb, _threads_cb, main
 
 _DATA_HELP = "Training images, as `ddim train --data`: 'mnist', 'mnist-all', 'digits', a .npz, or a folder."
 
@@ -39,6 +39,13 @@ def _common(f):
             type=click.IntRange(min=0),
             callback=lambda c, p, v: v and _threads_cb(c, p, v),
             help="CPU threads (0 = torch).",
+        ),
+        click.option(
+            "--device",
+            default="cpu",
+            show_default=True,
+            callback=lambda c, p, v: _check_device(v),
+            help="Where the networks train (cpu, cuda, cuda:N, mps); a run may resume on another one.",
         ),
         click.option("--fresh", is_flag=True, help="Start over even if the run folder holds a resumable state."),
     ]
