@@ -86,6 +86,9 @@ class ProgressiveConfig:
     Attributes:
         teacher: the teacher: a ddim model folder or .safetensors file, or a shipped model name ("default").
         out: run folder.
+        init: the network round 1's student starts from (a ddim model folder of the teacher's architecture and
+            schedule whose output is ``student_prediction``, e.g. a student of an earlier run to train on with
+            a better teacher); default a copy of the teacher. Later rounds start from the previous student.
         from_steps, to_steps: the teacher's DDIM step count and the final student's (``to_steps = from_steps /
             K^r``, r ≥ 1 rounds).
         teacher_steps_per_step: K, the teacher steps one student step learns (default 2, the paper's halving;
@@ -109,6 +112,7 @@ class ProgressiveConfig:
 
     teacher: str
     out: str
+    init: str | None = None
     from_steps: int = 64
     to_steps: int = 4
     teacher_steps_per_step: int = 2
@@ -133,6 +137,8 @@ class ProgressiveConfig:
     def validate(self) -> list[int]:
         """Check every setting (ValueError naming it); returns the rounds' student step counts."""
         rounds = halving_rounds(self.from_steps, self.to_steps, self.teacher_steps_per_step)
+        if self.init is not None and not Path(self.init).exists():
+            raise FileNotFoundError(f"init {self.init} does not exist (a ddim model folder)")
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -184,6 +190,19 @@ def _check_device(device: object) -> torch.device:
     if dev.type == "meta":
         raise ValueError("device 'meta' holds no data; use cpu, cuda or mps")
     return dev
+
+
+def _load_init(init: str, teacher: UNet, schedule: NoiseSchedule) -> tuple[UNet, dict[str, Any]]:
+    """The network a student starts from (``init``, a ddim model folder) and its config; ValueError unless it
+    is a ddim U-Net of the teacher's architecture and noise schedule."""
+    from ddim.checkpoint import load
+
+    net, isched, iconfig = load(init)
+    if not isinstance(net, UNet) or net.config != teacher.config:
+        raise ValueError(f"init {init}: its network is not the teacher's architecture")
+    if not torch.equal(isched.alphas_cumprod, schedule.alphas_cumprod):
+        raise ValueError(f"init {init}: its noise schedule differs from the teacher's")
+    return net, iconfig
 
 
 def load_teacher(spec: str | None) -> tuple[UNet, NoiseSchedule, dict[str, Any]]:
@@ -260,6 +279,14 @@ def distill_progressive(
     out = check_folder(cfg.out, flag="out")
     teacher, schedule, tconfig = load_teacher(None if cfg.teacher in ("default", "") else cfg.teacher)
     data = _teacher_data(data, cfg.data, cfg.image_size, teacher)
+    init = None
+    if cfg.init is not None:
+        init, iconfig = _load_init(cfg.init, teacher, schedule)
+        if iconfig["prediction"] != check_prediction(cfg.student_prediction):
+            raise ValueError(
+                f"init {cfg.init} predicts {iconfig['prediction']}, the students {cfg.student_prediction}: "
+                f"set --student-prediction {iconfig['prediction']} or start from another model"
+            )
     _check_nesting(schedule, cfg.from_steps, rounds, cfg.teacher_steps_per_step)
     settings_path = out / SETTINGS
     _check_resume(out, _settings(cfg), resume, _settings(ProgressiveConfig(teacher="", out="")))
@@ -281,7 +308,22 @@ def distill_progressive(
         for r, n in enumerate(rounds, 1):
             folder = round_folder(out, r, n)
             if not _is_done(folder):
-                _round(cfg, r, n, n_teacher, folder, teacher, schedule, prediction, guidance, options, data, progress)
+                start = init.to(device) if (r == 1 and init is not None) else teacher
+                _round(
+                    cfg,
+                    r,
+                    n,
+                    n_teacher,
+                    folder,
+                    teacher,
+                    start,
+                    schedule,
+                    prediction,
+                    guidance,
+                    options,
+                    data,
+                    progress,
+                )
             from ddim.checkpoint import load
 
             teacher, _, _ = load(folder)
@@ -317,6 +359,7 @@ def _round(
     n_teacher: int,
     folder: Path,
     teacher: UNet,
+    start: UNet,
     schedule: NoiseSchedule,
     prediction: str,
     guidance: float,
@@ -324,13 +367,14 @@ def _round(
     data: ImageData,
     progress: bool,
 ) -> None:
-    """Train round ``r``: the ``n``-step student of the ``n_teacher``-step teacher, into ``folder``."""
+    """Train round ``r``: the ``n``-step student of the ``n_teacher``-step teacher, starting from the network
+    ``start`` (the teacher itself, or ``init`` in round 1), into ``folder``."""
     total = cfg.round_steps(r)
     folder.mkdir(parents=True, exist_ok=True)
     seed = cfg.seed * 1000 + r
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    student = copy.deepcopy(teacher).requires_grad_(True).eval()  # eval: no dropout (see the module docstring)
+    student = copy.deepcopy(start).requires_grad_(True).eval()  # eval: no dropout (see the module docstring)
     ema = copy.deepcopy(student).requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, wall_before, smooth = 0, 0.0, None
@@ -567,19 +611,12 @@ def distill_consistency(
     Checked before the first step: the settings, the teacher and ``init`` (ddim U-Nets of the same
     architecture and schedule), the data, and on resume the saved settings (ValueError otherwise).
     """
-    from ddim.checkpoint import load
     from ddim.consistency import ConsistencyModel, consistency_distill_loss, consistency_grid
 
     cfg.validate()
     out = check_folder(cfg.out, flag="out")
     teacher, schedule, tconfig = load_teacher(None if cfg.teacher in ("default", "") else cfg.teacher)
-    net = copy.deepcopy(teacher)
-    if cfg.init is not None:
-        net, isched, _ = load(cfg.init)
-        if not isinstance(net, UNet) or net.config != teacher.config:
-            raise ValueError(f"init {cfg.init}: its network is not the teacher's architecture")
-        if not torch.equal(isched.alphas_cumprod, schedule.alphas_cumprod):
-            raise ValueError(f"init {cfg.init}: its noise schedule differs from the teacher's")
+    net = copy.deepcopy(teacher) if cfg.init is None else _load_init(cfg.init, teacher, schedule)[0]
     grid = consistency_grid(schedule, cfg.intervals)
     data = _teacher_data(data, cfg.data, cfg.image_size, teacher)
     k = teacher.config.num_classes

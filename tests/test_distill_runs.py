@@ -200,6 +200,23 @@ def test_both_methods_train_on_cuda(teacher_dir, digits, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+def test_progressive_init_starts_round_one_from_another_student(teacher_dir, digits, tmp_path):
+    first = distill_progressive(_pd(teacher_dir, tmp_path / "first"), progress=False, data=digits)
+    # lr ~ 0: the trained student stays where it started, so it shows where that was
+    out = distill_progressive(
+        _pd(teacher_dir, tmp_path / "second", init=str(first), lr=1e-12), progress=False, data=digits
+    )
+    start, new = load_file(first / "model.safetensors"), load_file(out / "model.safetensors")
+    teacher = load_file(teacher_dir / "model.safetensors")
+    assert all(torch.allclose(new[k], start[k], atol=1e-6) for k in new)
+    assert not all(torch.allclose(new[k], teacher[k], atol=1e-4) for k in new)
+    assert json.loads((out / "distill.json").read_text())["init"] == str(first)
+    with pytest.raises(ValueError, match="predicts v_prediction, the students epsilon"):
+        cfg = _pd(teacher_dir, tmp_path / "third", init=str(first), student_prediction="epsilon")
+        distill_progressive(cfg, progress=False, data=digits)
+    assert not (tmp_path / "third" / "distill.json").exists()
+
+
 def test_progressive_grids_must_nest():
     schedule = NoiseSchedule.linear(1000)
     dt._check_nesting(schedule, 64, [16, 4, 1], 4)
@@ -391,6 +408,7 @@ def test_bad_input_exits_2_before_training(teacher_dir, tmp_path, capsys):
         (["progressive", "--teacher", str(tmp_path / "missing")], "does not exist"),
         (["progressive", "--teacher", "no_such_model"], "shipped models"),
         (["consistency", "--init", str(tmp_path / "missing")], "--init"),
+        (["progressive", "--init", str(tmp_path / "missing")], "--init"),
         (["consistency", "--sigma-data", "0"], "--sigma-data"),
     ]
     if not torch.cuda.is_available():

@@ -56,6 +56,12 @@ def _common(f):
 
 @distill_group.command("progressive")
 @_common
+@click.option(
+    "--init",
+    default=None,
+    help="Start round 1's student from this model's network (a ddim model folder of the teacher's architecture, "
+    "its output the --student-prediction) [a copy of the teacher].",
+)
 @click.option("--from-steps", default=64, show_default=True, type=click.IntRange(min=2), help="The teacher's steps.")
 @click.option("--to-steps", default=4, show_default=True, type=click.IntRange(min=1), help="The final student's steps.")
 @click.option(
@@ -106,7 +112,7 @@ def progressive_cmd(fresh: bool, **kw) -> None:
     cfg = ProgressiveConfig(**kw)
     try:
         cfg.validate()
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise UsageError(_flags(str(e))) from None
     try:
         out = distill_progressive(cfg, resume=not fresh, progress=True)
