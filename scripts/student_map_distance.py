@@ -9,7 +9,8 @@ from x_T = ``ddim.randn(seed i)``; every run ``model:sampler:steps[:spacing]`` (
 folder; spacing default "trailing") samples from the same x_T with ITS model's settings (a student's
 guidance is 1: it learnt the guided map). Printed is the RMS difference on [0, 1] (pixels clamped to
 [-1, 1] first). The reference is cached in ``--cache`` (keyed by teacher, n and steps) so that runs can
-be added later. Used in docs/samplers.md and ddim/weights/MODEL_CARD.md (the distilled students).
+be added later; ``--bootstrap B`` adds the standard deviation of the figure over B resamples of the
+n images. Used in docs/samplers.md and ddim/weights/MODEL_CARD.md (the distilled students).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main() -> None:
     ap.add_argument("--ref-steps", type=int, default=200)
     ap.add_argument("--cache", default=None, help="a .pt file for the reference images")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--bootstrap", type=int, default=0, help="resamples of the n images for a standard deviation (0 = none)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     key = f"{args.teacher}|{args.n}|{args.ref_steps}"
@@ -75,15 +79,19 @@ def main() -> None:
             Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
             torch.save({"key": key, "images": ref}, args.cache)
     print(f"n = {args.n}, reference {args.teacher} DDIM-{args.ref_steps} trailing ({time.perf_counter() - tic:.0f} s)")
-    print("| model | sampler | steps | spacing | RMS to the teacher's converged map |")
-    print("|---|---|---:|---|---:|")
+    boot = torch.randint(0, args.n, (args.bootstrap, args.n), generator=torch.Generator().manual_seed(0))
+    sd_head = " bootstrap sd |" if args.bootstrap else ""
+    print(f"| model | sampler | steps | spacing | RMS to the teacher's converged map |{sd_head}")
+    print("|---|---|---:|---|---:|" + ("---:|" if args.bootstrap else ""))
     for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
         parts = run.split(":")
         spec, sampler, steps = parts[0], parts[1], int(parts[2])
         spacing = parts[3] if len(parts) > 3 else "trailing"
         x = sample_like(spec, sampler, steps, spacing, args.n)
-        rms = (x - ref).pow(2).mean().sqrt().item()
-        print(f"| {spec} | {sampler} | {steps} | {spacing} | {rms:.4f} |", flush=True)
+        per = (x - ref).pow(2).flatten(1).mean(1)  # each image's mean squared difference
+        rms = per.mean().sqrt().item()
+        sd = f" {per[boot].mean(1).sqrt().std().item():.4f} |" if args.bootstrap else ""
+        print(f"| {spec} | {sampler} | {steps} | {spacing} | {rms:.4f} |{sd}", flush=True)
 
 
 if __name__ == "__main__":
