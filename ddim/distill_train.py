@@ -230,7 +230,7 @@ def round_folder(out: str | Path, r: int, n: int) -> Path:
     return Path(out) / f"round{r}_{n}"
 
 
-def _settings(cfg: ProgressiveConfig) -> dict[str, Any]:
+def _settings(cfg: ProgressiveConfig | ConsistencyConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k not in RUNTIME}
 
 
@@ -289,7 +289,7 @@ def distill_progressive(
             )
     _check_nesting(schedule, cfg.from_steps, rounds, cfg.teacher_steps_per_step)
     settings_path = out / SETTINGS
-    _check_resume(out, _settings(cfg), resume, _settings(ProgressiveConfig(teacher="", out="")))
+    _check_resume(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock.acquire(out)
     try:
@@ -584,14 +584,14 @@ class ConsistencyConfig:
         _check_device(self.device)
 
 
-def _check_resume(out: Path, settings: dict[str, Any], resume: bool, defaults: dict[str, Any] | None = None) -> None:
-    """ValueError when ``out`` holds a run of other settings; a key an older run lacks had ``defaults[key]``."""
+def _check_resume(out: Path, cfg: ProgressiveConfig | ConsistencyConfig, resume: bool) -> None:
+    """ValueError when ``out`` holds a run of other settings than ``cfg``'s; a setting that an older run's
+    ``distill.json`` lacks (added since) counts as its default."""
     path = out / SETTINGS
     if resume and path.is_file():
         old = json.loads(path.read_text())
-        new = json.loads(json.dumps(settings))
-        known = json.loads(json.dumps(defaults or {}))
-        for key, value in known.items():
+        new = json.loads(json.dumps(_settings(cfg)))
+        for key, value in json.loads(json.dumps(_settings(type(cfg)(teacher="", out="")))).items():
             old.setdefault(key, value)
         diff = [f"{key} {old.get(key)!r} there, {new.get(key)!r} now" for key in new if old.get(key) != new[key]]
         if diff:
@@ -620,8 +620,8 @@ def distill_consistency(
     grid = consistency_grid(schedule, cfg.intervals)
     data = _teacher_data(data, cfg.data, cfg.image_size, teacher)
     k = teacher.config.num_classes
-    settings = {key: v for key, v in asdict(cfg).items() if key not in RUNTIME}
-    _check_resume(out, settings, resume)
+    settings = _settings(cfg)
+    _check_resume(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock.acquire(out)
     try:

@@ -72,6 +72,19 @@ def _stop_after_checkpoint(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(dt, "save_model", save_then_stop)
 
 
+def _straight_and_resumed(run, make, tmp_path, monkeypatch, *, on_stop=None, resume_with=None):
+    """Run ``run(make(tmp_path / "straight"))`` through, and ``run(make(tmp_path / "resumed"))`` stopped after
+    its step-2 checkpoint, then resumed (``make(..., **resume_with)``); ``on_stop()`` runs in between."""
+    run(make(tmp_path / "straight"))
+    _stop_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(_Stop):
+        run(make(tmp_path / "resumed"))
+    monkeypatch.undo()
+    if on_stop is not None:
+        on_stop()
+    run(make(tmp_path / "resumed", **(resume_with or {})))
+
+
 def _assert_same_state(a_path, b_path):
     a, b = load_file(a_path), load_file(b_path)
     assert a.keys() == b.keys()
@@ -115,14 +128,16 @@ def test_progressive_round_student_shape_and_calls(teacher_dir, digits, tmp_path
 
 
 def test_progressive_two_rounds_resume_exactly(teacher_dir, digits, tmp_path, monkeypatch):
-    cfg = dict(from_steps=8, to_steps=2)
-    distill_progressive(_pd(teacher_dir, tmp_path / "straight", **cfg), progress=False, data=digits)
-    _stop_after_checkpoint(monkeypatch, 2)  # round 1, step 2 of 4
-    with pytest.raises(_Stop):
-        distill_progressive(_pd(teacher_dir, tmp_path / "resumed", **cfg), progress=False, data=digits)
-    monkeypatch.undo()
-    assert not (tmp_path / "resumed" / "round2_2").exists()
-    distill_progressive(_pd(teacher_dir, tmp_path / "resumed", **cfg), progress=False, data=digits)
+    def stopped_in_round_one():  # round 1, step 2 of 4
+        assert not (tmp_path / "resumed" / "round2_2").exists()
+
+    _straight_and_resumed(
+        lambda cfg: distill_progressive(cfg, progress=False, data=digits),
+        lambda out, **kw: _pd(teacher_dir, out, from_steps=8, to_steps=2, **kw),
+        tmp_path,
+        monkeypatch,
+        on_stop=stopped_in_round_one,
+    )
     for name in ("round1_4", "round2_2"):
         _assert_same_state(
             tmp_path / "straight" / name / "state.safetensors", tmp_path / "resumed" / name / "state.safetensors"
@@ -178,12 +193,13 @@ def test_progressive_resumes_a_run_whose_settings_predate_a_new_setting(teacher_
 
 def test_progressive_resumes_on_another_device_exactly(teacher_dir, digits, tmp_path, monkeypatch):
     """The device is a runtime setting: checkpoints hold CPU tensors and the draws are made on the CPU."""
-    distill_progressive(_pd(teacher_dir, tmp_path / "straight"), progress=False, data=digits)
-    _stop_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(_Stop):
-        distill_progressive(_pd(teacher_dir, tmp_path / "resumed"), progress=False, data=digits)
-    monkeypatch.undo()
-    distill_progressive(_pd(teacher_dir, tmp_path / "resumed", device="cpu:0"), progress=False, data=digits)
+    _straight_and_resumed(
+        lambda cfg: distill_progressive(cfg, progress=False, data=digits),
+        lambda out, **kw: _pd(teacher_dir, out, **kw),
+        tmp_path,
+        monkeypatch,
+        resume_with={"device": "cpu:0"},
+    )
     name = "round1_2/state.safetensors"
     _assert_same_state(tmp_path / "straight" / name, tmp_path / "resumed" / name)
     for bad in ("nonsense", "meta"):
@@ -226,12 +242,12 @@ def test_progressive_grids_must_nest():
 
 
 def test_consistency_run_resumes_exactly_and_samples(teacher_dir, digits, tmp_path, monkeypatch):
-    distill_consistency(_cd(teacher_dir, tmp_path / "straight"), progress=False, data=digits)
-    _stop_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(_Stop):
-        distill_consistency(_cd(teacher_dir, tmp_path / "resumed"), progress=False, data=digits)
-    monkeypatch.undo()
-    distill_consistency(_cd(teacher_dir, tmp_path / "resumed"), progress=False, data=digits)
+    _straight_and_resumed(
+        lambda cfg: distill_consistency(cfg, progress=False, data=digits),
+        lambda out, **kw: _cd(teacher_dir, out, **kw),
+        tmp_path,
+        monkeypatch,
+    )
     _assert_same_state(tmp_path / "straight" / "state.safetensors", tmp_path / "resumed" / "state.safetensors")
     assert any(k.startswith("target.") for k in load_file(tmp_path / "straight" / "state.safetensors"))
     model, schedule, config = load(tmp_path / "straight")
