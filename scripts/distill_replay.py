@@ -42,7 +42,7 @@ import torch
 import ddim
 from ddim.checkpoint import save_model
 from ddim.data import load_data
-from ddim.distill import teacher_target
+from ddim.distill import _levels, teacher_target
 from ddim.prediction import Denoiser
 from ddim.timesteps import timesteps as make_timesteps
 from ddim.train import _ema_update
@@ -51,8 +51,7 @@ from ddim.train import _ema_update
 def _grid_levels(schedule, from_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's trailing grid (int64 [N·K]) and its ᾱ levels followed by the final ᾱ = 1 (float64)."""
     ts = torch.as_tensor(make_timesteps(schedule, from_steps, "trailing"))
-    ab = schedule.alphas_cumprod.to(torch.float64)
-    return ts, torch.cat([ab[ts], torch.ones(1, dtype=torch.float64)])
+    return ts, _levels(schedule, ts, set_alpha_to_one=True)
 
 
 def targets(args: argparse.Namespace) -> None:
