@@ -17,6 +17,11 @@ clipping. ``--bf16`` runs the teacher under bfloat16 autocast (1.6x faster here;
 by 0.003 RMS, about 2% of the student's remaining squared error). Chunk c uses the seed 10000 + c, so a
 pool is reproducible chunk by chunk; chunk 0 is the validation set and never trained on.
 
+The teacher's grid is ``--from-steps`` "trailing" steps; the student's 4 levels are every K-th of them,
+so ``--from-steps 32`` writes targets for the same student levels from eight teacher DDIM steps (DDIM-32,
+0.015 from the teacher's DDIM-200 map where DDIM-16 is 0.030), at half the rate. Chunk c draws the same
+x₀, class, step and noise whatever ``--from-steps``, so pools of two grids hold the same z_t.
+
 Training (``train``): the student starts from ``--init`` (a ddim model on the same schedule, e.g. a
 `ddim distill progressive --teacher-steps-per-step K` run), draws batches from the newest ``--window``
 targets (all when 0), and minimises the "landing" loss of :mod:`ddim.distill` (the squared distance

@@ -10,7 +10,9 @@ folder; spacing default "trailing") samples from the same x_T with ITS model's s
 guidance is 1: it learnt the guided map). Printed is the RMS difference on [0, 1] (pixels clamped to
 [-1, 1] first). The reference is cached in ``--cache`` (keyed by teacher, n and steps) so that runs can
 be added later; ``--bootstrap B`` adds the standard deviation of the figure over B resamples of the
-n images. Used in docs/samplers.md and ddim/weights/MODEL_CARD.md (the distilled students).
+n images, and ``--paired`` (with ``--bootstrap``) each later run's difference to the first run with the
+standard deviation of that difference over the same resamples. Used in docs/samplers.md and
+ddim/weights/MODEL_CARD.md (the distilled students).
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def main() -> None:
     ap.add_argument(
         "--bootstrap", type=int, default=0, help="resamples of the n images for a standard deviation (0 = none)"
     )
+    ap.add_argument(
+        "--paired", action="store_true", help="print each run's difference to the first run (paired bootstrap sd)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     key = f"{args.teacher}|{args.n}|{args.ref_steps}"
@@ -83,6 +88,7 @@ def main() -> None:
     sd_head = " bootstrap sd |" if args.bootstrap else ""
     print(f"| model | sampler | steps | spacing | RMS to the teacher's converged map |{sd_head}")
     print("|---|---|---:|---|---:|" + ("---:|" if args.bootstrap else ""))
+    first = None
     for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
         parts = run.split(":")
         spec, sampler, steps = parts[0], parts[1], int(parts[2])
@@ -92,6 +98,13 @@ def main() -> None:
         rms = per.mean().sqrt().item()
         sd = f" {per[boot].mean(1).sqrt().std().item():.4f} |" if args.bootstrap else ""
         print(f"| {spec} | {sampler} | {steps} | {spacing} | {rms:.4f} |{sd}", flush=True)
+        if args.paired and args.bootstrap:
+            if first is None:
+                first = (run, per)
+            else:
+                diff = per[boot].mean(1).sqrt() - first[1][boot].mean(1).sqrt()
+                delta = rms - first[1].mean().sqrt().item()
+                print(f"  {run} - {first[0]}: {delta:+.4f} (paired sd {diff.std().item():.4f})")
 
 
 if __name__ == "__main__":
