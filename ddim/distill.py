@@ -47,7 +47,14 @@ import torch
 from ddim.prediction import Denoiser, check_prediction
 from ddim.schedule import NoiseSchedule
 
-__all__ = ["WEIGHTINGS", "halving_rounds", "progressive_distill_loss", "student_grid", "teacher_target"]
+__all__ = [
+    "WEIGHTINGS",
+    "halving_rounds",
+    "landing_weight",
+    "progressive_distill_loss",
+    "student_grid",
+    "teacher_target",
+]
 
 #: Loss weightings of :func:`progressive_distill_loss` (Salimans & Ho 2022, Sec. 4).
 WEIGHTINGS = ("truncated_snr", "snr_plus_one", "landing")
@@ -142,6 +149,20 @@ def _levels(schedule: NoiseSchedule, teacher_ts: torch.Tensor, set_alpha_to_one:
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1))).to(device=x.device, dtype=x.dtype)
+
+
+def landing_weight(ab_t: torch.Tensor, ab_end: torch.Tensor) -> torch.Tensor:
+    """The "landing" weight (α_end − (σ_end/σ_t) α_t)²: the squared move of a one-step DDIM landing point
+    z_end per unit error of the x̂₀ it was taken with (module docstring).
+
+    Args:
+        ab_t: ᾱ of the level the step starts at, any shape (float64 recommended).
+        ab_end: ᾱ of the level it lands on, the same shape (1 for the final ᾱ = 1).
+
+    Returns:
+        The weight, same shape and dtype.
+    """
+    return (ab_end.sqrt() - (1 - ab_end).sqrt() / (1 - ab_t).sqrt() * ab_t.sqrt()).pow(2)
 
 
 @torch.no_grad()
@@ -312,7 +333,7 @@ def progressive_distill_loss(
         w = snr.clamp(min=1.0)
     elif weighting == "snr_plus_one":
         w = snr + 1.0
-    else:  # landing: (α_t'' - (σ_t''/σ_t) α_t)², the z_t'' error per unit x̂₀ error
-        w = (ab_end.sqrt() - (1 - ab_end).sqrt() / (1 - ab_t).sqrt() * ab_t.sqrt()).pow(2)
+    else:  # landing: the z_t'' error per unit x̂₀ error
+        w = landing_weight(ab_t, ab_end)
     err = (x0_student - x_tilde).pow(2).reshape(B, -1).mean(dim=1)
     return (w.to(device=err.device, dtype=err.dtype) * err).mean()

@@ -47,7 +47,7 @@ import torch
 import ddim
 from ddim.checkpoint import save_model
 from ddim.data import load_data
-from ddim.distill import _levels, teacher_target
+from ddim.distill import _levels, landing_weight, teacher_target
 from ddim.prediction import Denoiser
 from ddim.timesteps import timesteps as make_timesteps
 from ddim.train import _ema_update
@@ -119,9 +119,7 @@ def train(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     ts, lv = _grid_levels(schedule, args.from_steps)
     k = args.from_steps // args.to_steps
-    a_t, s_t = lv[0:-1:k].sqrt(), (1 - lv[0:-1:k]).sqrt()
-    a_e, s_e = lv[k::k].sqrt(), (1 - lv[k::k]).sqrt()
-    w_land = (a_e - s_e / s_t * a_t).pow(2).float()  # per student step: ddim.distill's "landing" weight
+    w_land = landing_weight(lv[0:-1:k], lv[k::k]).float()  # per student step
     w_loss = w_land * torch.tensor([float(m) for m in args.step_weights.split(",")])
     print("landing weights", w_land.tolist(), flush=True)
     val = torch.load(f"{args.pool}/c00000.pt")

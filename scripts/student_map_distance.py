@@ -71,6 +71,8 @@ def main() -> None:
         "--paired", action="store_true", help="print each run's difference to the first run (paired bootstrap sd)"
     )
     args = ap.parse_args()
+    if args.paired and not args.bootstrap:
+        ap.error("--paired needs --bootstrap B (B > 0)")
     torch.set_num_threads(args.threads)
     key = f"{args.teacher}|{args.n}|{args.ref_steps}"
     ref = None
@@ -98,7 +100,7 @@ def main() -> None:
         rms = per.mean().sqrt().item()
         sd = f" {per[boot].mean(1).sqrt().std().item():.4f} |" if args.bootstrap else ""
         print(f"| {spec} | {sampler} | {steps} | {spacing} | {rms:.4f} |{sd}", flush=True)
-        if args.paired and args.bootstrap:
+        if args.paired:
             if first is None:
                 first = (run, per)
             else:

@@ -260,3 +260,21 @@ def test_teacher_options_reach_the_teacher():
     assert float(progressive_distill_loss(exact_student, model, sched, x0, teacher_options=opts, **kw)) < 1e-20
     kw["generator"] = torch.Generator().manual_seed(2)
     assert float(progressive_distill_loss(exact_student, model, sched, x0, **kw)) > 1e-6
+
+
+def test_landing_weight_is_the_squared_move_of_a_ddim_landing_point():
+    """One DDIM step z_e = α_e x̂₀ + σ_e ε̂ with ε̂ = (z_t − α_t x̂₀)/σ_t: an x̂₀ error δ moves z_e by
+    (α_e − (σ_e/σ_t) α_t) δ, so the weight is that factor squared (0 where α_e/σ_e = α_t/σ_t)."""
+    from ddim.distill import landing_weight
+
+    ab_t = torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)
+    ab_e = torch.tensor([0.2, 0.7, 1.0], dtype=torch.float64)
+    z_t, x0, delta = torch.tensor(0.37, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64), 1e-3
+
+    def land(x0_hat: torch.Tensor) -> torch.Tensor:
+        eps = (z_t - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
+        return ab_e.sqrt() * x0_hat + (1 - ab_e).sqrt() * eps
+
+    moved = (land(x0 + delta) - land(x0)) / delta
+    torch.testing.assert_close(landing_weight(ab_t, ab_e), moved.pow(2), rtol=1e-9, atol=1e-12)
+    assert landing_weight(ab_t, ab_t).abs().max() < 1e-12
